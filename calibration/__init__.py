@@ -1,0 +1,1 @@
+"""quantkit's built-in Russian calibration and evaluation text (installed as ``quantkit.calibration_data``)."""

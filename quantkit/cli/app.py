@@ -1,0 +1,66 @@
+"""The Typer app: registers one module per command."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+from quantkit import __version__
+
+app = typer.Typer(
+    name="quantkit",
+    help="Quantize Russian-language LLMs (GGUF, EXL2, GPTQ), check them on Russian text, publish them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+# command name → module under quantkit.cli (each defines `command`, or `app` for a group)
+COMMANDS = {
+    "gguf": "gguf",
+    "gptq": "gptq",
+    "exl2": "exl2",
+    "eval": "eval_cmd",
+    "run": "run",
+    "recipe": "recipe",
+    "card": "card",
+    "push": "push",
+    "calib": "calib",
+    "models": "models",
+    "backends": "backends",
+}
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"quantkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+) -> None:
+    """quantkit: Russian-first quantization toolkit."""
+
+
+for _name, _module in COMMANDS.items():
+    try:
+        mod = importlib.import_module(f"quantkit.cli.{_module}")
+    except ModuleNotFoundError as _exc:
+        if _exc.name == f"quantkit.cli.{_module}":
+            continue  # not built yet
+        raise
+    if hasattr(mod, "app"):
+        app.add_typer(mod.app, name=_name)
+    else:
+        app.command(_name, help=mod.command.__doc__)(mod.command)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""`quantkit backends`: every backend and whether it can run here."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from quantkit import console
+from quantkit.backends.base import get_backend, list_backends
+from quantkit.cli.options import JsonOpt, handle_errors
+
+
+@handle_errors
+def command(json_output: JsonOpt = False) -> None:
+    """List the backends and whether each can run on this machine (and why not)."""
+    rows = []
+    for name in list_backends():
+        try:
+            backend = get_backend(name)
+            reason = backend.check()
+            desc = backend.description
+        except ImportError as exc:
+            reason, desc = f"cannot import: {exc}", ""
+        rows.append({"name": name, "description": desc, "available": reason is None, "reason": reason})
+    if json_output:
+        console.emit_json(rows)
+        return
+    table = Table(title="Backends")
+    for col in ("backend", "format", "runs here", "why not"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["description"], "yes" if r["available"] else "no", r["reason"] or "")
+    Console().print(table)

@@ -1,0 +1,79 @@
+"""Output for humans (rich, quiet when asked or not a TTY) and for machines (--json)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+_state: dict[str, Any] = {"quiet": False, "json": False}
+
+console = Console(stderr=True, highlight=False)
+
+
+def configure(*, quiet: bool = False, json_output: bool = False) -> None:
+    """Set global output mode: `quiet` hides progress and info; `json_output` keeps stdout for JSON."""
+    _state["quiet"] = quiet or json_output
+    _state["json"] = json_output
+
+
+def is_quiet() -> bool:
+    return bool(_state["quiet"])
+
+
+def info(message: str) -> None:
+    """A status line on stderr, hidden under --quiet/--json."""
+    if not _state["quiet"]:
+        console.print(message)
+
+
+def warn(message: str) -> None:
+    """A warning on stderr; always shown."""
+    console.print(f"[yellow]warning:[/] {message}")
+
+
+def emit_json(payload: Any) -> None:
+    """The machine-readable summary on stdout."""
+    sys.stdout.write(json.dumps(payload, ensure_ascii=False, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+class _NullProgress:
+    def add_task(self, description: str, total: float | None = None, **_: Any) -> int:
+        return 0
+
+    def update(self, task_id: int, **_: Any) -> None:
+        pass
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        pass
+
+
+@contextmanager
+def progress() -> Iterator[Any]:
+    """A rich progress display, or a silent stand-in under --quiet or when stderr is not a terminal."""
+    if _state["quiet"] or not console.is_terminal:
+        yield _NullProgress()
+        return
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
+        yield bar

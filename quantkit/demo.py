@@ -1,0 +1,260 @@
+"""Tiny but real Russian checkpoints that quantkit builds itself: the ``demo`` model and the test fixtures.
+
+Each checkpoint has a tokenizer trained here on the built-in Russian text and configured like the real
+family (byte-level BPE with the Llama-3 or Qwen2 pre-tokenizer, SentencePiece for Mistral), a bf16
+safetensors model saved by transformers, and optionally a short training run so that perplexity,
+KL-divergence and the effect of an importance matrix mean something.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from quantkit import __version__
+
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' ' + message['content'] + eos_token }}{% else %}{{ message['content'] + '\n\n' }}{% endif %}{% endfor %}"
+)
+
+FAMILIES = ("llama3", "llama31", "qwen2", "mistral")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QUANTKIT_CACHE", Path.home() / ".cache" / "quantkit"))
+
+
+def builtin_texts() -> list[str]:
+    """Paragraphs of the built-in Russian calibration set (training text for the demo tokenizer and model)."""
+    from quantkit.calibration import builtin_documents
+
+    return [doc for doc in builtin_documents("ru-mix", chat=False)]
+
+
+# -- tokenizers ------------------------------------------------------------------------------------------
+
+def _train_bpe(texts: list[str], vocab_size: int, pattern: str, specials: list[str], nfc: bool) -> Any:
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(ignore_merges=False))
+    if nfc:
+        tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(specials),
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_special_tokens(specials)
+    return tok
+
+
+def _write_bpe_tokenizer(out: Path, family: str, texts: list[str], vocab_size: int, instruct: bool) -> int:
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    if family in ("llama3", "llama31"):
+        specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                    "<|eot_id|>", "<|reserved_special_token_0|>"]
+        tok = _train_bpe(texts, vocab_size, LLAMA3_PATTERN, specials, nfc=False)
+        bos = "<|begin_of_text|>"
+        tok.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                          special_tokens=[(bos, tok.token_to_id(bos))]),
+        ])
+        kwargs: dict[str, Any] = dict(bos_token=bos, eos_token="<|eot_id|>" if instruct else "<|end_of_text|>")
+        template = LLAMA3_CHAT_TEMPLATE
+    else:  # qwen2
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        tok = _train_bpe(texts, vocab_size, QWEN2_PATTERN, specials, nfc=True)
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        kwargs = dict(bos_token=None, eos_token="<|im_end|>" if instruct else "<|endoftext|>",
+                      pad_token="<|endoftext|>")
+        template = CHATML_TEMPLATE
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **kwargs)
+    if instruct:
+        fast.chat_template = template
+    fast.model_max_length = 4096
+    fast.save_pretrained(out)
+    return len(tok.get_vocab())
+
+
+def _write_spm_tokenizer(out: Path, texts: list[str], vocab_size: int, instruct: bool) -> int:
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    corpus = out / "_spm_corpus.txt"
+    corpus.write_text("\n".join(t.replace("\n", " ") for t in texts), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(out / "_spm"), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, split_digits=True, allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2,
+        pad_id=-1, num_threads=max(1, os.cpu_count() or 1), minloglevel=2, max_sentence_length=1 << 16,
+    )
+    corpus.unlink()
+    (out / "_spm.vocab").unlink()
+    model_file = out / "tokenizer.model"
+    (out / "_spm.model").rename(model_file)
+    tok = LlamaTokenizer(vocab_file=str(model_file), legacy=False, add_prefix_space=True,
+                         clean_up_tokenization_spaces=False)
+    if instruct:
+        tok.chat_template = MISTRAL_CHAT_TEMPLATE
+    tok.model_max_length = 4096
+    tok.save_pretrained(out)
+    return vocab_size
+
+
+# -- models ----------------------------------------------------------------------------------------------
+
+def _config(family: str, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int,
+            bos_id: int | None, eos_id: int) -> Any:
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common: dict[str, Any] = dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+        rms_norm_eps=1e-5, bos_token_id=bos_id, eos_token_id=eos_id, torch_dtype="bfloat16",
+    )
+    if family == "llama3":
+        return LlamaConfig(**common, rope_theta=500000.0, tie_word_embeddings=False)
+    if family == "llama31":
+        return LlamaConfig(**common, tie_word_embeddings=False, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 1024})
+    if family == "qwen2":
+        return Qwen2Config(**common, rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False)
+    if family == "mistral":
+        return MistralConfig(**common, rope_theta=1000000.0, tie_word_embeddings=False, sliding_window=None,
+                             head_dim=hidden // heads)
+    raise ValueError(family)
+
+
+def build_checkpoint(
+    out: Path,
+    family: str = "llama3",
+    *,
+    instruct: bool = False,
+    vocab_size: int = 2048,
+    hidden: int = 256,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    ffn: int = 768,
+    train_steps: int = 0,
+    seed: int = 0,
+    texts: list[str] | None = None,
+) -> Path:
+    """Write a tiny bf16 checkpoint of `family` (llama3, llama31, qwen2, mistral) to `out` and return it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}")
+    texts = texts if texts is not None else builtin_texts()
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if family == "mistral":
+        _write_spm_tokenizer(tmp, texts, vocab_size, instruct)
+    else:
+        _write_bpe_tokenizer(tmp, family, texts, vocab_size, instruct)
+    tok = AutoTokenizer.from_pretrained(tmp)
+    vocab = len(tok)
+    eos_id = tok.eos_token_id
+    bos_id = tok.bos_token_id
+    torch.manual_seed(seed)
+    config = _config(family, vocab, hidden, layers, heads, kv_heads, ffn, bos_id, eos_id)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if family == "qwen2":  # real Qwen2 has non-zero q/k/v biases; make the converter prove it keeps them
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0.0, 0.5)
+    if train_steps > 0:
+        _train(model, tok, texts, train_steps, seed)
+    model = model.to(torch.bfloat16)
+    model.generation_config.bos_token_id = bos_id
+    model.generation_config.eos_token_id = eos_id
+    model.save_pretrained(tmp, safe_serialization=True)
+    card = (f"---\nlanguage:\n- ru\nlicense: apache-2.0\n---\n# quantkit demo ({family})\n\n"
+            f"A tiny {family} model built by quantkit {__version__} for demos and tests: "
+            f"{layers} layers, hidden size {hidden}, vocabulary {vocab}, trained {train_steps} steps on "
+            "quantkit's built-in Russian text.\n")
+    (tmp / "README.md").write_text(card, encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _train(model: Any, tok: Any, texts: list[str], steps: int, seed: int, seq: int = 128, batch: int = 16) -> None:
+    import torch
+
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tok(text, add_special_tokens=False)["input_ids"])
+        if tok.eos_token_id is not None:
+            ids.append(tok.eos_token_id)
+    data = torch.tensor(ids, dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen)
+        x = torch.stack([data[s : s + seq] for s in starts])
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+
+
+DEMO_SPEC = dict(family="llama3", instruct=False, vocab_size=4096, hidden=256, layers=4, heads=4, kv_heads=2,
+                 ffn=768, train_steps=300)
+
+
+def ensure_demo_model() -> Path:
+    """The built-in demo model (a small trained Llama-3-style Russian model), built once and cached."""
+    key = json.dumps(DEMO_SPEC, sort_keys=True)
+    import hashlib
+
+    folder = cache_root() / f"demo-{hashlib.sha256((key + __version__).encode()).hexdigest()[:10]}"
+    if (folder / "config.json").exists():
+        return folder
+    from quantkit import console
+
+    console.info("building the demo model (a tiny Llama-3-style model trained on quantkit's Russian text)…")
+    return build_checkpoint(folder, **DEMO_SPEC)  # type: ignore[arg-type]

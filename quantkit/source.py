@@ -1,0 +1,267 @@
+"""Alias / Hub id / local folder → a validated `Checkpoint` (folder, config, architecture, dtype, fingerprint)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from quantkit.errors import QuantkitError
+from quantkit.models import DEMO_ALIAS, KnownModel, find_known
+from quantkit.safetensors_io import FLOAT_DTYPES, TensorSource, read_header
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+DOWNLOAD_PATTERNS = [
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "README.md",
+    "LICENSE*",
+]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "chat_template.json")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass
+class Checkpoint:
+    """A local bf16/fp16/fp32 safetensors checkpoint ready to quantize."""
+
+    name: str  # the short name used for files: T-lite-0.1
+    path: Path
+    config: dict[str, Any]
+    source: str  # what the user typed
+    hub_id: str | None = None
+    known: KnownModel | None = None
+    dtypes: dict[str, int] = field(default_factory=dict)  # dtype → tensor count
+
+    @property
+    def architecture(self) -> str:
+        return (self.config.get("architectures") or ["?"])[0]
+
+    @property
+    def family(self) -> str:
+        return {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}.get(
+            self.architecture, self.config.get("model_type", "?")
+        )
+
+    @property
+    def dtype(self) -> str:
+        floats = {k: v for k, v in self.dtypes.items() if k in FLOAT_DTYPES}
+        return max(floats, key=lambda k: floats[k]) if floats else "?"
+
+    @cached_property
+    def tokenizer_config(self) -> dict[str, Any]:
+        path = self.path / "tokenizer_config.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+    @property
+    def chat_template(self) -> str | None:
+        tpl = self.tokenizer_config.get("chat_template")
+        jinja = self.path / "chat_template.jinja"
+        if not tpl and jinja.exists():
+            tpl = jinja.read_text(encoding="utf-8")
+        if isinstance(tpl, list):  # named templates: take "default"
+            tpl = next((t["template"] for t in tpl if t.get("name") == "default"), tpl[0]["template"])
+        return tpl or None
+
+    @property
+    def instruct(self) -> bool:
+        """Instruct models get chat-formatted calibration. Known models say; otherwise a chat template does."""
+        if self.known is not None:
+            return self.known.instruct
+        return self.chat_template is not None
+
+    @cached_property
+    def tensors(self) -> TensorSource:
+        return TensorSource(self.path)
+
+    @cached_property
+    def n_params(self) -> int:
+        total = 0
+        for info in self.tensors.tensors.values():
+            n = 1
+            for d in info.shape:
+                n *= d
+            total += n
+        return total
+
+    @cached_property
+    def license(self) -> str | None:
+        card = self.path / "README.md"
+        if card.exists():
+            meta = card_metadata(card.read_text(encoding="utf-8", errors="replace"))
+            if meta.get("license"):
+                return str(meta["license"])
+        return self.known.license if self.known else None
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Hash of config, tokenizer files and every safetensors header and size (not the whole weights)."""
+        h = hashlib.sha256()
+        h.update((self.path / "config.json").read_bytes())
+        for name in TOKENIZER_FILES:
+            p = self.path / name
+            if p.exists():
+                h.update(name.encode())
+                h.update(p.read_bytes())
+        for file in sorted(self.path.glob("*.safetensors")):
+            h.update(file.name.encode())
+            h.update(str(file.stat().st_size).encode())
+            h.update(read_header(file)[2])
+        return h.hexdigest()[:16]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "hub_id": self.hub_id,
+            "path": str(self.path),
+            "architecture": self.architecture,
+            "family": self.family,
+            "dtype": self.dtype,
+            "instruct": self.instruct,
+            "license": self.license,
+            "params": self.n_params,
+            "fingerprint": self.fingerprint,
+        }
+
+
+def card_metadata(text: str) -> dict[str, Any]:
+    """The YAML front matter of a model card, or {}."""
+    import yaml
+
+    if not text.startswith("---"):
+        return {}
+    end = text.find("\n---", 3)
+    if end < 0:
+        return {}
+    try:
+        data = yaml.safe_load(text[3:end])
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def resolve(spec: str, *, revision: str | None = None, allow_download: bool = True) -> Checkpoint:
+    """Turn what the user typed (alias, Hub id, local folder, or ``demo``) into a validated checkpoint."""
+    known = find_known(spec)
+    local = Path(spec).expanduser()
+    if spec == DEMO_ALIAS:
+        from quantkit.demo import ensure_demo_model
+
+        return load_local(ensure_demo_model(), name="quantkit-demo-ru", source=spec)
+    if local.exists():
+        if not local.is_dir():
+            raise QuantkitError(f"{spec} is a file, not a checkpoint folder",
+                                "pass the folder that holds config.json and *.safetensors")
+        return load_local(local, name=local.resolve().name, source=spec)
+    if known is not None:
+        folder = download(known.hub_id, revision=revision, allow_download=allow_download)
+        return load_local(folder, name=known.alias, source=spec, hub_id=known.hub_id, known=known)
+    if looks_like_path(spec):
+        raise QuantkitError(f"no such folder: {spec}", "check the path, or use a Hub id or an alias (quantkit models)")
+    if _HUB_ID.match(spec):
+        folder = download(spec, revision=revision, allow_download=allow_download)
+        return load_local(folder, name=spec.split("/")[-1], source=spec, hub_id=spec)
+    raise QuantkitError(
+        f"unknown model or alias '{spec}'",
+        "use a local folder, a Hub id like org/name, or an alias listed by `quantkit models`",
+    )
+
+
+def looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1) or spec.endswith("/")
+
+
+def download(repo_id: str, *, revision: str | None, allow_download: bool) -> Path:
+    """Fetch only safetensors, configs and tokenizer files via huggingface_hub (its cache and offline mode)."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ImportError as exc:  # pragma: no cover - huggingface_hub is a core dependency
+        raise QuantkitError("huggingface_hub is not installed", "pip install 'quantkit-ru[hub]'") from exc
+    try:
+        path = snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=DOWNLOAD_PATTERNS,
+            local_files_only=not allow_download,
+        )
+    except GatedRepoError as exc:
+        raise QuantkitError(f"{repo_id} is gated on the Hub",
+                            "accept its licence on the model page and log in (hf auth login)") from exc
+    except RepositoryNotFoundError as exc:
+        raise QuantkitError(f"{repo_id} was not found on the Hub",
+                            "check the id, or log in if the repo is private") from exc
+    except RevisionNotFoundError as exc:
+        raise QuantkitError(f"revision {revision} of {repo_id} does not exist", "check --revision") from exc
+    except LocalEntryNotFoundError as exc:
+        raise QuantkitError(
+            f"cannot download {repo_id}: the Hub is unreachable (or offline mode is on) and it is not in the cache",
+            "connect to the network, or pass a local folder",
+        ) from exc
+    except OSError as exc:
+        raise QuantkitError(f"cannot download {repo_id}: {type(exc).__name__}: {exc}",
+                            "check the network and try again; finished files are kept in the cache") from exc
+    return Path(path)
+
+
+def load_local(folder: Path, *, name: str, source: str, hub_id: str | None = None,
+               known: KnownModel | None = None) -> Checkpoint:
+    """Validate a checkpoint folder: config, safetensors weights, float dtype, supported architecture."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise QuantkitError(f"{folder} has no config.json", "pass a Hugging Face checkpoint folder")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise QuantkitError(f"{config_path} is not valid JSON", "download the checkpoint again") from exc
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        other = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".gguf")]
+        found = f" (found {', '.join(other[:3])})" if other else ""
+        raise QuantkitError(
+            f"{folder} has no *.safetensors weights{found}",
+            "convert the weights to safetensors first (transformers: save_pretrained(safe_serialization=True))",
+        )
+    ckpt = Checkpoint(name=name, path=folder, config=config, source=source, hub_id=hub_id, known=known)
+    if ckpt.architecture not in SUPPORTED_ARCHITECTURES:
+        raise QuantkitError(
+            f"unsupported architecture {ckpt.architecture}",
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}",
+        )
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "?")
+        raise QuantkitError(f"{folder} is already quantized ({method})", "start from the bf16 checkpoint")
+    dtypes: dict[str, int] = {}
+    for info in ckpt.tensors.tensors.values():
+        dtypes[info.dtype] = dtypes.get(info.dtype, 0) + 1
+    bad = sorted(d for d in dtypes if d not in FLOAT_DTYPES)
+    if bad:
+        raise QuantkitError(
+            f"weights in {folder.name} are {'/'.join(bad)}, not bf16/fp16/fp32",
+            "quantkit starts from unquantized weights: use the original bf16 checkpoint",
+        )
+    ckpt.dtypes = dtypes
+    return ckpt
