@@ -85,6 +85,11 @@ class Backend(Protocol):
         """None when this backend can run here; otherwise the reason (missing package, no CUDA)."""
         ...
 
+    def plan(self, ctx: JobContext, options: BaseModel) -> list[dict[str, Any]]:
+        """What `run` would do, without doing it: one dict per step or file
+        (``{"step", "output", "estimated_size", "done"}``), for ``--dry-run`` and recipe plans."""
+        ...
+
     def run(self, ctx: JobContext, options: BaseModel) -> list[Artifact]:
         """Produce the artifacts (skipping finished steps) and record them in the workspace manifest."""
         ...

@@ -1,0 +1,128 @@
+"""What every format command shares: resolve the model, run the backend, evaluate, publish, summarise."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+from quantkit import console
+from quantkit.backends.base import Artifact, JobContext, get_backend
+from quantkit.errors import QuantkitError
+from quantkit.source import resolve
+from quantkit.workspace import Workspace, human_size
+
+
+def run_format(
+    backend_name: str,
+    model: str,
+    options: BaseModel,
+    *,
+    calibration: str,
+    calib_samples: int,
+    calib_seq_len: int,
+    workspace: Path | None,
+    json_output: bool,
+    evaluate: bool = False,
+    push: bool = False,
+    repo: str | None = None,
+    private: bool = False,
+    dry_run: bool = False,
+    force: bool = False,
+    threads: int = 0,
+    eval_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The body of `quantkit gguf|gptq|exl2 ...`: returns (and prints) the summary."""
+    backend = get_backend(backend_name)
+    ckpt = resolve(model)
+    ws = Workspace.for_model(ckpt.name, workspace)
+    ctx = JobContext(
+        checkpoint=ckpt, workspace=ws, calibration=calibration, calib_samples=calib_samples,
+        calib_seq_len=calib_seq_len, threads=threads, command=shlex.join(["quantkit", *sys.argv[1:]]),
+    )
+    record_model(ws, ckpt)
+    if dry_run:
+        steps = backend.plan(ctx, options)
+        reason = backend.check()
+        summary = {"model": ckpt.name, "format": backend_name, "workspace": str(ws.root), "dry_run": True,
+                   "can_run_here": reason is None, "reason": reason, "plan": steps}
+        if push:
+            from quantkit.publish import plan_publish
+
+            summary["publish"] = plan_publish(ws, backend_name, repo=repo, private=private, planned=steps)
+        show_plan(summary, json_output)
+        return summary
+    reason = backend.check()
+    if reason is not None:
+        raise QuantkitError(reason)
+    artifacts: list[Artifact] = backend.run(ctx, options)
+    summary: dict[str, Any] = {"model": ckpt.name, "format": backend_name, "workspace": str(ws.root),
+                               "artifacts": [a.to_manifest(ws) | {"path": ws.rel(a.path)} for a in artifacts]}
+    exit_code = 0
+    if evaluate:
+        from quantkit.evaluate import evaluate_workspace
+
+        report = evaluate_workspace(ws, only=[a.path for a in artifacts], **(eval_options or {}))
+        summary["eval"] = report
+        if not report.get("passed", True):
+            exit_code = 3
+    if push:
+        from quantkit.publish import publish_format
+
+        summary["publish"] = publish_format(ws, backend_name, repo=repo, private=private, force=force)
+    show_summary(summary, json_output)
+    if exit_code:
+        raise QuantkitError("one or more artifacts failed the quality gate (see the table above)",
+                            "raise --max-ppl-increase / --max-kld, or choose a larger type")
+    return summary
+
+
+def record_model(ws: Workspace, ckpt: Any) -> None:
+    """Keep the model's summary and its original card in the workspace (the card renderer needs both)."""
+    info = ckpt.summary()
+    readme = Path(ckpt.path) / "README.md"
+    if readme.exists():
+        from quantkit.workspace import write_text_atomic
+
+        write_text_atomic(ws.root / "source-README.md", readme.read_text(encoding="utf-8", errors="replace"))
+        info["readme"] = "source-README.md"
+    if ws.model != info:
+        ws.set_model(info)
+
+
+def show_plan(summary: dict[str, Any], json_output: bool) -> None:
+    if json_output:
+        console.emit_json(summary)
+        return
+    table = Table(title=f"Plan for {summary['model']} → {summary['format']} (nothing was run)")
+    for col in ("step", "output", "estimated size", "status"):
+        table.add_column(col)
+    for step in summary["plan"]:
+        size = step.get("estimated_size")
+        table.add_row(str(step.get("step", "")), str(step.get("output", "")),
+                      human_size(size) if isinstance(size, int | float) else "",
+                      "done" if step.get("done") else "to do")
+    out = Console()
+    out.print(table)
+    if not summary["can_run_here"]:
+        out.print(f"[yellow]cannot run here:[/] {summary['reason']}")
+    if summary.get("publish"):
+        out.print(f"would publish to {summary['publish'].get('repo')}")
+
+
+def show_summary(summary: dict[str, Any], json_output: bool) -> None:
+    if json_output:
+        console.emit_json(summary)
+        return
+    table = Table(title=f"{summary['model']}: {summary['format']} artifacts in {summary['workspace']}")
+    for col in ("file", "type", "size", "bits/weight"):
+        table.add_column(col)
+    for art in summary["artifacts"]:
+        bpw = art.get("bpw")
+        table.add_row(art["path"], art["quant"], human_size(art["size"]), f"{bpw:.2f}" if bpw else "")
+    Console().print(table)

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny real checkpoints (Llama-3, Llama-3.1, Qwen2, Mistral) built once per test session.
+
+Set QUANTKIT_TEST_CACHE to a folder to reuse the built checkpoints across runs while developing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from quantkit.demo import build_checkpoint
+
+# Widths are multiples of 256 so K-quants apply to every matrix (see FACTS.md).
+TINY = dict(vocab_size=2048, hidden=256, layers=2, heads=4, kv_heads=2, ffn=768)
+
+
+@pytest.fixture(scope="session")
+def ckpt_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cached = os.environ.get("QUANTKIT_TEST_CACHE")
+    if cached:
+        root = Path(cached)
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+def _build(root: Path, name: str, family: str, **kw: object) -> Path:
+    out = root / name
+    if not (out / "config.json").exists():
+        build_checkpoint(out, family, **{**TINY, **kw})  # type: ignore[arg-type]
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama3_ckpt(ckpt_root: Path) -> Path:
+    """Llama-3-style base model, trained briefly so quality measurements mean something."""
+    return _build(ckpt_root, "tiny-llama3", "llama3", train_steps=120)
+
+
+@pytest.fixture(scope="session")
+def llama31_ckpt(ckpt_root: Path) -> Path:
+    """Llama-3.1-style instruct model with llama3 rope scaling."""
+    return _build(ckpt_root, "tiny-llama31", "llama31", instruct=True)
+
+
+@pytest.fixture(scope="session")
+def qwen2_ckpt(ckpt_root: Path) -> Path:
+    """Qwen2-style instruct model: attention biases, tied embeddings, ChatML."""
+    return _build(ckpt_root, "tiny-qwen2", "qwen2", instruct=True)
+
+
+@pytest.fixture(scope="session")
+def mistral_ckpt(ckpt_root: Path) -> Path:
+    """Mistral-style instruct model with a SentencePiece tokenizer."""
+    return _build(ckpt_root, "tiny-mistral", "mistral", instruct=True)
+
+
+@pytest.fixture(autouse=True)
+def _quantkit_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Keep every test offline and away from the user's caches."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("QUANTKIT_CACHE", os.environ.get("QUANTKIT_TEST_DEMO_CACHE", str(tmp_path / "qk-cache")))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
