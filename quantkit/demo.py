@@ -89,7 +89,7 @@ def _write_bpe_tokenizer(out: Path, family: str, texts: list[str], vocab_size: i
         bos = "<|begin_of_text|>"
         tok.post_processor = processors.Sequence([
             processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+            processors.TemplateProcessing(single=f"{bos} $A",
                                           special_tokens=[(bos, tok.token_to_id(bos))]),
         ])
         kwargs: dict[str, Any] = dict(bos_token=bos, eos_token="<|eot_id|>" if instruct else "<|end_of_text|>")
@@ -110,8 +110,11 @@ def _write_bpe_tokenizer(out: Path, family: str, texts: list[str], vocab_size: i
 
 
 def _write_spm_tokenizer(out: Path, texts: list[str], vocab_size: int, instruct: bool) -> int:
+    """A SentencePiece BPE model (``tokenizer.model``) plus the equivalent ``tokenizer.json``, like Mistral 7B."""
     import sentencepiece as spm
-    from transformers import LlamaTokenizer
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.tokenization_utils_base import generate_merges
 
     corpus = out / "_spm_corpus.txt"
     corpus.write_text("\n".join(t.replace("\n", " ") for t in texts), encoding="utf-8")
@@ -125,12 +128,23 @@ def _write_spm_tokenizer(out: Path, texts: list[str], vocab_size: int, instruct:
     (out / "_spm.vocab").unlink()
     model_file = out / "tokenizer.model"
     (out / "_spm.model").rename(model_file)
-    tok = LlamaTokenizer(vocab_file=str(model_file), legacy=False, add_prefix_space=True,
-                         clean_up_tokenization_spaces=False)
+    sp = spm.SentencePieceProcessor()
+    sp.Load(str(model_file))
+    vocab = {sp.IdToPiece(i): i for i in range(sp.vocab_size())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=generate_merges(vocab), unk_token="<unk>", fuse_unk=True,
+                               byte_fallback=True, dropout=None))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A"
+                                                       special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   clean_up_tokenization_spaces=False)
     if instruct:
-        tok.chat_template = MISTRAL_CHAT_TEMPLATE
-    tok.model_max_length = 4096
-    tok.save_pretrained(out)
+        fast.chat_template = MISTRAL_CHAT_TEMPLATE
+    fast.model_max_length = 4096
+    fast.save_pretrained(out)
     return vocab_size
 
 

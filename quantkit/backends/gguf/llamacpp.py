@@ -1,0 +1,147 @@
+"""A thin, safe layer over llama.cpp's C API (through llama-cpp-python): load, tokenize, score.
+
+Models are always loaded with ``use_extra_bufts = False``: on CPUs with AMX (Sapphire Rapids and newer) llama.cpp's
+AMX repacking crashes on the first decode of quantized models (llama.cpp issue #20824), and the high-level
+``Llama`` class ignores the setting. Without the extra buffer types the CPU path is plain ggml, which is correct
+everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantkit.errors import MissingDependency, QuantkitError
+
+_lock = threading.Lock()
+_ready = False
+
+
+def lib() -> Any:
+    """The llama_cpp module, initialised once, with llama.cpp's own logging silenced unless QUANTKIT_DEBUG=1."""
+    global _ready
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise MissingDependency("GGUF needs llama-cpp-python", "pip install 'quantkit-ru[gguf]'") from exc
+    with _lock:
+        if not _ready:
+            llama_cpp.llama_backend_init()
+            from llama_cpp import _logger
+
+            _logger.set_verbose(os.environ.get("QUANTKIT_DEBUG") == "1")
+            _ready = True
+    return llama_cpp
+
+
+def gpu_offload() -> bool:
+    return bool(lib().llama_supports_gpu_offload())
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+class LlamaModel:
+    """A loaded GGUF model (weights only, or vocabulary only)."""
+
+    def __init__(self, path: Path, *, vocab_only: bool = False, n_gpu_layers: int | None = None) -> None:
+        L = lib()
+        params = L.llama_model_default_params()
+        params.use_extra_bufts = False
+        params.vocab_only = vocab_only
+        params.n_gpu_layers = (999 if gpu_offload() else 0) if n_gpu_layers is None else n_gpu_layers
+        self.path = Path(path)
+        if not self.path.exists():
+            raise QuantkitError(f"{self.path} does not exist", "check the path")
+        self.ptr = L.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self.ptr:
+            raise QuantkitError(f"llama.cpp could not load {self.path.name}",
+                                "the file is corrupt or not a GGUF model (QUANTKIT_DEBUG=1 shows llama.cpp's log)")
+        self.vocab = L.llama_model_get_vocab(self.ptr)
+        self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
+        self.add_bos = bool(L.llama_vocab_get_add_bos(self.vocab))
+        self.bos = int(L.llama_vocab_bos(self.vocab))
+
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = False) -> list[int]:
+        L = lib()
+        raw = text.encode("utf-8")
+        cap = len(raw) + 16
+        buf = (L.llama_token * cap)()
+        n = L.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (L.llama_token * cap)()
+            n = L.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            lib().llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class LlamaScorer:
+    """Next-token logits for chunks of token ids, through a llama.cpp context (`Scorer` protocol)."""
+
+    def __init__(self, path: Path, *, n_ctx: int = 512, threads: int = 0, flash_attn: bool = True) -> None:
+        L = lib()
+        self.name = Path(path).name
+        self.model = LlamaModel(path)
+        self.n_vocab = self.model.n_vocab
+        self.n_ctx = n_ctx
+        cp = L.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = n_ctx
+        cp.n_ubatch = n_ctx
+        cp.n_seq_max = 1
+        n_threads = threads or default_threads()
+        cp.n_threads = n_threads
+        cp.n_threads_batch = n_threads
+        cp.flash_attn_type = 1 if flash_attn else 0
+        cp.no_perf = True
+        self.ctx = L.llama_init_from_model(self.model.ptr, cp)
+        if not self.ctx:
+            raise QuantkitError(f"llama.cpp could not create a context for {self.name}", "try a smaller --ctx")
+        self.batch = L.llama_batch_init(n_ctx, 0, 1)
+
+    def chunk_logits(self, tokens: np.ndarray, first: int) -> np.ndarray:
+        """float32 ``[len(tokens) - first, n_vocab]``, logits at positions ``first ..``; one decode per chunk."""
+        L = lib()
+        n = len(tokens)
+        if n > self.n_ctx:
+            raise ValueError("chunk longer than the context")
+        L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
+        b = self.batch
+        b.n_tokens = n
+        for i, tok in enumerate(tokens.tolist()):
+            b.token[i] = tok
+            b.pos[i] = i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = 1 if i >= first else 0
+        rc = L.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise QuantkitError(f"llama.cpp failed to evaluate a chunk of {self.name} (code {rc})",
+                                "QUANTKIT_DEBUG=1 shows llama.cpp's log")
+        ptr = L.llama_get_logits_ith(self.ctx, first)
+        return np.ctypeslib.as_array(ptr, shape=(n - first, self.n_vocab)).copy()
+
+    def close(self) -> None:
+        L = lib()
+        if getattr(self, "ctx", None):
+            L.llama_batch_free(self.batch)
+            L.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            self.model.close()
+
+    def __del__(self) -> None:
+        self.close()
