@@ -17,7 +17,7 @@ from quantkit.calibration import DEFAULT_CALIBRATION, DEFAULT_SAMPLES, DEFAULT_S
 from quantkit.errors import QuantkitError
 
 Calibration = Annotated[str, typer.Option(
-    "--calibration", help="Calibration text: builtin:ru-mix, a .txt/.jsonl/.parquet file, or hf:DATASET[:SPLIT[:COL]].")]
+    "--calibration", help="Calibration: builtin:ru-mix, a .txt/.jsonl/.parquet file, or hf:DATASET[:SPLIT[:COL]].")]
 CalibSamples = Annotated[int, typer.Option("--calib-samples", min=1, help="Calibration rows.")]
 CalibSeqLen = Annotated[int, typer.Option("--calib-seq-len", min=16, help="Tokens per calibration row.")]
 WorkspaceOpt = Annotated[Path | None, typer.Option(

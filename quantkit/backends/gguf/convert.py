@@ -161,7 +161,8 @@ class Converter:
         for name in self.src.names():
             if name.endswith(("rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bias")):
                 continue
-            if name == "lm_head.weight" and self.hp.get("tie_word_embeddings") and "model.embed_tokens.weight" in self.src:
+            tied = self.hp.get("tie_word_embeddings") and "model.embed_tokens.weight" in self.src
+            if name == "lm_head.weight" and tied:
                 continue
             new = self.tmap.get_name(name, try_suffixes=(".weight", ".bias"))
             if new is None:
