@@ -55,7 +55,7 @@ for _name, _module in COMMANDS.items():
     if hasattr(mod, "app"):
         app.add_typer(mod.app, name=_name)
     else:
-        app.command(_name, help=mod.command.__doc__)(mod.command)
+        app.command(_name, help=mod.command.__doc__, context_settings=getattr(mod, "CONTEXT", None))(mod.command)
 
 
 def main() -> None:

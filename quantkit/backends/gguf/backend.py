@@ -1,0 +1,329 @@
+"""The GGUF backend: convert → importance matrix → quantize × N → verify, every step resumable."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field, field_validator
+
+from quantkit import __version__, console
+from quantkit.backends.base import Artifact, JobContext
+from quantkit.errors import QuantkitError
+from quantkit.workspace import Workspace, fingerprint
+
+CONVERTER_VERSION = 1  # bump when the converter's output changes, so finished conversions are redone
+
+
+def parse_size(text: str | int | None) -> int:
+    """``50G`` / ``500M`` / ``1000`` → bytes (decimal units, like llama.cpp's ``--split-max-size``)."""
+    if text in (None, "", 0, "0"):
+        return 0
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(text).upper())
+    if not m:
+        raise QuantkitError(f"bad size '{text}'", "use a number with K, M, G or T, e.g. 50G")
+    return int(float(m.group(1)) * 1000 ** " KMGT".index(m.group(2) or " "))
+
+
+class GGUFOptions(BaseModel):
+    """What `quantkit gguf` and a recipe's ``gguf:`` section accept."""
+
+    model_config = {"extra": "forbid"}
+
+    types: list[str] = Field(default_factory=lambda: ["Q4_K_M"], description="llama.cpp file types")
+    outtype: str = "bf16"
+    imatrix: bool = True
+    imatrix_file: str | None = None
+    tensor_types: list[str] = Field(default_factory=list)
+    output_type: str | None = None
+    embedding_type: str | None = None
+    split_max_size: str | int | None = None
+    verify: bool = True
+
+    @field_validator("types")
+    @classmethod
+    def _types(cls, value: list[str]) -> list[str]:
+        from quantkit.backends.gguf.quantize import parse_file_type
+
+        out: list[str] = []
+        for t in value:
+            for part in str(t).split(","):
+                if part.strip():
+                    key = parse_file_type(part)
+                    if key not in out:
+                        out.append(key)
+        if not out:
+            raise ValueError("at least one quant type is needed")
+        return out
+
+    @field_validator("outtype")
+    @classmethod
+    def _outtype(cls, value: str) -> str:
+        if value.lower() not in ("bf16", "f16", "f32"):
+            raise ValueError("outtype must be bf16, f16 or f32")
+        return value.lower()
+
+
+def tool_versions() -> dict[str, str]:
+    out = {"quantkit": __version__}
+    for dist in ("llama-cpp-python", "gguf", "transformers", "torch"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def gguf_stats(path: Path) -> tuple[int, float]:
+    """Bytes on disk (all split parts) and bits per weight over every tensor."""
+    import gguf
+
+    from quantkit.backends.gguf.convert import iter_parts
+
+    size = 0
+    bits = 0
+    elements = 0
+    for part in iter_parts(path):
+        size += part.stat().st_size
+        reader = gguf.GGUFReader(part)
+        for t in reader.tensors:
+            bits += int(t.n_bytes) * 8
+            elements += int(t.n_elements)
+    return size, (bits / elements if elements else 0.0)
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+class GGUFBackend:
+    """llama.cpp GGUF: K- and I-quants with a Russian importance matrix."""
+
+    name = "gguf"
+    description = "GGUF for llama.cpp / ollama / LM Studio (K- and I-quants, imatrix)"
+    options_model = GGUFOptions
+
+    def check(self) -> str | None:
+        try:
+            import gguf  # noqa: F401
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            return "GGUF needs llama-cpp-python and gguf: pip install 'quantkit-ru[gguf]'"
+        return None
+
+    # -- naming ------------------------------------------------------------------------------------------
+    @staticmethod
+    def file_for(ws: Workspace, model: str, quant: str) -> Path:
+        return ws.root / "gguf" / f"{model}-{quant}.gguf"
+
+    def _split_name(self, path: Path, n_parts: int) -> Path:
+        return path.with_name(f"{path.stem}-00001-of-{n_parts:05d}.gguf")
+
+    # -- plan --------------------------------------------------------------------------------------------
+    def plan(self, ctx: JobContext, options: GGUFOptions) -> list[dict[str, Any]]:
+        from quantkit.backends.gguf.convert import gguf_tensor_bytes
+        from quantkit.backends.gguf.quantize import NEEDS_IMATRIX
+
+        ckpt, ws = ctx.checkpoint, ctx.workspace
+        base_q = options.outtype.upper()
+        base = self.file_for(ws, ckpt.name, base_q)
+        fp_conv = self._fp_convert(ctx, options)
+        steps: list[dict[str, Any]] = [{
+            "step": f"convert → {base_q}", "output": ws.rel(base) if base.is_relative_to(ws.root) else str(base),
+            "estimated_size": gguf_tensor_bytes(ckpt, options.outtype), "done": ws.is_done("gguf.convert", fp_conv),
+        }]
+        use_imatrix = options.imatrix or options.imatrix_file
+        if use_imatrix and not options.imatrix_file:
+            steps.append({"step": f"imatrix on {ctx.calibration} ({ctx.calib_samples}×{ctx.calib_seq_len} tokens)",
+                          "output": "gguf/imatrix.gguf", "estimated_size": None,
+                          "done": "gguf.imatrix" in ws.steps})
+        n = ckpt.n_params
+        for q in options.types:
+            if q in NEEDS_IMATRIX and not use_imatrix:
+                raise QuantkitError(f"{q} needs an importance matrix", "drop --no-imatrix, or pass --imatrix FILE")
+            steps.append({"step": f"quantize → {q}", "output": f"gguf/{ckpt.name}-{q}.gguf",
+                          "estimated_size": int(n * _APPROX_BPW.get(q, 8.5) / 8),
+                          "done": f"gguf.quantize.{q}" in ws.steps})
+        return steps
+
+    # -- run ---------------------------------------------------------------------------------------------
+    def _fp_convert(self, ctx: JobContext, options: GGUFOptions) -> str:
+        return fingerprint("convert", CONVERTER_VERSION, ctx.checkpoint.fingerprint, options.outtype,
+                           parse_size(options.split_max_size))
+
+    def run(self, ctx: JobContext, options: GGUFOptions) -> list[Artifact]:
+        from quantkit.backends.gguf.quantize import NEEDS_IMATRIX, RECOMMENDS_IMATRIX
+
+        ws = ctx.workspace
+        use_imatrix = options.imatrix or bool(options.imatrix_file)
+        for q in options.types:
+            if q in NEEDS_IMATRIX and not use_imatrix:
+                raise QuantkitError(f"{q} needs an importance matrix", "drop --no-imatrix, or pass --imatrix FILE")
+        if not use_imatrix and any(q in RECOMMENDS_IMATRIX for q in options.types):
+            console.warn("low-bit types without an importance matrix lose noticeably more quality")
+        tools = tool_versions()
+        artifacts: list[Artifact] = []
+        with console.progress() as bar:
+            base, fp_base = self._convert(ctx, options, bar)
+            artifacts.append(self._artifact(ws, base, options.outtype.upper(), fp_base, ctx, tools, None))
+            imatrix_data, imatrix_info = (None, None)
+            if use_imatrix:
+                imatrix_data, imatrix_info = self._imatrix(ctx, options, bar)
+            for q in options.types:
+                if q == options.outtype.upper():
+                    continue
+                path, fp = self._quantize(ctx, options, base, fp_base, q, imatrix_data, imatrix_info, bar)
+                artifacts.append(self._artifact(ws, path, q, fp, ctx, tools, imatrix_info))
+        if options.verify:
+            self._verify(ctx, artifacts)
+        return artifacts
+
+    def _artifact(self, ws: Workspace, path: Path, quant: str, fp: str, ctx: JobContext, tools: dict[str, str],
+                  imatrix_info: dict[str, Any] | None) -> Artifact:
+        from quantkit.backends.gguf.convert import iter_parts
+
+        files = list(iter_parts(path))
+        size, bpw = gguf_stats(path)
+        info: dict[str, Any] = {"fingerprint": fp, "tools": tools, "command": ctx.command,
+                                "imatrix": imatrix_info is not None}
+        if imatrix_info:
+            info["calibration"] = imatrix_info
+        art = Artifact("gguf", quant, path, files, size, round(bpw, 3), info)
+        entry = ws.record_artifact(path, **art.to_manifest(ws))
+        art.info.update({k: entry[k] for k in ("eval", "gate") if k in entry})
+        return art
+
+    def _convert(self, ctx: JobContext, options: GGUFOptions, bar: Any) -> tuple[Path, str]:
+        from quantkit.backends.gguf.convert import Converter
+
+        ckpt, ws = ctx.checkpoint, ctx.workspace
+        quant = options.outtype.upper()
+        fp = self._fp_convert(ctx, options)
+        if ws.is_done("gguf.convert", fp):
+            console.info(f"[dim]skip[/] conversion: {ws.steps['gguf.convert']['outputs'][0]} is up to date")
+            return ws.abs(ws.steps["gguf.convert"]["outputs"][0]), fp
+        conv = Converter(ckpt, options.outtype)
+        planned = conv.plan()
+        task = bar.add_task(f"convert → {quant}", total=len(planned))
+        files = conv.write(self.file_for(ws, ckpt.name, quant), split_max_size=parse_size(options.split_max_size),
+                           on_tensor=lambda name, n: bar.advance(task))
+        ws.record_step("gguf.convert", fp, files)
+        return files[0], fp
+
+    def _imatrix(self, ctx: JobContext, options: GGUFOptions, bar: Any) -> tuple[dict[str, np.ndarray],
+                                                                                  dict[str, Any]]:
+        from quantkit.backends.gguf.imatrix import compute_imatrix, read_imatrix, write_imatrix
+
+        ws = ctx.workspace
+        if options.imatrix_file:
+            path = Path(options.imatrix_file)
+            if not path.exists():
+                raise QuantkitError(f"imatrix file {path} does not exist", "check --imatrix")
+            data = read_imatrix(path)
+            return data, {"spec": f"file:{path.name}", "fingerprint": _sha(path)}
+        from transformers import AutoTokenizer
+
+        from quantkit.calibration import load, rows_fingerprint, token_rows
+
+        ckpt = ctx.checkpoint
+        tok = AutoTokenizer.from_pretrained(ckpt.path)
+        calib = load(ctx.calibration)
+        rows = token_rows(ctx.calibration, tok, n_samples=ctx.calib_samples, seq_len=ctx.calib_seq_len,
+                          seed=ctx.seed, chat=ckpt.instruct, data=calib)
+        info = {"spec": str(calib.spec), "samples": int(rows.shape[0]), "seq_len": int(rows.shape[1]),
+                "tokens": int(rows.size), "fingerprint": rows_fingerprint(rows), "chat": ckpt.instruct}
+        fp = fingerprint("imatrix", ckpt.fingerprint, info)
+        out = ws.root / "gguf" / "imatrix.gguf"
+        if ws.is_done("gguf.imatrix", fp):
+            console.info("[dim]skip[/] importance matrix: gguf/imatrix.gguf is up to date")
+        else:
+            task = bar.add_task(f"imatrix ({rows.size:,} tokens)", total=int(ckpt.config["num_hidden_layers"]))
+            bos = tok.bos_token_id if _adds_bos(tok) else None
+            sums, counts = compute_imatrix(ckpt, rows, bos=bos, on_layer=lambda i: bar.advance(task))
+            write_imatrix(out, sums, counts, datasets=[str(calib.spec)], chunk_size=int(rows.shape[1]))
+            ws.record_step("gguf.imatrix", fp, [out], **info)
+        return read_imatrix(out), {**info, "imatrix_fingerprint": fp}
+
+    def _quantize(self, ctx: JobContext, options: GGUFOptions, base: Path, fp_base: str, quant: str,
+                  imatrix: dict[str, np.ndarray] | None, imatrix_info: dict[str, Any] | None,
+                  bar: Any) -> tuple[Path, str]:
+        from quantkit.backends.gguf.quantize import QuantizeOptions, parse_ggml_type, parse_tensor_types, quantize
+        from quantkit.workspace import check_disk
+
+        ws = ctx.workspace
+        step = f"gguf.quantize.{quant}"
+        fp = fingerprint("quantize", fp_base, quant, (imatrix_info or {}).get("imatrix_fingerprint"),
+                         (imatrix_info or {}).get("fingerprint"), options.tensor_types, options.output_type,
+                         options.embedding_type)
+        dst = self.file_for(ws, ctx.checkpoint.name, quant)
+        if ws.is_done(step, fp):
+            console.info(f"[dim]skip[/] {quant}: {ws.steps[step]['outputs'][0]} is up to date")
+            return ws.abs(ws.steps[step]["outputs"][0]), fp
+        check_disk(dst.parent, int(ctx.checkpoint.n_params * _APPROX_BPW.get(quant, 8.5) / 8 * 1.1), dst.name)
+        split = "-00001-of-" in base.name
+        opts = QuantizeOptions(
+            file_type=quant, imatrix=imatrix, tensor_types=parse_tensor_types(options.tensor_types),
+            output_type=parse_ggml_type(options.output_type) if options.output_type else None,
+            embedding_type=parse_ggml_type(options.embedding_type) if options.embedding_type else None,
+            threads=ctx.threads, keep_split=split,
+        )
+        task = bar.add_task(f"quantize → {quant}", total=1)
+        files = quantize(base, dst, opts, on_done=lambda: bar.advance(task))
+        ws.record_step(step, fp, files)
+        return files[0], fp
+
+    # -- verification ------------------------------------------------------------------------------------
+    def _verify(self, ctx: JobContext, artifacts: list[Artifact]) -> None:
+        """Every file loads in llama.cpp and tokenizes Russian exactly like the HF tokenizer; the unquantized
+        file's next-token distribution matches transformers' bf16 forward."""
+        from quantkit.verify import verify_gguf
+
+        for art in artifacts:
+            step = f"gguf.verify.{art.quant}"
+            fp = fingerprint("verify", art.info["fingerprint"])
+            if ctx.workspace.is_done(step, fp):
+                continue
+            report = verify_gguf(ctx.checkpoint, art.path, forward=art.quant in ("BF16", "F16", "F32"))
+            ctx.workspace.record_step(step, fp, [art.path], **report)
+            ctx.workspace.update_artifact(ctx.workspace.rel(art.path), verify=report)
+            console.info(f"verified {art.path.name}: " + ", ".join(f"{k}={v}" for k, v in report.items()))
+
+    # -- eval --------------------------------------------------------------------------------------------
+    def owns(self, path: Path) -> bool:
+        path = Path(path)
+        if not (path.is_file() and path.suffix == ".gguf") or path.name.startswith("imatrix"):
+            return False
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"GGUF"
+
+    def scorer(self, path: Path, *, n_ctx: int) -> Any:
+        from quantkit.backends.gguf.llamacpp import LlamaScorer
+
+        return LlamaScorer(path, n_ctx=n_ctx)
+
+
+def _adds_bos(tok: Any) -> bool:
+    if tok.bos_token_id is None:
+        return False
+    ids = tok("а")["input_ids"]
+    return bool(ids) and ids[0] == tok.bos_token_id
+
+
+# Rough bits per weight of each llama.cpp type on Llama-style models (for plans and disk checks only).
+_APPROX_BPW = {
+    "Q2_K": 3.0, "Q2_K_S": 2.9, "Q3_K_S": 3.5, "Q3_K_M": 3.9, "Q3_K_L": 4.3, "Q4_0": 4.6, "Q4_1": 5.0,
+    "Q4_K_S": 4.6, "Q4_K_M": 4.9, "Q5_0": 5.5, "Q5_1": 6.0, "Q5_K_S": 5.5, "Q5_K_M": 5.7, "Q6_K": 6.6,
+    "Q8_0": 8.5, "IQ1_S": 1.8, "IQ1_M": 2.0, "IQ2_XXS": 2.2, "IQ2_XS": 2.4, "IQ2_S": 2.6, "IQ2_M": 2.8,
+    "IQ3_XXS": 3.2, "IQ3_XS": 3.4, "IQ3_S": 3.6, "IQ3_M": 3.8, "IQ4_NL": 4.6, "IQ4_XS": 4.4, "BF16": 16.0,
+    "F16": 16.0, "F32": 32.0, "TQ1_0": 1.8, "TQ2_0": 2.2,
+}

@@ -1,0 +1,152 @@
+"""Quantization through llama.cpp's ``llama_model_quantize``, with importance-matrix data and per-tensor types.
+
+Files quantized this way are byte-identical to ``llama-quantize``'s for the same input, imatrix and options.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from quantkit.backends.gguf.llamacpp import default_threads, lib
+from quantkit.errors import QuantkitError
+
+# Every llama.cpp file type a user can ask for (name → LLAMA_FTYPE_MOSTLY_* value).
+FILE_TYPES: dict[str, int] = {
+    "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13,
+    "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "IQ2_XXS": 19, "IQ2_XS": 20,
+    "Q2_K_S": 21, "IQ3_XS": 22, "IQ3_XXS": 23, "IQ1_S": 24, "IQ4_NL": 25, "IQ3_S": 26, "IQ3_M": 27, "IQ2_S": 28,
+    "IQ2_M": 29, "IQ4_XS": 30, "IQ1_M": 31, "BF16": 32, "F16": 1, "TQ1_0": 36, "TQ2_0": 37,
+}
+NEEDS_IMATRIX = {t for t in FILE_TYPES if t.startswith("IQ") and t not in ("IQ4_NL", "IQ4_XS")} | {"Q2_K", "Q2_K_S"}
+RECOMMENDS_IMATRIX = {t for t in FILE_TYPES if t.startswith(("IQ", "Q2", "Q3"))}
+
+
+def parse_file_type(name: str) -> str:
+    """``q4_k_m`` / ``Q4_K_M`` → ``Q4_K_M``; a clear error naming the valid types otherwise."""
+    key = name.strip().upper().replace("-", "_")
+    if key not in FILE_TYPES:
+        raise QuantkitError(f"unknown quant type '{name}'", f"choose from {', '.join(FILE_TYPES)}")
+    return key
+
+
+def parse_ggml_type(name: str) -> int:
+    """A tensor type name (``q8_0``, ``f16``, ``q6_k``) → its GGML type id."""
+    key = name.strip().upper()
+    try:
+        return int(gguf.GGMLQuantizationType[key])
+    except KeyError:
+        valid = ", ".join(t.name.lower() for t in gguf.GGMLQuantizationType if t.name not in ("I8", "I16", "I32",
+                                                                                                "I64", "F64"))
+        raise QuantkitError(f"unknown tensor type '{name}'", f"choose from {valid}") from None
+
+
+def parse_tensor_types(specs: list[str]) -> list[tuple[str, int]]:
+    """``PATTERN=TYPE`` (as llama-quantize's ``--tensor-type``) → (regex, type id)."""
+    out = []
+    for spec in specs:
+        if "=" not in spec:
+            raise QuantkitError(f"bad --tensor-type '{spec}'", "use PATTERN=TYPE, e.g. attn_v=q8_0")
+        pattern, type_name = spec.rsplit("=", 1)
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise QuantkitError(f"bad --tensor-type pattern '{pattern}': {exc}", "use a regular expression") from exc
+        out.append((pattern, parse_ggml_type(type_name)))
+    return out
+
+
+@dataclass
+class QuantizeOptions:
+    file_type: str
+    imatrix: dict[str, np.ndarray] | None = None
+    tensor_types: list[tuple[str, int]] = field(default_factory=list)
+    output_type: int | None = None
+    embedding_type: int | None = None
+    threads: int = 0
+    keep_split: bool = False
+
+
+def quantize(src: Path, dst: Path, opts: QuantizeOptions, *, on_done: Callable[[], None] | None = None) -> list[Path]:
+    """Quantize `src` (a GGUF, or the first part of a split one) to `dst`; returns the files written.
+
+    The result is written into a hidden ``.partial`` folder beside `dst` and moved into place when complete.
+    """
+    L = lib()
+    ftype = opts.file_type
+    if ftype in NEEDS_IMATRIX and not opts.imatrix:
+        raise QuantkitError(f"{ftype} needs an importance matrix",
+                            "drop --no-imatrix, or pass --imatrix FILE")
+    params = L.llama_model_quantize_default_params()
+    params.nthread = opts.threads or default_threads()
+    params.ftype = FILE_TYPES[ftype]
+    params.keep_split = opts.keep_split
+    if opts.output_type is not None:
+        params.output_tensor_type = opts.output_type
+    if opts.embedding_type is not None:
+        params.token_embedding_type = opts.embedding_type
+    keep: list[object] = []  # keep ctypes buffers alive for the duration of the call
+    if opts.imatrix:
+        entries = (L.llama_model_imatrix_data * (len(opts.imatrix) + 1))()
+        for i, (name, values) in enumerate(sorted(opts.imatrix.items())):
+            arr = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append(arr)
+            bname = name.encode()
+            keep.append(bname)
+            entries[i].name = bname
+            entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = arr.size
+        entries[len(opts.imatrix)].name = None
+        keep.append(entries)
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(L.llama_model_imatrix_data))
+    if opts.tensor_types:
+        overrides = (L.llama_model_tensor_override * (len(opts.tensor_types) + 1))()
+        for i, (pattern, type_id) in enumerate(opts.tensor_types):
+            bpat = pattern.encode()
+            keep.append(bpat)
+            overrides[i].pattern = bpat
+            overrides[i].type = type_id
+        overrides[len(opts.tensor_types)].pattern = None
+        overrides[len(opts.tensor_types)].type = _ggml_type_count()
+        keep.append(overrides)
+        params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(L.llama_model_tensor_override))
+
+    work = dst.parent / f".{dst.name}.partial"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        target = work / (dst.name[: -len(".gguf")] if opts.keep_split else dst.name)
+        rc = L.llama_model_quantize(str(src).encode(), str(target).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise QuantkitError(f"llama.cpp failed to quantize {src.name} to {ftype} (code {rc})",
+                                "QUANTKIT_DEBUG=1 shows llama.cpp's log")
+        files = sorted(work.iterdir())
+        if not files:
+            raise QuantkitError(f"llama.cpp wrote no file for {ftype}", "QUANTKIT_DEBUG=1 shows llama.cpp's log")
+        final = [dst.parent / f.name for f in files]
+        for f, target_path in zip(files, final, strict=True):
+            f.replace(target_path)
+        if on_done:
+            on_done()
+        return final
+    except OSError as exc:
+        if exc.errno == 28:
+            raise QuantkitError(f"disk full while writing {dst.name}",
+                                "free some space or pass --workspace on a larger disk") from exc
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        del keep
+
+
+def _ggml_type_count() -> int:
+    """GGML_TYPE_COUNT, the terminator of ``tt_overrides``: 43 in the llama.cpp that llama-cpp-python 0.3.36 vendors
+    (gguf 0.19 on PyPI knows fewer types, so it cannot be derived from there)."""
+    return 43

@@ -1,0 +1,105 @@
+"""`quantkit gguf MODEL --q4_k_m --q5_k_m`: BF16 GGUF, Russian importance matrix, llama.cpp quants."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from quantkit.cli.common import run_format
+from quantkit.cli.options import (
+    DEFAULTS,
+    Calibration,
+    CalibSamples,
+    CalibSeqLen,
+    DryRunOpt,
+    ForceOpt,
+    JsonOpt,
+    PrivateOpt,
+    PushOpt,
+    QuietOpt,
+    RepoOpt,
+    ThreadsOpt,
+    WorkspaceOpt,
+    handle_errors,
+    setup_output,
+)
+from quantkit.errors import QuantkitError
+
+CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _flag_types(extra: list[str]) -> list[str]:
+    """``--q4_k_m --iq3_xxs`` style flags → file type names; anything else is an error."""
+    from quantkit.backends.gguf.quantize import parse_file_type
+
+    out = []
+    for arg in extra:
+        if not arg.startswith("--"):
+            raise QuantkitError(f"unexpected argument '{arg}'", "see quantkit gguf --help")
+        out.append(parse_file_type(arg[2:]))
+    return out
+
+
+@handle_errors
+def command(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="Alias (quantkit models), Hub id, local folder, or 'demo'.")],
+    types: Annotated[str | None, typer.Option("--types", help="Comma list: q4_k_m,q5_k_m,q8_0 (or --q4_k_m flags).")]
+    = None,
+    outtype: Annotated[str, typer.Option("--outtype", help="Unquantized GGUF type: bf16, f16 or f32.")] = "bf16",
+    imatrix_file: Annotated[Path | None, typer.Option("--imatrix", help="Use this GGUF imatrix file.")] = None,
+    no_imatrix: Annotated[bool, typer.Option("--no-imatrix", help="Quantize without an importance matrix.")] = False,
+    tensor_type: Annotated[list[str] | None, typer.Option(
+        "--tensor-type", help="PATTERN=TYPE per-tensor override (repeatable), e.g. attn_v=q8_0.")] = None,
+    output_type: Annotated[str | None, typer.Option("--output-type", help="Type of output.weight.")] = None,
+    embedding_type: Annotated[str | None, typer.Option("--embedding-type", help="Type of token_embd.")] = None,
+    split_max_size: Annotated[str | None, typer.Option(
+        "--split-max-size", help="Split files larger than this (e.g. 50G) in llama.cpp's split format.")] = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip loading and tokenizer checks.")] = False,
+    evaluate: Annotated[bool, typer.Option("--eval", help="Measure PPL/KLD against bf16 afterwards.")] = False,
+    calibration: Calibration = DEFAULTS["calibration"],
+    calib_samples: CalibSamples = DEFAULTS["calib_samples"],
+    calib_seq_len: CalibSeqLen = DEFAULTS["calib_seq_len"],
+    workspace: WorkspaceOpt = None,
+    threads: ThreadsOpt = 0,
+    push: PushOpt = False,
+    repo: RepoOpt = None,
+    private: PrivateOpt = False,
+    dry_run: DryRunOpt = False,
+    force: ForceOpt = False,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Convert to GGUF, compute a Russian importance matrix, and quantize with llama.cpp.
+
+    Pick types with flags (--q4_k_m --q5_k_m --q8_0 --iq4_xs ...) or --types; default Q4_K_M.
+    """
+    from quantkit.backends.gguf.backend import GGUFOptions
+
+    setup_output(quiet, json_output)
+    chosen = _flag_types(ctx.args) + ([t for t in types.split(",") if t.strip()] if types else [])
+    if no_imatrix and imatrix_file:
+        raise QuantkitError("--no-imatrix and --imatrix contradict each other", "use one of them")
+    try:
+        options = GGUFOptions(
+            types=chosen or ["Q4_K_M"], outtype=outtype, imatrix=not no_imatrix,
+            imatrix_file=str(imatrix_file) if imatrix_file else None, tensor_types=tensor_type or [],
+            output_type=output_type, embedding_type=embedding_type, split_max_size=split_max_size,
+            verify=not no_verify,
+        )
+    except ValueError as exc:
+        raise QuantkitError(_first_error(exc), "see quantkit gguf --help") from None
+    run_format("gguf", model, options, calibration=calibration, calib_samples=calib_samples,
+               calib_seq_len=calib_seq_len, workspace=workspace, json_output=json_output, evaluate=evaluate,
+               push=push, repo=repo, private=private, dry_run=dry_run, force=force, threads=threads)
+
+
+def _first_error(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        msg = str(first.get("msg", exc))
+        return msg.removeprefix("Value error, ")
+    return str(exc)

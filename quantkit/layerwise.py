@@ -1,0 +1,123 @@
+"""A transformers forward pass that holds one decoder layer in memory at a time.
+
+The model is built on the ``meta`` device; each layer is materialised, filled from the safetensors files,
+run over every row, and dropped before the next. Hidden states for all rows stay in memory
+(rows × length × hidden in bf16: 64 × 512 × 4096 × 2 B = 268 MB for an 8B model), the weights never do.
+Used for the importance matrix and the bf16 reference logits, so a 32B model needs a few GB, not 64.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from quantkit.source import Checkpoint
+
+
+def _torch() -> Any:
+    import torch
+
+    threads = int(os.environ.get("QUANTKIT_THREADS", "0")) or (os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    return torch
+
+
+def device() -> str:
+    torch = _torch()
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class LayerwiseModel:
+    """Runs the checkpoint's layers one by one over a batch of token rows."""
+
+    def __init__(self, ckpt: Checkpoint, *, dtype: str = "bfloat16") -> None:
+        torch = _torch()
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.ckpt = ckpt
+        self.dtype = getattr(torch, dtype)
+        self.device = device()
+        self.config = AutoConfig.from_pretrained(ckpt.path)
+        self.config._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+        self.prefix = "model."
+        self.n_layers = len(self.model.model.layers)
+
+    def _load(self, module: Any, prefix: str) -> Any:
+        torch = self._torch = _torch()
+        module = module.to_empty(device=self.device)
+        state = {}
+        for name, _ in module.named_parameters():
+            full = prefix + name
+            if full not in self.ckpt.tensors:
+                if full == "lm_head.weight":
+                    full = "model.embed_tokens.weight"  # tied embeddings
+                else:
+                    raise KeyError(full)
+            arr = self.ckpt.tensors.read_f32(full)
+            state[name] = torch.from_numpy(arr).to(self.dtype)
+        module.load_state_dict(state, strict=False, assign=False)
+        return module
+
+    def run(
+        self,
+        rows: np.ndarray,
+        *,
+        hooks: Callable[[int, Any], list[Any]] | None = None,
+        logits: bool = False,
+        first: int = 0,
+        on_layer: Callable[[int], None] | None = None,
+        batch: int = 4,
+    ) -> Iterator[np.ndarray]:
+        """Forward every row; `hooks(layer_index, layer)` may register hooks (removed after the layer).
+
+        With `logits`, yields float32 logits ``[len(row) - first, vocab]`` per row, in order.
+        """
+        torch = _torch()
+        ids = torch.as_tensor(np.asarray(rows), dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            emb = self._load(self.model.model.embed_tokens, "model.embed_tokens.")
+            hidden = [emb(ids[i : i + batch]) for i in range(0, len(ids), batch)]
+            self.model.model.embed_tokens = emb.to("meta")
+            rotary_cls = type(self.model.model.rotary_emb)
+            with torch.device(self.device):
+                rotary = rotary_cls(config=self.config)
+            pos = torch.arange(ids.shape[1], device=self.device)[None]
+            cos, sin = rotary(hidden[0], pos)
+            for i in range(self.n_layers):
+                layer = self._load(self.model.model.layers[i], f"model.layers.{i}.")
+                handles = hooks(i, layer) if hooks else []
+                for b, h in enumerate(hidden):
+                    hidden[b] = layer(h, attention_mask=None, position_ids=pos, position_embeddings=(cos, sin))
+                for handle in handles:
+                    handle.remove()
+                self.model.model.layers[i] = layer.to("meta")
+                del layer
+                if on_layer:
+                    on_layer(i)
+            if not logits:
+                return
+            norm = self._load(self.model.model.norm, "model.norm.")
+            head = self._load(self.model.lm_head, "lm_head.")
+            for h in hidden:
+                out = head(norm(h[:, first:])).float().cpu().numpy()
+                yield from out
+
+
+def hf_module_to_gguf(ckpt: Checkpoint) -> Callable[[str], str | None]:
+    """Maps ``model.layers.0.self_attn.q_proj`` → ``blk.0.attn_q.weight`` (the names llama.cpp's imatrix uses)."""
+    import gguf
+
+    from quantkit.backends.gguf.convert import ARCHES
+
+    tmap = gguf.get_tensor_name_map(ARCHES[ckpt.architecture], int(ckpt.config["num_hidden_layers"]))
+
+    def mapper(module_name: str) -> str | None:
+        new = tmap.get_name(module_name + ".weight", try_suffixes=(".weight",))
+        return new
+
+    return mapper
