@@ -184,7 +184,7 @@ class Workspace:
         old = self.artifacts.get(key, {})
         entry = {**info}
         if old.get("size") == entry.get("size") and old.get("fingerprint") == entry.get("fingerprint"):
-            for keep in ("eval", "gate"):
+            for keep in ("eval", "gate", "verify"):
                 if keep in old:
                     entry[keep] = old[keep]
         self.artifacts[key] = entry
