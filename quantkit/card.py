@@ -134,7 +134,10 @@ def advice(fmt: str, quant: str, bpw: float | None) -> str:
     if bits >= 6:
         return "highest quality"
     if bits >= 4:
-        return f"{RECOMMENDED}: best balance" if bits <= 5.0 else "high quality"
+        if bits > 5.0:
+            return "high quality"
+        balance = "best balance, quality first" if bits > 4.5 else "best balance of size and quality"
+        return f"{RECOMMENDED}: {balance}"
     if bits >= 3.5:
         return "small, some quality loss"
     return "smallest, noticeable quality loss"
@@ -346,7 +349,7 @@ def _table(ws: Workspace, fmt: str, repo: str, arts: list[tuple[str, dict[str, A
             human_size(size) if isinstance(size, int | float) and size else "—",
             _cell(entry.get("bpw"), "{:.2f}"),
             _cell(ev.get("ppl"), "{:.3f}"),
-            _cell(delta * 100 if isinstance(delta, int | float) else None, "{:+.1f}%"),
+            _cell(delta * 100 if isinstance(delta, int | float) else None, "{:+.2f}%"),
             _cell(ev.get("kld_mean"), "{:.4f}"),
             _cell(ev.get("top1") * 100 if isinstance(ev.get("top1"), int | float) else None, "{:.1f}%"),
             rec,
@@ -373,13 +376,15 @@ def _table_notes(arts: list[tuple[str, dict[str, Any]]]) -> str:
         return ("These files have not been evaluated yet: run `quantkit eval` on the workspace to add perplexity "
                 "and KL-divergence to this table.")
     ev = evals[0]
-    where = _describe_eval_set(ev.get("eval_set"))
+    where = f"held-out Russian text (`{_public_spec(str(ev['eval_set']))}`" if ev.get("eval_set") else \
+        "held-out Russian text ("
     bits = []
     if ev.get("tokens"):
         bits.append(f"{int(ev['tokens']):,} tokens")
     if ev.get("ctx"):
         bits.append(f"context {ev['ctx']}")
-    measured = f"{where}" + (f" ({', '.join(bits)})" if bits else "")
+    measured = where + "".join(f", {b}" for b in bits) + ")"
+    measured = measured.replace("(, ", "(").replace(" ()", "")
     ref = f" The bf16 original scores {ev['ppl_ref']:.3f}." if isinstance(ev.get("ppl_ref"), int | float) else ""
     lines = [
         f"**PPL** is perplexity on {measured}.{ref} **ΔPPL** is the change against bf16. **KLD** is the mean "
@@ -396,7 +401,7 @@ def _table_notes(arts: list[tuple[str, dict[str, Any]]]) -> str:
         if bound.get("max_kld") is not None:
             limits.append(f"KLD ≤ {bound['max_kld']:g}")
         lines.append(f"Quality gate: {' and '.join(limits)}. "
-                     + ("Files marked ✗ are past it and are published only for completeness."
+                     + ("Files marked ✗ did not pass it: use them only when nothing larger fits."
                         if any(gate_failed(e) for _, e in arts) else "Every file here passed it."))
     return "\n\n".join(lines)
 
@@ -435,7 +440,8 @@ def _usage(ws: Workspace, fmt: str, repo: str, arts: list[tuple[str, dict[str, A
     if fmt == "exl2":
         return _usage_exl2(ws, repo, branch, instruct)
     if fmt == "gptq":
-        return _usage_gptq(repo, branch, instruct)
+        others = sorted(b for b in branches(fmt, arts).values() if b != branch)
+        return _usage_gptq(repo, branch, instruct, others)
     return f"Download with `hf download {repo}` and load it with a runtime that reads {fmt}."
 
 
@@ -529,7 +535,7 @@ generator = ExLlamaV2DynamicGenerator(model=model, cache=cache, tokenizer=tokeni
 `model_name: {folder}` in `config.yml` (or load it through the API); it serves an OpenAI-compatible endpoint."""
 
 
-def _usage_gptq(repo: str, branch: str, instruct: bool) -> str:
+def _usage_gptq(repo: str, branch: str, instruct: bool, others: list[str]) -> str:
     rev = f', revision="{branch}"' if branch != "main" else ""
     rev_cli = f" --revision {branch}" if branch != "main" else ""
     if instruct:
@@ -576,7 +582,10 @@ vllm serve {repo}{rev_cli}
 
 ```python
 {vllm}
-```"""
+```""" + (f"""
+
+The other variants live in branches ({", ".join(f"`{b}`" for b in others)}): pass `revision="{others[0]}"` to
+`from_pretrained` and `LLM`, or `--revision {others[0]}` to `vllm serve`.""" if others else "")
 
 
 # -- provenance ---------------------------------------------------------------------------------------------------
@@ -588,6 +597,8 @@ def _params(n: Any) -> str:
 
 def _describe_calibration(cal: dict[str, Any]) -> str:
     spec = str(cal.get("spec") or "")
+    if spec.startswith("file:"):
+        return f"an importance matrix supplied by the user (`{_public_spec(spec[5:])}`)"
     if spec in _BUILTIN_CALIBRATION:
         what = f"{_BUILTIN_CALIBRATION[spec]}, `{spec}`"
     elif spec.startswith("hf:"):
@@ -596,11 +607,14 @@ def _describe_calibration(cal: dict[str, Any]) -> str:
     else:
         what = f"`{_public_spec(spec)}`" if spec else "Russian text"
     size = []
-    if cal.get("samples") and cal.get("seq_len"):
-        size.append(f"{cal['samples']} samples × {cal['seq_len']} tokens")
+    samples, length = cal.get("samples") or cal.get("rows"), cal.get("seq_len") or cal.get("length")
+    if samples and length:
+        size.append(f"{samples} samples × {length} tokens")
     if cal.get("tokens"):
         size.append(f"{int(cal['tokens']):,} tokens")
-    return what + (f": {' = '.join(size)}" if size else "")
+    chat = " (dialogues rendered with the model's chat template)" if cal.get("chat") or cal.get("chat_template") \
+        else ""
+    return what + (f": {' = '.join(size)}" if size else "") + chat
 
 
 def _provenance(ws: Workspace, fmt: str, arts: list[tuple[str, dict[str, Any]]]) -> str:

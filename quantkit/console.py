@@ -23,6 +23,12 @@ _state: dict[str, Any] = {"quiet": False, "json": False}
 console = Console(stderr=True, highlight=False)
 
 
+def table_console() -> Console:
+    """Where result tables go (stdout); wide enough not to squash columns when stdout is not a terminal."""
+    out = Console(highlight=False)
+    return out if out.is_terminal else Console(highlight=False, width=200)
+
+
 def configure(*, quiet: bool = False, json_output: bool = False) -> None:
     """Set global output mode: `quiet` hides progress and info; `json_output` keeps stdout for JSON."""
     _state["quiet"] = quiet or json_output

@@ -41,6 +41,7 @@ from quantkit.errors import GateFailed, QuantkitError
 from quantkit.workspace import MANIFEST, TMP_MARK, Workspace, human_size
 
 MAX_FILE_SIZE = 50 * 1000**3  # the Hub refuses single files over 50 GB
+SMALL_FILE = 10 * 1000**2  # files the Hub may keep in plain git (compared by git blob id)
 COMMIT_TRIES = 5
 MAX_WAIT = 60.0
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -157,8 +158,8 @@ def layout(ws: Workspace, fmt: str, *, force: bool = False, planned: list[dict[s
         branch = where[key]
         base = ws.root / fmt if fmt == "gguf" else ws.abs(key)
         if entry.get("_planned"):
-            items = [Item(PurePosixPath(key).name if fmt == "gguf" else "(files)", ws.abs(key),
-                          int(entry.get("size") or 0), key, planned=True)]
+            items = [Item(PurePosixPath(key).name if fmt == "gguf" else f"({PurePosixPath(key).name}, to be made)",
+                          ws.abs(key), int(entry.get("size") or 0), key, planned=True)]
         else:
             files = _expand(ws, list(entry.get("files") or [key]))
             missing = [f for f in files if not f.is_file()]
@@ -196,31 +197,53 @@ def layout(ws: Workspace, fmt: str, *, force: bool = False, planned: list[dict[s
 
 def _planned_artifacts(ws: Workspace, fmt: str, planned: list[dict[str, Any]],
                        known: set[str]) -> list[tuple[str, dict[str, Any]]]:
-    """Artifacts a backend's dry-run plan says it would write, as manifest-like entries."""
+    """Artifacts a backend's dry-run plan says it would write (``gguf/M-Q4_K_M.gguf``, ``exl2/4.0bpw/``,
+    ``gptq/4bit-g128``), as manifest-like entries; shared and intermediate outputs are left out."""
     out: list[tuple[str, dict[str, Any]]] = []
+    prefix = f"{ws.model.get('name') or ''}-"
     for step in planned:
         output = step.get("output")
         if not output or step.get("done"):
             continue
         p = Path(str(output))
-        rel = p.resolve().relative_to(ws.root).as_posix() if p.is_absolute() and p.resolve().is_relative_to(
-            ws.root) else p.as_posix()
-        if not rel.startswith(f"{fmt}/") or rel in known:
+        if p.is_absolute():
+            if not p.resolve().is_relative_to(ws.root):
+                continue
+            p = p.resolve().relative_to(ws.root)
+        rel = p.as_posix()
+        parts = PurePosixPath(rel).parts
+        if len(parts) != 2 or parts[0] != fmt or rel in known:
             continue
-        name = PurePosixPath(rel).name
-        if name in ("imatrix.gguf", "measurement.json") or name.endswith((".json", ".dat")):
+        name = parts[1]
+        if fmt == "gguf":
+            if not name.endswith(".gguf") or name == "imatrix.gguf":
+                continue
+            quant = name.removesuffix(".gguf").removeprefix(prefix)
+        elif name.endswith((".json", ".parquet", ".dat", ".txt", ".safetensors")):
             continue
-        quant = step.get("quant") or step.get("step") or name
-        out.append((rel, {"format": fmt, "quant": str(quant), "size": step.get("estimated_size") or 0,
-                          "files": [rel], "_planned": True}))
+        else:
+            quant = name
+        out.append((rel, {"format": fmt, "quant": quant, "size": int(step.get("estimated_size") or 0),
+                          "bpw": step.get("bits"), "files": [rel], "_planned": True}))
     return out
 
 
 # -- plans --------------------------------------------------------------------------------------------------------
 def plan_publish(ws: Workspace, fmt: str, *, repo: str | None, private: bool,
                  planned: list[dict[str, Any]] | None = None, force: bool = False) -> dict[str, Any]:
-    """What `publish_format` would upload where, with sizes. No network and no token needed."""
-    lay = layout(ws, fmt, force=force, planned=planned)
+    """What `publish_format` would upload where, with sizes. No network and no token needed.
+
+    `planned` is a backend's dry-run plan: what it would write is included (marked ``planned``)."""
+    try:
+        lay = layout(ws, fmt, force=force, planned=planned)
+    except GateFailed:
+        raise
+    except QuantkitError as exc:
+        if planned is None:
+            raise
+        target = _repo_id(repo, None, ws, fmt)
+        return {"repo": target, "url": f"{_endpoint()}/{target}", "private": private, "format": fmt, "branches": [],
+                "total_size": 0, "refused": [], "dry_run": True, "note": exc.message}
     card_size = 0
     with contextlib.suppress(QuantkitError):  # nothing to render before the first artifact exists
         card_size = len(render_card(ws, fmt, repo=repo, include=lay.included).encode())
@@ -275,6 +298,9 @@ def publish_folder(ws: Workspace, lay: Layout, *, api: Any, repo: str, private: 
     with hub_errors(token, f"publishing to {repo}"):
         url = str(_retrying(lambda: api.create_repo(repo, private=private, exist_ok=True, repo_type="model"),
                             "create the repo"))
+        if private and getattr(_retrying(lambda: api.model_info(repo), "read the repo"), "private", None) is False:
+            raise QuantkitError(f"{repo} already exists and is public; --private does not change an existing repo",
+                                "make it private in the repo's settings on the Hub, or drop --private")
         console.info(f"publishing {fmt} to {repo}" + (" (private)" if private else ""))
         for branch, message, items in lay.groups:
             if branch not in made_branches:
@@ -321,7 +347,7 @@ def _commit_missing(api: Any, repo: str, branch: str, items: list[Item], message
             wait = _retry_wait(exc, attempt)
             if wait is None or attempt == COMMIT_TRIES:
                 raise
-            console.warn(f"{branch}: the Hub answered {_short(exc)}; retrying in {wait:.0f} s "
+            console.warn(f"{branch}: {_happened(exc)}; retrying in {wait:.0f} s "
                          f"(attempt {attempt + 1} of {COMMIT_TRIES})")
             time.sleep(wait)
     raise AssertionError("unreachable")
@@ -344,6 +370,8 @@ def _same(item: Item, remote: Any) -> bool:
         return False
     if remote.lfs is not None:
         return remote.lfs.sha256 == item.sha256()
+    if item.size > SMALL_FILE:  # a big file without LFS details: let the client's own checks decide
+        return False
     from huggingface_hub.utils.sha import git_hash
 
     return remote.blob_id == git_hash(item.local.read_bytes())
@@ -449,6 +477,10 @@ def _status(exc: BaseException) -> int | None:
 
 def _retry_wait(exc: BaseException, attempt: int) -> float | None:
     """Seconds to wait before retrying `exc`, or None when it is not worth retrying."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    if any(isinstance(e, OfflineModeIsEnabled) for e in _chain(exc)):
+        return None
     transport = _transport_errors()
     status = _status(exc)
     if status is None and not any(isinstance(e, transport) for e in _chain(exc)):
@@ -473,7 +505,7 @@ def _retrying(call: Callable[[], T], what: str) -> T:
             wait = _retry_wait(exc, attempt)
             if wait is None or attempt == COMMIT_TRIES:
                 raise
-            console.warn(f"{what}: the Hub answered {_short(exc)}; retrying in {wait:.0f} s")
+            console.warn(f"{what}: {_happened(exc)}; retrying in {wait:.0f} s")
             time.sleep(wait)
     raise AssertionError("unreachable")
 
@@ -486,6 +518,11 @@ def _short(exc: BaseException) -> str:
         return f"HTTP {status}" + (f": {server}" if server else "")
     first = (str(exc).strip().splitlines() or [""])[0]
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _happened(exc: BaseException) -> str:
+    text = f"the Hub answered {_short(exc)}" if _status(exc) is not None else f"no answer ({_short(exc)})"
+    return scrub(text, None)
 
 
 def scrub(text: str, token: str | None) -> str:

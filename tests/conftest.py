@@ -42,19 +42,19 @@ def llama3_ckpt(ckpt_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def llama31_ckpt(ckpt_root: Path) -> Path:
     """Llama-3.1-style instruct model with llama3 rope scaling."""
-    return _build(ckpt_root, "tiny-llama31", "llama31", instruct=True)
+    return _build(ckpt_root, "tiny-llama31", "llama31", instruct=True, train_steps=60)
 
 
 @pytest.fixture(scope="session")
 def qwen2_ckpt(ckpt_root: Path) -> Path:
     """Qwen2-style instruct model: attention biases, tied embeddings, ChatML."""
-    return _build(ckpt_root, "tiny-qwen2", "qwen2", instruct=True)
+    return _build(ckpt_root, "tiny-qwen2", "qwen2", instruct=True, train_steps=60)
 
 
 @pytest.fixture(scope="session")
 def mistral_ckpt(ckpt_root: Path) -> Path:
     """Mistral-style instruct model with a SentencePiece tokenizer."""
-    return _build(ckpt_root, "tiny-mistral", "mistral", instruct=True)
+    return _build(ckpt_root, "tiny-mistral", "mistral", instruct=True, train_steps=60)
 
 
 @pytest.fixture(autouse=True)
@@ -65,3 +65,23 @@ def _quantkit_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("QUANTKIT_CACHE", os.environ.get("QUANTKIT_TEST_DEMO_CACHE", str(tmp_path / "qk-cache")))
     monkeypatch.delenv("HF_TOKEN", raising=False)
+
+
+def llama_tool(name: str) -> Path | None:
+    """A llama.cpp tool (llama-quantize, llama-perplexity) built with llama-cpp-python by scripts/install.sh."""
+    import llama_cpp
+
+    path = Path(llama_cpp.__file__).parent.parent / "bin" / name
+    return path if path.exists() else None
+
+
+def run_tool(name: str, *args: str) -> "subprocess.CompletedProcess[str]":
+    import subprocess
+
+    import llama_cpp
+
+    tool = llama_tool(name)
+    assert tool is not None, f"{name} is missing: run scripts/install.sh (it builds llama.cpp's tools)"
+    lib = Path(llama_cpp.__file__).parent / "lib"
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{lib}:{Path(llama_cpp.__file__).parent.parent / 'lib'}"}
+    return subprocess.run([str(tool), *args], capture_output=True, text=True, env=env, timeout=600)

@@ -257,7 +257,7 @@ def work_state(work: Path, fp: str, output_complete: bool) -> str:
 
 
 def reset_work(work: Path, fp: str, *extra: Path) -> None:
-    """Clear a working folder (and `extra` partial outputs) and stamp it with the fingerprint of its inputs."""
+    """Clear a working folder (and `extra`: partial outputs, old logs) and stamp it with its inputs' fingerprint."""
     for path in (work, *extra):
         if path.is_dir():
             shutil.rmtree(path)
@@ -427,18 +427,18 @@ class EXL2Backend:
                       "problem": problem})
 
         meas_fp = self.measurement_fingerprint(ctx, opts, cal.fingerprint) if cal else None
-        meas_done = meas_fp is not None and ws.is_done("exl2/measurement", meas_fp)
+        bit_fps = {b: self.bits_fingerprint(ctx, opts, cal.fingerprint, b) if cal else None for b in opts.bits}
+        bits_done = {b: fp is not None and ws.is_done(f"exl2/{bits_name(b)}", fp) for b, fp in bit_fps.items()}
+        meas_done = meas_fp is not None and (ws.is_done("exl2/measurement", meas_fp) or all(bits_done.values()))
         steps.append({"step": f"measurement ({st.measure_rows} × {st.measure_length} tokens), reused by every bitrate",
                       "output": "exl2/measurement.json", "estimated_size": self._measurement_size(ckpt),
                       "done": meas_done})
         for bits in opts.bits:
             name = bits_name(bits)
-            fp = self.bits_fingerprint(ctx, opts, cal.fingerprint, bits) if cal else None
-            done = fp is not None and ws.is_done(f"exl2/{name}", fp)
             what = f"quantize {name[:-3]} bpw (head {opts.head_bits} bits, {st.rows} × {st.length} tokens)"
             steps.append({"step": what,
                           "output": f"exl2/{name}/", "estimated_size": estimate_size(ckpt, bits, opts.head_bits),
-                          "done": done, "bits": bits})
+                          "done": bits_done[bits], "bits": bits})
         return steps
 
     def run(self, ctx: JobContext, options: BaseModel) -> list[Artifact]:
@@ -463,13 +463,13 @@ class EXL2Backend:
         pending = [b for b in opts.bits
                    if not ws.is_done(f"exl2/{bits_name(b)}", self.bits_fingerprint(ctx, opts, cal.fingerprint, b))]
         source = root / "source"
-        if pending or not ws.is_done("exl2/measurement", meas_fp):
+        if pending:  # GPU work ahead (finished bitrates need neither the GPU nor the measurement)
             self._require_gpu()
             prepare_source(ckpt, source)
-        if ws.is_done("exl2/measurement", meas_fp):
-            console.info(f"measurement: reusing {ws.rel(measurement)}")
-        else:
-            self._measure(ctx, opts, st, cal, source, measurement, meas_fp)
+            if ws.is_done("exl2/measurement", meas_fp):
+                console.info(f"measurement: reusing {ws.rel(measurement)}")
+            else:
+                self._measure(ctx, opts, st, cal, source, measurement, meas_fp)
 
         artifacts = []
         for bits in opts.bits:
@@ -501,7 +501,9 @@ class EXL2Backend:
     # -- steps -------------------------------------------------------------------------------------------
     @staticmethod
     def _options(options: BaseModel) -> EXL2Options:
-        return options if isinstance(options, EXL2Options) else EXL2Options.model_validate(options.model_dump())
+        if isinstance(options, EXL2Options):
+            return options
+        return EXL2Options.model_validate(options if isinstance(options, dict) else options.model_dump())
 
     def _calibration(self, ctx: JobContext, tokenizer: Any, path: Path | None,
                      data: CalibrationData | None = None) -> CalibrationFile:
@@ -593,9 +595,10 @@ class EXL2Backend:
         ws = ctx.workspace
         work = ws.root / "exl2" / "work" / "measurement"
         done_file = work / "measurement.json"
+        log = ws.root / "exl2" / "logs" / "measurement.log"
         state = work_state(work, fp, done_file.exists())
         if state == "new":
-            reset_work(work, fp)
+            reset_work(work, fp, log)
         elif state == "resume":
             console.info(f"measurement: resuming the unfinished pass in {ws.rel(work)}")
         if state != "finished":
@@ -603,10 +606,10 @@ class EXL2Backend:
             check_disk(work, st.measure_rows * st.measure_length * hidden * 8, "the EXL2 measurement pass")
             args = converter_args(source=source, work=work, parquet=cal.path, st=st, head_bits=opts.head_bits,
                                   measurement_out=done_file)
-            lines = run_converter(args, label="measurement", log=ws.root / "exl2" / "logs" / "measurement.log")
+            lines = run_converter(args, label="measurement", log=log)
             job = read_job(work)
             if not (job and job.get("progress") == "finished" and done_file.exists()):
-                raise converter_failed("measurement", lines, ws.root / "exl2" / "logs" / "measurement.log")
+                raise converter_failed("measurement", lines, log)
         os.replace(done_file, measurement)
         clear_work(work)
         ws.record_step("exl2/measurement", fp, [measurement], parquet=ws.rel(cal.path),
@@ -624,10 +627,9 @@ class EXL2Backend:
         log = root / "logs" / f"{name}.log"
         state = work_state(work, fp, output_complete(partial))
         if state == "new":
-            reset_work(work, fp, partial)
+            reset_work(work, fp, partial, log)
         elif state == "resume":
             console.info(f"{name}: resuming the unfinished conversion in {ws.rel(work)}")
-        lines: list[str] = []
         if state != "finished":
             size = estimate_size(ctx.checkpoint, bits, opts.head_bits)
             check_disk(root, 2 * size + st.rows * st.length * int(ctx.checkpoint.config.get("hidden_size") or 4096) * 8,
@@ -639,7 +641,7 @@ class EXL2Backend:
             if not (job and job.get("progress") == "finished" and output_complete(partial)):
                 raise converter_failed(f"{bits:g} bpw conversion", lines, log)
         fix_config_file(partial / "config.json")
-        cal_ppl = next((float(m.group(1)) for line in reversed(lines) if (m := _CAL_PPL.search(line))), None)
+        cal_ppl = calibration_perplexity(log)
         if final.exists():  # an older conversion with other inputs: replace it
             old = root / f".{name}.old"
             shutil.rmtree(old, ignore_errors=True)
@@ -697,7 +699,7 @@ def run_converter(args: list[str], *, label: str, log: Path) -> list[str]:
         out.write(f"$ {' '.join(cmd)}\n")
         task = bar.add_task(label, total=100)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8",
-                                errors="replace", bufsize=1, env=env)
+                                errors="replace", bufsize=1, env=env, cwd=log.parent)
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -712,16 +714,34 @@ def run_converter(args: list[str], *, label: str, log: Path) -> list[str]:
                 if text.lstrip().startswith("!!") and not any(n in text for n in _NOISE):
                     console.warn(f"exllamav2: {text.strip().lstrip('!').strip()}")
             proc.wait()
-        except BaseException:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        except BaseException as exc:
+            # Ctrl-C reached the converter too: give it time to save its job file, so a rerun resumes
+            _stop(proc, grace=60 if isinstance(exc, KeyboardInterrupt) else 0)
             raise
     if proc.returncode:
         lines.append(f"(exit status {proc.returncode})")
     return list(lines)
+
+
+def _stop(proc: subprocess.Popen[str], grace: float) -> None:
+    try:
+        proc.wait(timeout=grace or 0.1)
+        return
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def calibration_perplexity(log: Path) -> float | None:
+    """The converter's last "calibration perplexity (quant)" in a log, a sanity check of the conversion."""
+    try:
+        found = _CAL_PPL.findall(log.read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return None
+    return float(found[-1]) if found else None
 
 
 def converter_failed(what: str, lines: list[str], log: Path) -> QuantkitError:
@@ -744,6 +764,10 @@ class EXL2Scorer:
             from exllamav2 import ExLlamaV2, ExLlamaV2Config
         except ImportError as exc:
             raise MissingDependency(f"cannot load exllamav2: {exc}", INSTALL_HINT) from exc
+        except Exception as exc:  # noqa: BLE001 - building its CUDA kernels at import fails in many ways
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise QuantkitError(f"exllamav2 could not build or load its CUDA kernels: {first}",
+                                "check the CUDA toolkit (nvcc, CUDA_HOME) matches your torch build") from exc
         self._torch = torch
         self.name = f"exl2:{path.name}"
         config = ExLlamaV2Config(str(path))

@@ -46,6 +46,7 @@ _QUANTIZED = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.we
 COPIED_FILES = (*TOKENIZER_FILES, "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
 # Sanitized out of the published configs: machine-specific fields of GPTQModel's `meta`.
 _MACHINE_KEYS = {"offload_to_disk_path"}
+CPU_INT4_GROUPS = (32, 64, 128)  # group sizes GPTQModel's CPU int4pack kernel handles
 _MAX_CPU_WORKERS = 12  # GPTQModel's own cap on its CPU worker pool
 
 
@@ -435,8 +436,17 @@ class TransformersScorer:
             return GPTQModel.load(str(path), device=self.device).model.eval()
         from transformers import AutoModelForCausalLM
 
+        kwargs: dict[str, Any] = {}
+        if quantized and self.device == "cpu":
+            qcfg = json.loads((path / "config.json").read_text(encoding="utf-8"))["quantization_config"]
+            if not (qcfg.get("bits") == 4 and qcfg.get("group_size") in CPU_INT4_GROUPS):
+                from transformers import GPTQConfig
+
+                # GPTQModel 7.6 picks its CPU int4pack kernel for g-1/g16 too, which then fails at the first
+                # forward ("expect qGroupSize to be 32, 64, 128 or 256"); its plain torch kernel takes any layout
+                kwargs["quantization_config"] = GPTQConfig(bits=qcfg.get("bits", 4), backend="gptq_torch")
         try:
-            return AutoModelForCausalLM.from_pretrained(str(path), device_map=self.device).eval()
+            return AutoModelForCausalLM.from_pretrained(str(path), device_map=self.device, **kwargs).eval()
         except ImportError as exc:
             raise MissingDependency(f"cannot load {path.name}: {exc}", GPTQ_EXTRA_HINT) from exc
 
@@ -475,7 +485,9 @@ def _worker(job_path: str) -> None:
     calibration = [{"input_ids": r.tolist(), "attention_mask": [1] * len(r)} for r in rows]
     qcfg = QuantizeConfig(
         bits=job["bits"], group_size=job["group_size"], desc_act=job["desc_act"], sym=job["sym"],
-        damp_percent=job["damp"], act_group_aware=not job["desc_act"], format="gptq", pack_impl="original",
+        damp_percent=job["damp"], format="gptq", pack_impl="original",
+        # GPTQModel's default "group-aware reordering" conflicts with act-order and needs groups
+        act_group_aware=not job["desc_act"] and job["group_size"] > 0,
         offload_to_disk=True, offload_to_disk_path=job["offload"],
     )
     device = "cuda:0" if torch.cuda.is_available() else "cpu"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from rich.console import Console
 from rich.table import Table
 
 from quantkit import console
@@ -30,4 +29,4 @@ def command(json_output: JsonOpt = False) -> None:
         table.add_column(col)
     for r in rows:
         table.add_row(r["name"], r["description"], "yes" if r["available"] else "no", r["reason"] or "")
-    Console().print(table)
+    console.table_console().print(table)

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
-from rich.console import Console
 from rich.table import Table
 
 from quantkit import console
@@ -107,7 +106,7 @@ def show_plan(summary: dict[str, Any], json_output: bool) -> None:
         table.add_row(str(step.get("step", "")), str(step.get("output", "")),
                       human_size(size) if isinstance(size, int | float) else "",
                       "done" if step.get("done") else "to do")
-    out = Console()
+    out = console.table_console()
     out.print(table)
     if not summary["can_run_here"]:
         out.print(f"[yellow]cannot run here:[/] {summary['reason']}")
@@ -125,4 +124,4 @@ def show_summary(summary: dict[str, Any], json_output: bool) -> None:
     for art in summary["artifacts"]:
         bpw = art.get("bpw")
         table.add_row(art["path"], art["quant"], human_size(art["size"]), f"{bpw:.2f}" if bpw else "")
-    Console().print(table)
+    console.table_console().print(table)

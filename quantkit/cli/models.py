@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from rich.console import Console
 from rich.table import Table
 
 from quantkit import console
@@ -28,4 +27,4 @@ def command(json_output: JsonOpt = False) -> None:
         table.add_row(m.alias, m.hub_id, m.architecture, "instruct" if m.instruct else "base",
                       f"{m.params_b:g}B", m.license)
     table.add_row("demo", "(built locally)", "LlamaForCausalLM", "base", "tiny", "apache-2.0")
-    Console().print(table)
+    console.table_console().print(table)

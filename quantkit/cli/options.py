@@ -70,7 +70,7 @@ def handle_errors(func: F) -> F:
         except QuantkitError as exc:
             if debug:
                 traceback.print_exc()
-            console.console.print(f"[red]error:[/] {redact(str(exc))}", markup=True, highlight=False)
+            console.console.print(f"[red]error:[/] {redact(str(exc))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             console.console.print("[red]interrupted[/]: finished steps are kept; run the same command to resume")
@@ -80,7 +80,7 @@ def handle_errors(func: F) -> F:
                 traceback.print_exc()
             msg = redact(f"{type(exc).__name__}: {exc}").splitlines()[0][:300] if str(exc) else type(exc).__name__
             console.console.print(f"[red]error:[/] unexpected failure: {msg} (run with QUANTKIT_DEBUG=1 for the "
-                                  "traceback, and report it)", highlight=False)
+                                  "traceback, and report it)", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]

@@ -70,5 +70,8 @@ def show(result: dict[str, Any]) -> None:
         for f in result["skipped"]:
             table.add_row(f["branch"], f["path"], human_size(f["size"]), "already there")
         out.print(table)
+    verb = "would not publish" if result.get("dry_run") else "not published"
     for r in result.get("refused", []):
-        out.print(f"[yellow]not published[/]: {r['quant']} failed the quality gate (--force publishes it)")
+        out.print(f"[yellow]{verb}[/]: {r['quant']} failed the quality gate (--force publishes it)")
+    if result.get("note"):
+        out.print(result["note"])

@@ -1,0 +1,285 @@
+"""Quality against the bf16 original on held-out Russian text: perplexity, KL-divergence, top-1 agreement.
+
+One token stream for every format, chunked like llama.cpp's ``llama-perplexity``: chunks of ``n_ctx`` tokens, the
+first replaced by BOS when the model adds one, and only the second half of each chunk scored (positions
+``n_ctx/2 .. n_ctx-2`` predicting the next token), so every prediction has at least ``n_ctx/2`` tokens of context.
+The bf16 reference is computed once through transformers (layer by layer) and cached in the workspace: full
+log-probabilities when they fit (``kld_mode: full``), otherwise the top-k log-probabilities and the tail mass
+(``kld_mode: top64``, a lower bound of the true KL-divergence that is tight in practice).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantkit import console
+from quantkit.errors import QuantkitError
+from quantkit.source import Checkpoint, load_local
+from quantkit.workspace import Workspace, atomic_path, fingerprint
+
+DEFAULT_CTX = 512
+DEFAULT_MAX_PPL_INCREASE = 0.05
+DEFAULT_MAX_KLD = 0.05
+TOP_K = 64
+FULL_LIMIT_BYTES = 400 << 20  # keep full reference log-probs up to this size
+
+
+@dataclass
+class EvalTokens:
+    """The chunks every scorer sees (identical for every format)."""
+
+    chunks: np.ndarray  # int64 [n_chunks, n_ctx]
+    first: int
+    spec: str
+    fingerprint: str
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32, copy=False)
+    m = x.max(-1, keepdims=True)
+    shifted = x - m
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def eval_tokens(ckpt: Checkpoint, spec: str, n_ctx: int, chunks: int | None, tokenizer: Any = None) -> EvalTokens:
+    """Tokenize the eval text with the original tokenizer and cut it into llama-perplexity's chunks."""
+    from transformers import AutoTokenizer
+
+    from quantkit.calibration import load
+
+    tok = tokenizer or AutoTokenizer.from_pretrained(ckpt.path)
+    data = load(spec)
+    text = "\n\n".join(d.plain() for d in data.documents)
+    ids = tok(text)["input_ids"]
+    n = len(ids) // n_ctx
+    if n < 2:
+        raise QuantkitError(
+            f"the eval text {data.spec} has {len(ids):,} tokens: fewer than two chunks of {n_ctx}",
+            f"give a longer text (at least {2 * n_ctx:,} tokens) or a smaller --ctx",
+        )
+    if chunks:
+        n = min(n, chunks)
+    arr = np.asarray(ids[: n * n_ctx], dtype=np.int64).reshape(n, n_ctx)
+    bos = tok.bos_token_id
+    if bos is not None and ids and ids[0] == bos:
+        arr[:, 0] = bos
+    fp = hashlib.sha256(arr.tobytes()).hexdigest()[:16]
+    return EvalTokens(arr, n_ctx // 2, str(data.spec), fp)
+
+
+class Reference:
+    """The bf16 reference's per-position log-probabilities (full or top-k + tail) and its perplexity."""
+
+    def __init__(self, mode: str, nll: np.ndarray, argmax: np.ndarray, logp: np.ndarray | None = None,
+                 top_ids: np.ndarray | None = None, top_logp: np.ndarray | None = None) -> None:
+        self.mode, self.nll, self.argmax = mode, nll, argmax
+        self.logp, self.top_ids, self.top_logp = logp, top_ids, top_logp
+
+    @property
+    def ppl(self) -> float:
+        return float(np.exp(self.nll.astype(np.float64).mean()))
+
+    def save(self, path: Path) -> None:
+        arrays = {k: v for k, v in vars(self).items() if isinstance(v, np.ndarray)}
+        buf = io.BytesIO()
+        np.savez(buf, mode=np.array(self.mode), **arrays)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(buf.getvalue())
+
+    @classmethod
+    def load(cls, path: Path) -> Reference:
+        z = np.load(path)
+        return cls(str(z["mode"]), z["nll"], z["argmax"], z["logp"] if "logp" in z else None,
+                   z["top_ids"] if "top_ids" in z else None, z["top_logp"] if "top_logp" in z else None)
+
+
+def compute_reference(ckpt: Checkpoint, toks: EvalTokens, on_chunk: Any = None) -> Reference:
+    """Run the bf16 model (transformers, layer by layer) once over every chunk."""
+    from quantkit.layerwise import LayerwiseModel
+
+    n_chunks, n_ctx = toks.chunks.shape
+    n_pos = n_ctx - 1 - toks.first
+    vocab = int(ckpt.config["vocab_size"])
+    full = n_chunks * n_pos * vocab * 4 <= FULL_LIMIT_BYTES
+    nll = np.empty((n_chunks, n_pos), np.float32)
+    argmax = np.empty((n_chunks, n_pos), np.int32)
+    logp_all = np.empty((n_chunks, n_pos, vocab), np.float32) if full else None
+    top_ids = None if full else np.empty((n_chunks, n_pos, TOP_K), np.int32)
+    top_lp = None if full else np.empty((n_chunks, n_pos, TOP_K), np.float32)
+    model = LayerwiseModel(ckpt)
+    for c, logits in enumerate(model.run(toks.chunks, logits=True, first=toks.first)):
+        lp = log_softmax(logits[:n_pos])
+        target = toks.chunks[c, toks.first + 1 :]
+        nll[c] = -lp[np.arange(n_pos), target]
+        argmax[c] = lp.argmax(-1)
+        if full:
+            logp_all[c] = lp  # type: ignore[index]
+        else:
+            idx = np.argpartition(-lp, TOP_K, axis=-1)[:, :TOP_K]
+            top_ids[c] = idx  # type: ignore[index]
+            top_lp[c] = np.take_along_axis(lp, idx, -1)  # type: ignore[index]
+        if on_chunk:
+            on_chunk()
+    return Reference("full" if full else f"top{TOP_K}", nll, argmax, logp_all, top_ids, top_lp)
+
+
+def score(scorer: Any, toks: EvalTokens, ref: Reference, on_chunk: Any = None) -> dict[str, Any]:
+    """PPL, ΔPPL, KLD (mean, p99) and top-1 agreement of one artifact, in one pass."""
+    n_chunks, n_ctx = toks.chunks.shape
+    n_pos = n_ctx - 1 - toks.first
+    nll = np.empty((n_chunks, n_pos), np.float64)
+    kld = np.empty((n_chunks, n_pos), np.float64)
+    agree = np.empty((n_chunks, n_pos), bool)
+    rows = np.arange(n_pos)
+    t0 = time.perf_counter()
+    for c in range(n_chunks):
+        logits = scorer.chunk_logits(toks.chunks[c], toks.first)[:n_pos]
+        lq = log_softmax(logits)
+        target = toks.chunks[c, toks.first + 1 :]
+        nll[c] = -lq[rows, target]
+        agree[c] = lq.argmax(-1) == ref.argmax[c]
+        if ref.mode == "full":
+            lp = ref.logp[c]  # type: ignore[index]
+            kld[c] = (np.exp(lp) * (lp - lq)).sum(-1)
+        else:
+            ids, lp = ref.top_ids[c], ref.top_logp[c]  # type: ignore[index]
+            lq_top = np.take_along_axis(lq, ids, -1)
+            p_top, q_top = np.exp(lp), np.exp(lq_top)
+            p_tail = np.clip(1.0 - p_top.sum(-1), 1e-12, None)
+            q_tail = np.clip(1.0 - q_top.sum(-1), 1e-12, None)
+            kld[c] = (p_top * (lp - lq_top)).sum(-1) + p_tail * (np.log(p_tail) - np.log(q_tail))
+        if on_chunk:
+            on_chunk()
+    kld = np.maximum(kld, 0.0)
+    ppl = float(np.exp(nll.mean()))
+    return {
+        "ppl": round(ppl, 4),
+        "ppl_ref": round(ref.ppl, 4),
+        "delta_ppl": round(ppl / ref.ppl - 1.0, 5),
+        "kld_mean": round(float(kld.mean()), 6),
+        "kld_p99": round(float(np.percentile(kld, 99)), 6),
+        "top1": round(float(agree.mean()), 5),
+        "tokens": int(n_chunks * n_pos),
+        "chunks": int(n_chunks),
+        "ctx": int(n_ctx),
+        "eval_set": toks.spec,
+        "tokens_fingerprint": toks.fingerprint,
+        "kld_mode": ref.mode,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def gate(result: dict[str, Any], max_ppl_increase: float, max_kld: float) -> dict[str, Any]:
+    reasons = []
+    if result["delta_ppl"] > max_ppl_increase:
+        reasons.append(f"PPL +{result['delta_ppl']:.1%} > +{max_ppl_increase:.1%}")
+    if result["kld_mean"] > max_kld:
+        reasons.append(f"KLD {result['kld_mean']:.4f} > {max_kld}")
+    return {"passed": not reasons, "reasons": reasons, "max_ppl_increase": max_ppl_increase, "max_kld": max_kld}
+
+
+def workspace_checkpoint(ws: Workspace, model: str | None = None) -> Checkpoint:
+    """The bf16 checkpoint a workspace was made from (or `model`, resolved)."""
+    if model:
+        from quantkit.source import resolve
+
+        return resolve(model)
+    info = ws.model
+    path = info.get("path")
+    if not path or not Path(path).exists():
+        raise QuantkitError(f"the bf16 checkpoint of {ws.root} is not available ({path})",
+                            "pass --model with its alias, Hub id or folder")
+    from quantkit.models import find_known
+
+    return load_local(Path(path), name=info.get("name", Path(path).name), source=info.get("source", path),
+                      hub_id=info.get("hub_id"), known=find_known(info.get("hub_id") or "") or None)
+
+
+def check_tokenizer(scorer: Any, tokenizer: Any, vocab_size: int) -> None:
+    """Refuse an artifact whose tokenizer differs from the reference's: its numbers would be meaningless."""
+    from quantkit.verify import sample_text
+
+    if getattr(scorer, "n_vocab", vocab_size) != vocab_size:
+        raise QuantkitError(f"{scorer.name} has a vocabulary of {scorer.n_vocab}, the original {vocab_size}",
+                            "evaluate artifacts against the checkpoint they were made from")
+    model = getattr(scorer, "model", None)
+    if model is not None and hasattr(model, "tokenize"):
+        text = sample_text(2000)
+        if model.tokenize(text, add_special=True) != tokenizer(text)["input_ids"]:
+            raise QuantkitError(f"{scorer.name} tokenizes Russian text differently from the original model",
+                                "evaluate artifacts against the checkpoint they were made from")
+
+
+def evaluate_workspace(
+    ws: Workspace,
+    *,
+    only: list[Path] | None = None,
+    eval_spec: str = "builtin:ru-eval",
+    n_ctx: int = DEFAULT_CTX,
+    chunks: int | None = None,
+    max_ppl_increase: float = DEFAULT_MAX_PPL_INCREASE,
+    max_kld: float = DEFAULT_MAX_KLD,
+    model: str | None = None,
+) -> dict[str, Any]:
+    """Score every artifact of the workspace (or `only` these) against the bf16 reference; record and gate."""
+    from transformers import AutoTokenizer
+
+    from quantkit.backends.base import backend_for
+
+    ckpt = workspace_checkpoint(ws, model)
+    tok = AutoTokenizer.from_pretrained(ckpt.path)
+    toks = eval_tokens(ckpt, eval_spec, n_ctx, chunks, tok)
+    keys = [ws.rel(Path(p)) for p in only] if only else sorted(ws.artifacts)
+    if not keys:
+        raise QuantkitError(f"{ws.root} has no artifacts to evaluate", "quantize first (quantkit gguf ...)")
+    ref_fp = fingerprint("reference", ckpt.fingerprint, toks.fingerprint)
+    ref_path = ws.root / "eval" / f"reference-{ref_fp}.npz"
+    rows: list[dict[str, Any]] = []
+    with console.progress() as bar:
+        if ws.is_done("eval.reference", ref_fp) and ref_path.exists():
+            ref = Reference.load(ref_path)
+        else:
+            task = bar.add_task("bf16 reference", total=len(toks.chunks))
+            ref = compute_reference(ckpt, toks, on_chunk=lambda: bar.advance(task))
+            ref.save(ref_path)
+            ws.record_step("eval.reference", ref_fp, [ref_path], ppl=ref.ppl, mode=ref.mode, eval_set=toks.spec,
+                           tokens_fingerprint=toks.fingerprint)
+        for key in keys:
+            entry = ws.artifacts.get(key, {})
+            path = ws.abs(key)
+            if not path.exists():
+                raise QuantkitError(f"artifact {key} is missing from {ws.root}", "rerun the command that made it")
+            backend = backend_for(path)
+            reason = backend.check()
+            if reason is not None:
+                rows.append({"artifact": key, "format": backend.name, "quant": entry.get("quant", "?"),
+                             "skipped": reason, "passed": True})
+                continue
+            efp = fingerprint("eval", ref_fp, entry.get("fingerprint"), entry.get("size"))
+            step = f"eval.{key}"
+            if ws.is_done(step, efp) and "eval" in entry:
+                result = entry["eval"]
+            else:
+                scorer = backend.scorer(path, n_ctx=n_ctx)
+                try:
+                    check_tokenizer(scorer, tok, int(ckpt.config["vocab_size"]))
+                    task = bar.add_task(f"eval {Path(key).name}", total=len(toks.chunks))
+                    result = score(scorer, toks, ref, on_chunk=lambda t=task: bar.advance(t))
+                finally:
+                    scorer.close()
+                ws.record_step(step, efp, [path], **{k: result[k] for k in ("ppl", "kld_mean")})
+            verdict = gate(result, max_ppl_increase, max_kld)
+            ws.update_artifact(key, eval=result, gate=verdict)
+            rows.append({"artifact": key, "format": backend.name, "quant": entry.get("quant", "?"),
+                         "size": entry.get("size"), "bpw": entry.get("bpw"), **result, "passed": verdict["passed"],
+                         "reasons": verdict["reasons"]})
+    return {"model": ckpt.name, "workspace": str(ws.root), "eval_set": toks.spec, "ctx": n_ctx,
+            "chunks": int(len(toks.chunks)), "tokens_fingerprint": toks.fingerprint, "reference_ppl": ref.ppl,
+            "kld_mode": ref.mode, "passed": all(r["passed"] for r in rows), "rows": rows}
