@@ -4,6 +4,10 @@ The model is built on the ``meta`` device; each layer is materialised, filled fr
 run over every row, and dropped before the next. Hidden states for all rows stay in memory
 (rows × length × hidden in bf16: 64 × 512 × 4096 × 2 B = 268 MB for an 8B model), the weights never do.
 Used for the importance matrix and the bf16 reference logits, so a 32B model needs a few GB, not 64.
+
+The bf16 weights are computed with in float32 by default: that is the model's exact function, free of the
+activation rounding of a bf16 forward (which alone moves logits by ~1e-2 and flips near-tied top-1 tokens), and it
+is what llama.cpp does with a BF16 GGUF.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ def device() -> str:
 class LayerwiseModel:
     """Runs the checkpoint's layers one by one over a batch of token rows."""
 
-    def __init__(self, ckpt: Checkpoint, *, dtype: str = "bfloat16") -> None:
+    def __init__(self, ckpt: Checkpoint, *, dtype: str = "float32") -> None:
         torch = _torch()
         from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -707,7 +707,7 @@ def plan(recipe: Recipe, *, only: list[str] | None = None, models: list[str] | N
         ckpt, why = _resolve_for_plan(spec) if resolve_models else (None, "not resolved")
         name = entry.name or (ckpt.name if ckpt is not None else default_name(spec))
         known = find_known(spec)
-        n_params = ckpt.n_params if ckpt is not None else (int(known.params_b * 1e9) if known else None)
+        n_params = ckpt.n_params if ckpt is not None else (round(known.params_b * 1e9) if known else None)
         note = None
         if ckpt is None and resolve_models:
             note = f"{why}; sizes {ESTIMATED} ({known.params_b:g} B)" if known else f"{why}; sizes unknown"
@@ -733,10 +733,12 @@ def plan(recipe: Recipe, *, only: list[str] | None = None, models: list[str] | N
                                                                  else ""),
                           "output": None, "estimated_size": None, "done": None})
             for fmt in fmts:
-                fmt_steps, reason = _plan_format(recipe, entry, fmt, ctx, n_params, st, name, get_backend,
-                                                 check=resolve_models)
+                fmt_steps, reason, problem = _plan_format(recipe, entry, fmt, ctx, n_params, st, name, get_backend,
+                                                          check=resolve_models)
                 required = recipe.required(entry, fmt)
                 status = None if reason is None else ("fails: required" if required else "skip")
+                if problem is not None:
+                    status = "fails"
                 repo = recipe.repo_for(entry, fmt, name) if st["publish"] else None
                 backend_done = bool(fmt_steps) and all(s.get("done") for s in fmt_steps)
                 for s in fmt_steps:
@@ -757,9 +759,10 @@ def plan(recipe: Recipe, *, only: list[str] | None = None, models: list[str] | N
                                   "done": backend_done and ws is not None and f"recipe.publish.{fmt}" in ws.steps,
                                   **({"status": status} if status else {})})
                 model_plan["formats"].append({"format": fmt, "can_run": reason is None, "reason": reason,
-                                              "required": required, "repo": repo})
+                                              "required": required, "problem": problem, "repo": repo})
         calib_step = steps[1]
-        calib_step["done"] = all(s.get("done") for s in steps[2:] if s.get("format")) if here else False
+        runnable = [s for s in steps[2:] if s.get("format") and "status" not in s]
+        calib_step["done"] = here and bool(runnable) and all(s.get("done") for s in runnable)
         for s in steps:
             s["model"] = name
             s.setdefault("status", "done" if s.get("done") else "to do")
@@ -775,9 +778,10 @@ def plan(recipe: Recipe, *, only: list[str] | None = None, models: list[str] | N
 
 
 def _plan_format(recipe: Recipe, entry: Any, fmt: str, ctx: Any, n_params: int | None, st: dict[str, Any],
-                 name: str, get_backend: Callable[[str], Any], *, check: bool) -> tuple[list[dict[str, Any]],
-                                                                                       str | None]:
-    reason = None
+                 name: str, get_backend: Callable[[str], Any], *, check: bool
+                 ) -> tuple[list[dict[str, Any]], str | None, str | None]:
+    """A format's steps, why it cannot run here (or None), and the error its run would stop with (or None)."""
+    reason = problem = None
     backend = None
     if check:
         try:
@@ -793,6 +797,8 @@ def _plan_format(recipe: Recipe, entry: Any, fmt: str, ctx: Any, n_params: int |
                 planned = backend.plan(ctx, opts)
             except ImportError:
                 planned = None  # the backend's packages are missing here: plan from the parameter count
+            except QuantkitError as exc:
+                problem = str(exc)
             else:
                 for s in planned:  # a step is done only while its output exists
                     out = s.get("output")
@@ -800,7 +806,7 @@ def _plan_format(recipe: Recipe, entry: Any, fmt: str, ctx: Any, n_params: int |
                                                                                       out).exists():
                         s["done"] = False
         steps += planned if planned is not None else estimated_steps(fmt, opts, n_params, st, name)
-    return steps, reason
+    return steps, reason, problem
 
 
 def _evaluated(ws: Any, steps: list[dict[str, Any]]) -> bool:
@@ -847,8 +853,6 @@ def run_recipe(recipe: Recipe, *, only: list[str] | None = None, models: list[st
     summary = {"recipe": str(recipe.path), "rows": rows, "nothing_to_do": not work and not failed,
                "failed": bool(failed), "gate_only": bool(failed) and all(r["status"] == "failed gate"
                                                                          for r in failed)}
-    if summary["nothing_to_do"]:
-        console.info(f"nothing to do: every step of {recipe.path.name} is already done")
     return summary
 
 
@@ -858,7 +862,20 @@ def _row(model: str, fmt: str, *, quant: str = "-", status: str, note: str = "",
             **extra}
 
 
+def _unavailable(fmt: str) -> tuple[Any, str | None]:
+    """The backend and why it cannot run here (None when it can)."""
+    from quantkit.backends.base import get_backend
+
+    try:
+        backend = get_backend(fmt)
+    except ImportError as exc:
+        return None, f"cannot load the {fmt} backend: {exc}"
+    return backend, backend.check()
+
+
 def _run_model(recipe: Recipe, entry: Any, fmts: list[str], keep_going: bool) -> _Outcome:
+    """One model: backends that cannot run here are skipped (or fail, when required) before anything is fetched;
+    then resolve, and each format in turn."""
     from quantkit.backends.base import JobContext
     from quantkit.cli.common import record_model
     from quantkit.source import resolve
@@ -866,41 +883,68 @@ def _run_model(recipe: Recipe, entry: Any, fmts: list[str], keep_going: bool) ->
 
     out = _Outcome()
     name = recipe.model_name(entry)
+    by_fmt: dict[str, list[dict[str, Any]]] = {}
+    backends: dict[str, Any] = {}
+    for fmt in fmts:
+        backend, reason = _unavailable(fmt)
+        if reason is None:
+            backends[fmt] = backend
+        elif recipe.required(entry, fmt):
+            msg = f"required by the recipe but cannot run here: {reason}"
+            console.console.print(f"[red]{name} {fmt} failed:[/] {msg}", highlight=False)
+            by_fmt[fmt] = [_row(name, fmt, status="failed", note=msg)]
+            out.failed = True
+        else:
+            console.warn(f"{name}: skipping {fmt}: {reason}")
+            by_fmt[fmt] = [_row(name, fmt, status="skipped", note=reason)]
+
+    def rows() -> list[dict[str, Any]]:
+        return [r for f in fmts for r in by_fmt.get(f, [])]
+
+    def not_run(why: str) -> None:
+        for f in fmts:
+            by_fmt.setdefault(f, [_row(name, f, status="not run", note=why)])
+
+    if not backends or (out.failed and not keep_going):
+        not_run("an earlier step failed")
+        out.rows = rows()
+        return out
     try:
         ckpt = resolve(recipe.source_spec(entry))
     except QuantkitError as exc:
         console.console.print(f"[red]{name}: cannot resolve {entry.source}:[/] {exc}", highlight=False)
-        out.rows += [_row(name, f, status="failed", note=f"resolve: {exc}") for f in fmts]
+        for f in backends:
+            by_fmt[f] = [_row(name, f, status="failed", note=f"resolve: {exc}")]
         out.failed = True
+        out.rows = rows()
         return out
     if entry.name:
         ckpt.name = entry.name
     name = ckpt.name
     st = recipe.settings(entry)
-    ws = Workspace.for_model(name, recipe.workspace_root())
+    ws = Workspace(recipe.workspace_root() / safe_dir_name(name))
     before = _steps_snapshot(ws)
     record_model(ws, ckpt)
     ctx = JobContext(checkpoint=ckpt, workspace=ws, calibration=st["calibration"], calib_samples=st["calib_samples"],
                      calib_seq_len=st["calib_seq_len"], seed=st["seed"], threads=st["threads"],
                      command=f"quantkit run {recipe.path.name}")
-    for n, fmt in enumerate(fmts):
+    for fmt, backend in backends.items():
         if out.failed and not keep_going:
-            out.rows += [_row(name, f, status="not run", note="an earlier step failed") for f in fmts[n:]]
             break
         try:
-            rows, published = _run_format(recipe, entry, fmt, ctx, st)
+            made, published = _run_format(recipe, entry, fmt, backend, ctx, st)
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # noqa: BLE001 - one format's failure is reported, the rest may go on
             msg = str(exc) if isinstance(exc, QuantkitError) else f"{type(exc).__name__}: {exc}"
             console.console.print(f"[red]{name} {fmt} failed:[/] {msg}", highlight=False)
-            out.rows.append(_row(name, fmt, status="failed", note=msg.splitlines()[0][:300] if msg else ""))
+            by_fmt[fmt] = [_row(name, fmt, status="failed", note=msg.splitlines()[0][:300] if msg else "")]
             out.failed = True
             continue
-        out.rows += rows
+        by_fmt[fmt] = made
         out.work = out.work or published
-        if any(r["status"] in ("failed", "failed gate") for r in rows):
-            out.failed = out.failed or any(r["status"] == "failed" for r in rows)
+    not_run("an earlier step failed")
+    out.rows = rows()
     out.work = out.work or _steps_snapshot(ws) != before
     return out
 
@@ -913,23 +957,10 @@ def _steps_snapshot(ws: Any) -> str:
                        if not k.startswith("recipe.")}, sort_keys=True)
 
 
-def _run_format(recipe: Recipe, entry: Any, fmt: str, ctx: Any, st: dict[str, Any]
+def _run_format(recipe: Recipe, entry: Any, fmt: str, backend: Any, ctx: Any, st: dict[str, Any]
                 ) -> tuple[list[dict[str, Any]], bool]:
-    """One format of one model; returns its summary rows and whether something was published."""
-    from quantkit.backends.base import get_backend
-
+    """One format of one model: run, evaluate and gate, publish; returns its rows and whether it published."""
     name, ws = ctx.checkpoint.name, ctx.workspace
-    try:
-        backend = get_backend(fmt)
-        reason = backend.check()
-    except ImportError as exc:
-        reason = f"cannot load the {fmt} backend: {exc}"
-    if reason is not None:
-        if recipe.required(entry, fmt):
-            raise QuantkitError(f"{fmt} is required by the recipe but cannot run here: {reason}",
-                                "run it on a machine that has what it needs, or set required: false")
-        console.warn(f"{name}: skipping {fmt}: {reason}")
-        return [_row(name, fmt, status="skipped", note=reason)], False
     artifacts = []
     for opts in recipe.options(entry, fmt):
         console.info(f"{name}: {fmt} {_describe(opts)}")

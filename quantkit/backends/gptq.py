@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -446,7 +447,9 @@ class TransformersScorer:
                 # forward ("expect qGroupSize to be 32, 64, 128 or 256"); its plain torch kernel takes any layout
                 kwargs["quantization_config"] = GPTQConfig(bits=qcfg.get("bits", 4), backend="gptq_torch")
         try:
-            return AutoModelForCausalLM.from_pretrained(str(path), device_map=self.device, **kwargs).eval()
+            with warnings.catch_warnings():  # "the quantization_config from the model will be used": intended
+                warnings.filterwarnings("ignore", message=".*passed `quantization_config`", category=UserWarning)
+                return AutoModelForCausalLM.from_pretrained(str(path), device_map=self.device, **kwargs).eval()
         except ImportError as exc:
             raise MissingDependency(f"cannot load {path.name}: {exc}", GPTQ_EXTRA_HINT) from exc
 

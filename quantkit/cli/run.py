@@ -74,7 +74,9 @@ def show_plan(result: dict[str, Any]) -> None:
         if m.get("note"):
             out.print(f"{m['model']}: {m['note']}")
         for f in m["formats"]:
-            if not f["can_run"]:
+            if f.get("problem"):
+                out.print(f"[red]{m['model']}: {f['format']} would fail:[/] {f['problem']}")
+            elif not f["can_run"]:
                 verb = "is required and would fail" if f["required"] else "would be skipped"
                 out.print(f"{m['model']}: {f['format']} {verb} here: {f['reason']}")
     total = f", about {human_size(result['estimated_size'])} to write" if result["estimated_size"] else ""

@@ -112,6 +112,9 @@ def _spm_vocab(folder: Path, vocab_size: int) -> tuple[list[bytes], list[float],
 
     sp = SentencePieceProcessor()
     sp.LoadFromFile(str(folder / "tokenizer.model"))
+    if sp.vocab_size() > vocab_size:
+        raise QuantkitError(f"tokenizer.model has {sp.vocab_size()} tokens but config.json says vocab_size {vocab_size}",
+                            "the checkpoint's config.json and tokenizer do not match")
     tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
     scores = [-10000.0] * vocab_size
     types = [gguf.TokenType.UNUSED] * vocab_size
