@@ -33,6 +33,23 @@ def configure(*, quiet: bool = False, json_output: bool = False) -> None:
     """Set global output mode: `quiet` hides progress and info; `json_output` keeps stdout for JSON."""
     _state["quiet"] = quiet or json_output
     _state["json"] = json_output
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Keep third-party chatter (torchao's optional kernels, torch's pytree notices, transformers' length
+    warnings) off the user's terminal; QUANTKIT_DEBUG=1 shows everything."""
+    import logging
+    import os
+    import warnings
+
+    if os.environ.get("QUANTKIT_DEBUG") == "1":
+        return
+    for name in ("torchao", "torch.utils._pytree", "transformers", "gguf", "gptqmodel", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
 
 def is_quiet() -> bool:

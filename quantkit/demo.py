@@ -25,6 +25,12 @@ QWEN2_PATTERN = (
     r"|\s+(?!\S)|\s+"
 )
 
+TEKKEN_PATTERN = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+    r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+
 LLAMA3_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
@@ -40,7 +46,7 @@ MISTRAL_CHAT_TEMPLATE = (
     "{{ ' ' + message['content'] + eos_token }}{% else %}{{ message['content'] + '\n\n' }}{% endif %}{% endfor %}"
 )
 
-FAMILIES = ("llama3", "llama31", "qwen2", "mistral")
+FAMILIES = ("llama3", "llama31", "qwen2", "mistral", "nemo")
 
 
 def cache_root() -> Path:
@@ -94,6 +100,13 @@ def _write_bpe_tokenizer(out: Path, family: str, texts: list[str], vocab_size: i
         ])
         kwargs: dict[str, Any] = dict(bos_token=bos, eos_token="<|eot_id|>" if instruct else "<|end_of_text|>")
         template = LLAMA3_CHAT_TEMPLATE
+    elif family == "nemo":  # Mistral-Nemo's tekken: byte-level BPE, BOS added, [INST] control tokens
+        specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"]
+        tok = _train_bpe(texts, vocab_size, TEKKEN_PATTERN, specials, nfc=False)
+        bos_id = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos_id)])
+        kwargs = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+        template = MISTRAL_CHAT_TEMPLATE
     else:  # qwen2
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
         tok = _train_bpe(texts, vocab_size, QWEN2_PATTERN, specials, nfc=True)
@@ -170,6 +183,9 @@ def _config(family: str, vocab: int, hidden: int, layers: int, heads: int, kv_he
     if family == "mistral":
         return MistralConfig(**common, rope_theta=1000000.0, tie_word_embeddings=False, sliding_window=None,
                              head_dim=hidden // heads)
+    if family == "nemo":  # like Mistral-Nemo: head_dim is not hidden / heads
+        return MistralConfig(**common, rope_theta=1000000.0, tie_word_embeddings=False, sliding_window=None,
+                             head_dim=2 * hidden // heads)
     raise ValueError(family)
 
 
@@ -195,7 +211,7 @@ def build_checkpoint(
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}")
     texts = texts if texts is not None else builtin_texts()
-    tmp = out.with_name(out.name + ".partial")
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")  # per process: two builds may race
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if family == "mistral":
@@ -225,9 +241,14 @@ def build_checkpoint(
             f"{layers} layers, hidden size {hidden}, vocabulary {vocab}, trained {train_steps} steps on "
             "quantkit's built-in Russian text.\n")
     (tmp / "README.md").write_text(card, encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    if (out / "config.json").exists():  # another process finished the same build first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    try:
+        tmp.rename(out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

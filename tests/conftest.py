@@ -6,6 +6,7 @@ Set QUANTKIT_TEST_CACHE to a folder to reuse the built checkpoints across runs w
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -75,9 +76,7 @@ def llama_tool(name: str) -> Path | None:
     return path if path.exists() else None
 
 
-def run_tool(name: str, *args: str) -> "subprocess.CompletedProcess[str]":
-    import subprocess
-
+def run_tool(name: str, *args: str) -> subprocess.CompletedProcess[str]:
     import llama_cpp
 
     tool = llama_tool(name)
@@ -85,3 +84,9 @@ def run_tool(name: str, *args: str) -> "subprocess.CompletedProcess[str]":
     lib = Path(llama_cpp.__file__).parent / "lib"
     env = {**os.environ, "LD_LIBRARY_PATH": f"{lib}:{Path(llama_cpp.__file__).parent.parent / 'lib'}"}
     return subprocess.run([str(tool), *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def nemo_ckpt(ckpt_root: Path) -> Path:
+    """Mistral-Nemo-style instruct model: tekken byte-level BPE, head_dim ≠ hidden / heads."""
+    return _build(ckpt_root, "tiny-nemo", "nemo", instruct=True, train_steps=60)

@@ -18,7 +18,7 @@ from quantkit.source import load_local
 from quantkit.verify import verify_gguf
 from quantkit.workspace import Workspace
 
-FAMILIES = ["llama3_ckpt", "llama31_ckpt", "qwen2_ckpt", "mistral_ckpt"]
+FAMILIES = ["llama3_ckpt", "llama31_ckpt", "qwen2_ckpt", "mistral_ckpt", "nemo_ckpt"]
 
 
 def _ckpt(path: Path):
@@ -106,7 +106,7 @@ def _tensor_bytes(path: Path) -> dict[str, bytes]:
 def test_split_files_convert_and_quantize(qwen2_ckpt: Path, tmp_path: Path) -> None:
     ws, arts = _run(qwen2_ckpt, tmp_path / "ws", types=["Q8_0"], split_max_size="1M", imatrix=False)
     bf16, q8 = arts
-    assert bf16.path.name.endswith("-00001-of-%05d.gguf" % len(bf16.files)) and len(bf16.files) > 1
+    assert bf16.path.name.endswith(f"-00001-of-{len(bf16.files):05d}.gguf") and len(bf16.files) > 1
     assert len(q8.files) == len(bf16.files)
     model = LlamaModel(q8.path)  # llama.cpp finds the other parts
     assert model.n_vocab > 0
