@@ -252,7 +252,7 @@ def build_checkpoint(
     return out
 
 
-def _train(model: Any, tok: Any, texts: list[str], steps: int, seed: int, seq: int = 128, batch: int = 16) -> None:
+def _train(model: Any, tok: Any, texts: list[str], steps: int, seed: int, seq: int = 128, batch: int = 8) -> None:
     import torch
 
     ids: list[int] = []
@@ -277,8 +277,8 @@ def _train(model: Any, tok: Any, texts: list[str], steps: int, seed: int, seq: i
     model.eval()
 
 
-DEMO_SPEC = dict(family="llama3", instruct=False, vocab_size=4096, hidden=256, layers=4, heads=4, kv_heads=2,
-                 ffn=768, train_steps=300)
+DEMO_SPEC = dict(family="llama3", instruct=False, vocab_size=4096, hidden=256, layers=2, heads=4, kv_heads=2,
+                 ffn=768, train_steps=150)
 
 
 def ensure_demo_model() -> Path:
