@@ -125,3 +125,9 @@ def show_summary(summary: dict[str, Any], json_output: bool) -> None:
         bpw = art.get("bpw")
         table.add_row(art["path"], art["quant"], human_size(art["size"]), f"{bpw:.2f}" if bpw else "")
     console.table_console().print(table)
+    if "eval" in summary:
+        from quantkit.cli.eval_cmd import show
+
+        show(summary["eval"])
+    if "publish" in summary and summary["publish"].get("url"):
+        console.table_console().print(f"published: {summary['publish']['url']}")
