@@ -645,7 +645,11 @@ def _provenance(ws: Workspace, fmt: str, arts: list[tuple[str, dict[str, Any]]])
     evals = _evals(arts)
     if evals:
         ev = evals[0]
-        mode = f", KL-divergence over {ev['kld_mode']}" if ev.get("kld_mode") else ""
+        kld = str(ev.get("kld_mode") or "")
+        over = "the full vocabulary" if kld == "full" else (
+            f"the bf16 model's top {kld[3:]} tokens plus the remaining probability mass" if kld.startswith("top")
+            else kld)
+        mode = f", KL-divergence over {over}" if kld else ""
         size = ", ".join(x for x in (f"{int(ev['tokens']):,} tokens" if ev.get("tokens") else "",
                                      f"context {ev['ctx']}" if ev.get("ctx") else "") if x)
         lines.append(f"- **Evaluation:** {_describe_eval_set(ev.get('eval_set'))}"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from hub_server import READ_TOKEN, USER, WRITE_TOKEN, FakeHub
 from huggingface_hub import ModelCard
-from test_card import MODEL, build_workspace, front_matter
+from test_card import HUB_ID, MODEL, build_workspace, front_matter
 
 from quantkit.errors import QuantkitError
 from quantkit.publish import COMMIT_TRIES, MAX_FILE_SIZE, layout, plan_publish, scrub
@@ -110,7 +110,7 @@ def test_publish_creates_the_repo_and_every_file_arrives(tmp_path: Path, hub: Fa
     card_path = tmp_path / "README.md"
     card_path.write_bytes(download(GGUF_REPO, "README.md"))
     card = ModelCard.load(card_path)
-    assert card.data.base_model == "t-tech/T-lite-it-1.0"
+    assert card.data.base_model == HUB_ID
     assert card.data.get("base_model_relation") == "quantized"
     assert card.data.get("quantized_by") == "quantkit"
     assert card.data.language == ["ru"] and card.data.license == "apache-2.0"
