@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import hashlib
 import json
 import re
 import tempfile
@@ -581,18 +580,15 @@ def _semantic_problems(spec: Any, root: Any, shown: str, base: Path) -> list[Pro
 # -- planning -------------------------------------------------------------------------------------------------------
 def _demo_ready() -> bool:
     """Whether the demo model is built already (resolving it would build it, which a plan must not do)."""
-    from quantkit import __version__
-    from quantkit.demo import DEMO_SPEC, cache_root
+    from quantkit.demo import demo_folder
 
-    key = json.dumps(DEMO_SPEC, sort_keys=True)
-    folder = cache_root() / f"demo-{hashlib.sha256((key + __version__).encode()).hexdigest()[:10]}"
-    return (folder / "config.json").exists()
+    return (demo_folder() / "config.json").exists()
 
 
 def _gguf_bpw() -> dict[str, float]:
-    from quantkit.backends.gguf.backend import _APPROX_BPW
+    from quantkit.backends.gguf.backend import APPROX_BPW
 
-    return _APPROX_BPW
+    return APPROX_BPW
 
 
 def estimated_steps(fmt: str, options: BaseModel, n_params: int | None, settings: dict[str, Any],
@@ -877,9 +873,8 @@ def _run_model(recipe: Recipe, entry: Any, fmts: list[str], keep_going: bool) ->
     """One model: backends that cannot run here are skipped (or fail, when required) before anything is fetched;
     then resolve, and each format in turn."""
     from quantkit.backends.base import JobContext
-    from quantkit.cli.common import record_model
     from quantkit.source import resolve
-    from quantkit.workspace import Workspace
+    from quantkit.workspace import Workspace, record_model
 
     out = _Outcome()
     name = recipe.model_name(entry)

@@ -21,6 +21,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,37 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+@dataclass
+class Staging:
+    """A hidden work folder; after the ``staging_dir`` block, `files` are the final paths of what was written."""
+
+    work: Path
+    files: list[Path] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def staging_dir(dest: Path) -> Iterator[Staging]:
+    """A hidden ``.<name>.partial`` folder beside `dest` for tools that write one or several files (split GGUF
+    parts); when the block succeeds every file in it is moved next to `dest`, otherwise nothing is left behind."""
+    work = dest.parent / f".{dest.name}{TMP_MARK}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    stage = Staging(work)
+    try:
+        yield stage
+        for f in sorted(work.iterdir()):
+            final = dest.parent / f.name
+            os.replace(f, final)
+            stage.files.append(final)
+    except OSError as exc:
+        if exc.errno == 28:  # ENOSPC
+            raise QuantkitError(f"disk full while writing {dest.name}",
+                                "free some space or pass --workspace on a larger disk") from exc
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
@@ -194,3 +226,14 @@ class Workspace:
     def update_artifact(self, key: str, **fields: Any) -> None:
         self.artifacts.setdefault(key, {}).update(fields)
         self.save()
+
+
+def record_model(ws: Workspace, ckpt: Any) -> None:
+    """Keep the model's summary and its original card in the workspace (the card renderer needs both)."""
+    info = ckpt.summary()
+    readme = Path(ckpt.path) / "README.md"
+    if readme.exists():
+        write_text_atomic(ws.root / "source-README.md", readme.read_text(encoding="utf-8", errors="replace"))
+        info["readme"] = "source-README.md"
+    if ws.model != info:
+        ws.set_model(info)

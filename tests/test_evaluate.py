@@ -25,7 +25,7 @@ def ladder(llama3_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Works
     ck = load_local(llama3_ckpt, name="tiny-llama3", source=str(llama3_ckpt))
     ctx = JobContext(checkpoint=ck, workspace=ws, calib_samples=16, calib_seq_len=256)
     GGUFBackend().run(ctx, GGUFOptions(types=["Q2_K", "Q4_K_M", "Q8_0"], verify=False))
-    from quantkit.cli.common import record_model
+    from quantkit.workspace import record_model
 
     record_model(ws, ck)
     return ws

@@ -14,7 +14,7 @@ from quantkit import console
 from quantkit.backends.base import Artifact, JobContext, get_backend
 from quantkit.errors import QuantkitError
 from quantkit.source import resolve
-from quantkit.workspace import Workspace, human_size
+from quantkit.workspace import Workspace, human_size, record_model
 
 
 def run_format(
@@ -79,19 +79,6 @@ def run_format(
         raise QuantkitError("one or more artifacts failed the quality gate (see the table above)",
                             "raise --max-ppl-increase / --max-kld, or choose a larger type")
     return summary
-
-
-def record_model(ws: Workspace, ckpt: Any) -> None:
-    """Keep the model's summary and its original card in the workspace (the card renderer needs both)."""
-    info = ckpt.summary()
-    readme = Path(ckpt.path) / "README.md"
-    if readme.exists():
-        from quantkit.workspace import write_text_atomic
-
-        write_text_atomic(ws.root / "source-README.md", readme.read_text(encoding="utf-8", errors="replace"))
-        info["readme"] = "source-README.md"
-    if ws.model != info:
-        ws.set_model(info)
 
 
 def show_plan(summary: dict[str, Any], json_output: bool) -> None:

@@ -152,7 +152,7 @@ class GGUFBackend:
             if q in NEEDS_IMATRIX and not use_imatrix:
                 raise QuantkitError(f"{q} needs an importance matrix", "drop --no-imatrix, or pass --imatrix FILE")
             steps.append({"step": f"quantize → {q}", "output": f"gguf/{ckpt.name}-{q}.gguf",
-                          "estimated_size": int(n * _APPROX_BPW.get(q, 8.5) / 8),
+                          "estimated_size": int(n * APPROX_BPW.get(q, 8.5) / 8),
                           "done": f"gguf.quantize.{q}" in ws.steps})
         return steps
 
@@ -269,7 +269,7 @@ class GGUFBackend:
         if ws.is_done(step, fp):
             console.info(f"[dim]skip[/] {quant}: {ws.steps[step]['outputs'][0]} is up to date")
             return ws.abs(ws.steps[step]["outputs"][0]), fp
-        check_disk(dst.parent, int(ctx.checkpoint.n_params * _APPROX_BPW.get(quant, 8.5) / 8 * 1.1), dst.name)
+        check_disk(dst.parent, int(ctx.checkpoint.n_params * APPROX_BPW.get(quant, 8.5) / 8 * 1.1), dst.name)
         split = "-00001-of-" in base.name
         opts = QuantizeOptions(
             file_type=quant, imatrix=imatrix, tensor_types=parse_tensor_types(options.tensor_types),
@@ -320,7 +320,7 @@ def _adds_bos(tok: Any) -> bool:
 
 
 # Rough bits per weight of each llama.cpp type on Llama-style models (for plans and disk checks only).
-_APPROX_BPW = {
+APPROX_BPW = {
     "Q2_K": 3.0, "Q2_K_S": 2.9, "Q3_K_S": 3.5, "Q3_K_M": 3.9, "Q3_K_L": 4.3, "Q4_0": 4.6, "Q4_1": 5.0,
     "Q4_K_S": 4.6, "Q4_K_M": 4.9, "Q5_0": 5.5, "Q5_1": 6.0, "Q5_K_S": 5.5, "Q5_K_M": 5.7, "Q6_K": 6.6,
     "Q8_0": 8.5, "IQ1_S": 1.8, "IQ1_M": 2.0, "IQ2_XXS": 2.2, "IQ2_XS": 2.4, "IQ2_S": 2.6, "IQ2_M": 2.8,

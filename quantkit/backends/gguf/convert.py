@@ -10,7 +10,6 @@ so peak memory is about one tensor whatever the model size.
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from quantkit.backends.gguf.tokenizer import add_vocab
 from quantkit.errors import QuantkitError
 from quantkit.safetensors_io import TensorSource, to_f32
 from quantkit.source import Checkpoint
-from quantkit.workspace import check_disk
+from quantkit.workspace import check_disk, staging_dir
 
 ARCHES = {
     "LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA,
@@ -209,18 +208,15 @@ class Converter:
         for t in planned:
             total += int(np.prod(t.shape, dtype=np.int64)) * self._storage(t.qtype)[1]
         check_disk(out.parent, int(total * 1.02) + (64 << 20), out.name)
-        work = out.parent / f".{out.name}.partial"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        try:
-            writer = gguf.GGUFWriter(work / out.name, gguf.MODEL_ARCH_NAMES[self.arch],
+        with staging_dir(out) as stage:
+            writer = gguf.GGUFWriter(stage.work / out.name, gguf.MODEL_ARCH_NAMES[self.arch],
                                      split_max_size=split_max_size)
             self.write_metadata(writer)
             for t in planned:
                 dtype, size = self._storage(t.qtype)
                 writer.add_tensor_info(t.name, t.shape, np.dtype(dtype),
                                        int(np.prod(t.shape, dtype=np.int64)) * size, raw_dtype=t.qtype)
-            writer.write_header_to_file(work / out.name)
+            writer.write_header_to_file(stage.work / out.name)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             for t in planned:
@@ -230,18 +226,7 @@ class Converter:
                     on_tensor(t.name, data.nbytes)
                 del data
             writer.close()
-            files = sorted(work.iterdir())
-            final = [out.parent / f.name for f in files]
-            for f, dst in zip(files, final, strict=True):
-                f.replace(dst)
-            return final
-        except OSError as exc:
-            if exc.errno == 28:
-                raise QuantkitError(f"disk full while writing {out.name}",
-                                    "free some space or pass --workspace on a larger disk") from exc
-            raise
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        return stage.files
 
 
 def gguf_tensor_bytes(ckpt: Checkpoint, outtype: str = "bf16") -> int:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 
 from quantkit.backends.gguf.llamacpp import default_threads, lib
 from quantkit.errors import QuantkitError
+from quantkit.workspace import staging_dir
 
 # Every llama.cpp file type a user can ask for (name → LLAMA_FTYPE_MOSTLY_* value).
 FILE_TYPES: dict[str, int] = {
@@ -118,32 +118,18 @@ def quantize(src: Path, dst: Path, opts: QuantizeOptions, *, on_done: Callable[[
         keep.append(overrides)
         params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(L.llama_model_tensor_override))
 
-    work = dst.parent / f".{dst.name}.partial"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    try:
-        target = work / (dst.name[: -len(".gguf")] if opts.keep_split else dst.name)
+    with staging_dir(dst) as stage:
+        target = stage.work / (dst.name[: -len(".gguf")] if opts.keep_split else dst.name)
         rc = L.llama_model_quantize(str(src).encode(), str(target).encode(), ctypes.byref(params))
         if rc != 0:
             raise QuantkitError(f"llama.cpp failed to quantize {src.name} to {ftype} (code {rc})",
                                 "QUANTKIT_DEBUG=1 shows llama.cpp's log")
-        files = sorted(work.iterdir())
-        if not files:
+        if not any(stage.work.iterdir()):
             raise QuantkitError(f"llama.cpp wrote no file for {ftype}", "QUANTKIT_DEBUG=1 shows llama.cpp's log")
-        final = [dst.parent / f.name for f in files]
-        for f, target_path in zip(files, final, strict=True):
-            f.replace(target_path)
-        if on_done:
-            on_done()
-        return final
-    except OSError as exc:
-        if exc.errno == 28:
-            raise QuantkitError(f"disk full while writing {dst.name}",
-                                "free some space or pass --workspace on a larger disk") from exc
-        raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        del keep
+    del keep
+    if on_done:
+        on_done()
+    return stage.files
 
 
 def _ggml_type_count() -> int:
