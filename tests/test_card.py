@@ -310,9 +310,9 @@ def measured_workspace(llama3_ckpt: Path, tmp_path_factory: pytest.TempPathFacto
     every size and score in it was measured here."""
     from quantkit.backends.base import JobContext
     from quantkit.backends.gguf.backend import GGUFBackend, GGUFOptions
-    from quantkit.workspace import record_model
     from quantkit.evaluate import evaluate_workspace
     from quantkit.source import load_local
+    from quantkit.workspace import record_model
 
     root = tmp_path_factory.mktemp("measured")
     with pytest.MonkeyPatch.context() as mp:  # offline and away from the user's caches, as conftest does per test
