@@ -263,7 +263,8 @@ def _train(model: Any, tok: Any, texts: list[str], steps: int, seed: int, seq: i
     data = torch.tensor(ids, dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps,
+                                                pct_start=min(0.3, max(0.1, 2.5 / steps)))
     model.train()
     for _ in range(steps):
         starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen)

@@ -42,10 +42,11 @@ class EvalTokens:
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float32, copy=False)
-    m = x.max(-1, keepdims=True)
-    shifted = x - m
-    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    """float32 log-softmax over the last axis with two passes over the data."""
+    shifted = x.astype(np.float32, copy=False) - x.max(-1, keepdims=True)
+    lse = np.log(np.exp(shifted).sum(-1, keepdims=True))
+    shifted -= lse
+    return shifted
 
 
 def eval_tokens(ckpt: Checkpoint, spec: str, n_ctx: int, chunks: int | None, tokenizer: Any = None) -> EvalTokens:
@@ -77,10 +78,12 @@ def eval_tokens(ckpt: Checkpoint, spec: str, n_ctx: int, chunks: int | None, tok
 class Reference:
     """The bf16 reference's per-position log-probabilities (full or top-k + tail) and its perplexity."""
 
-    def __init__(self, mode: str, nll: np.ndarray, argmax: np.ndarray, logp: np.ndarray | None = None,
-                 top_ids: np.ndarray | None = None, top_logp: np.ndarray | None = None) -> None:
+    def __init__(self, mode: str, nll: np.ndarray, argmax: np.ndarray, prob: np.ndarray | None = None,
+                 negent: np.ndarray | None = None, top_ids: np.ndarray | None = None,
+                 top_logp: np.ndarray | None = None) -> None:
         self.mode, self.nll, self.argmax = mode, nll, argmax
-        self.logp, self.top_ids, self.top_logp = logp, top_ids, top_logp
+        # full mode keeps p and Σ p·log p per position, so KL(p‖q) = Σ p·log p − p·log q is one dot product
+        self.prob, self.negent, self.top_ids, self.top_logp = prob, negent, top_ids, top_logp
 
     @property
     def ppl(self) -> float:
@@ -96,8 +99,8 @@ class Reference:
     @classmethod
     def load(cls, path: Path) -> Reference:
         z = np.load(path)
-        return cls(str(z["mode"]), z["nll"], z["argmax"], z["logp"] if "logp" in z else None,
-                   z["top_ids"] if "top_ids" in z else None, z["top_logp"] if "top_logp" in z else None)
+        opt = {k: z[k] for k in ("prob", "negent", "top_ids", "top_logp") if k in z}
+        return cls(str(z["mode"]), z["nll"], z["argmax"], **opt)
 
 
 def compute_reference(ckpt: Checkpoint, toks: EvalTokens, on_chunk: Any = None) -> Reference:
@@ -110,7 +113,8 @@ def compute_reference(ckpt: Checkpoint, toks: EvalTokens, on_chunk: Any = None) 
     full = n_chunks * n_pos * vocab * 4 <= FULL_LIMIT_BYTES
     nll = np.empty((n_chunks, n_pos), np.float32)
     argmax = np.empty((n_chunks, n_pos), np.int32)
-    logp_all = np.empty((n_chunks, n_pos, vocab), np.float32) if full else None
+    prob = np.empty((n_chunks, n_pos, vocab), np.float32) if full else None
+    negent = np.empty((n_chunks, n_pos), np.float64) if full else None
     top_ids = None if full else np.empty((n_chunks, n_pos, TOP_K), np.int32)
     top_lp = None if full else np.empty((n_chunks, n_pos, TOP_K), np.float32)
     model = LayerwiseModel(ckpt)
@@ -120,14 +124,16 @@ def compute_reference(ckpt: Checkpoint, toks: EvalTokens, on_chunk: Any = None) 
         nll[c] = -lp[np.arange(n_pos), target]
         argmax[c] = lp.argmax(-1)
         if full:
-            logp_all[c] = lp  # type: ignore[index]
+            p = np.exp(lp)
+            prob[c] = p  # type: ignore[index]
+            negent[c] = (p.astype(np.float64) * lp).sum(-1)  # type: ignore[index]
         else:
             idx = np.argpartition(-lp, TOP_K, axis=-1)[:, :TOP_K]
             top_ids[c] = idx  # type: ignore[index]
             top_lp[c] = np.take_along_axis(lp, idx, -1)  # type: ignore[index]
         if on_chunk:
             on_chunk()
-    return Reference("full" if full else f"top{TOP_K}", nll, argmax, logp_all, top_ids, top_lp)
+    return Reference("full" if full else f"top{TOP_K}", nll, argmax, prob, negent, top_ids, top_lp)
 
 
 def score(scorer: Any, toks: EvalTokens, ref: Reference, on_chunk: Any = None) -> dict[str, Any]:
@@ -141,13 +147,12 @@ def score(scorer: Any, toks: EvalTokens, ref: Reference, on_chunk: Any = None) -
     t0 = time.perf_counter()
     for c in range(n_chunks):
         logits = scorer.chunk_logits(toks.chunks[c], toks.first)[:n_pos]
+        agree[c] = logits.argmax(-1) == ref.argmax[c]
         lq = log_softmax(logits)
         target = toks.chunks[c, toks.first + 1 :]
         nll[c] = -lq[rows, target]
-        agree[c] = lq.argmax(-1) == ref.argmax[c]
         if ref.mode == "full":
-            lp = ref.logp[c]  # type: ignore[index]
-            kld[c] = (np.exp(lp) * (lp - lq)).sum(-1)
+            kld[c] = ref.negent[c] - np.einsum("ij,ij->i", ref.prob[c], lq)  # type: ignore[index]
         else:
             ids, lp = ref.top_ids[c], ref.top_logp[c]  # type: ignore[index]
             lq_top = np.take_along_axis(lq, ids, -1)
@@ -239,7 +244,7 @@ def evaluate_workspace(
     keys = [ws.rel(Path(p)) for p in only] if only else sorted(ws.artifacts)
     if not keys:
         raise QuantkitError(f"{ws.root} has no artifacts to evaluate", "quantize first (quantkit gguf ...)")
-    ref_fp = fingerprint("reference", ckpt.fingerprint, toks.fingerprint)
+    ref_fp = fingerprint("reference", 2, ckpt.fingerprint, toks.fingerprint)
     ref_path = ws.root / "eval" / f"reference-{ref_fp}.npz"
     rows: list[dict[str, Any]] = []
     with console.progress() as bar:

@@ -57,7 +57,7 @@ def test_gate_fails_and_cli_exits_nonzero(ladder: Workspace) -> None:
     failing = {r["quant"] for r in report["rows"] if not r["passed"]}
     assert "Q2_K" in failing and "BF16" not in failing
     assert proc.stderr.strip().count("\n") == 0 and "failed the quality gate" in proc.stderr
-    assert ladder.artifacts["gguf/tiny-llama3-Q2_K.gguf"]["gate"]["passed"] is False
+    assert Workspace(ladder.root).artifacts["gguf/tiny-llama3-Q2_K.gguf"]["gate"]["passed"] is False
 
 
 @pytest.mark.slow

@@ -60,24 +60,29 @@ def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def llama3_rope_factors(params: dict[str, Any], head_dim: int) -> np.ndarray:
-    """The ``rope_freqs`` tensor llama.cpp uses for Llama-3.1's rope scaling."""
-    base = float(params.get("rope_theta", 10000.0))
-    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
+    """The ``rope_freqs`` tensor llama.cpp uses for Llama-3.1's rope scaling.
+
+    Computed in torch float32 like llama.cpp's converter, so the values are bit-identical to its output.
+    """
+    import torch
+
+    base = params.get("rope_theta", 10000.0)
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     factor = params.get("factor", 8.0)
     low, high = params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
     old_ctx = params.get("original_max_position_embeddings", 8192)
     low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
-    out = []
-    for freq in freqs.astype(np.float32):
-        wavelen = 2 * math.pi / float(freq)
+    out: list[Any] = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
         if wavelen < high_wavelen:
-            out.append(1.0)
+            out.append(1)
         elif wavelen > low_wavelen:
             out.append(factor)
         else:
             smooth = (old_ctx / wavelen - low) / (high - low)
             out.append(1 / ((1 - smooth) / factor + smooth))
-    return np.asarray(out, dtype=np.float32)
+    return torch.tensor(out, dtype=torch.float32).numpy()
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:

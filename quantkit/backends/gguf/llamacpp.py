@@ -50,7 +50,7 @@ class LlamaModel:
     """A loaded GGUF model (weights only, or vocabulary only)."""
 
     def __init__(self, path: Path, *, vocab_only: bool = False, n_gpu_layers: int | None = None) -> None:
-        L = lib()
+        L = self._L = lib()
         params = L.llama_model_default_params()
         params.use_extra_bufts = False
         params.vocab_only = vocab_only
@@ -81,7 +81,7 @@ class LlamaModel:
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
-            lib().llama_model_free(self.ptr)
+            self._L.llama_model_free(self.ptr)
             self.ptr = None
 
     def __del__(self) -> None:
@@ -92,7 +92,7 @@ class LlamaScorer:
     """Next-token logits for chunks of token ids, through a llama.cpp context (`Scorer` protocol)."""
 
     def __init__(self, path: Path, *, n_ctx: int = 512, threads: int = 0, flash_attn: bool = True) -> None:
-        L = lib()
+        L = self._L = lib()
         self.name = Path(path).name
         self.model = LlamaModel(path)
         self.n_vocab = self.model.n_vocab
@@ -135,8 +135,8 @@ class LlamaScorer:
         return np.ctypeslib.as_array(ptr, shape=(n - first, self.n_vocab)).copy()
 
     def close(self) -> None:
-        L = lib()
-        if getattr(self, "ctx", None):
+        L = getattr(self, "_L", None)
+        if L is not None and getattr(self, "ctx", None):
             L.llama_batch_free(self.batch)
             L.llama_free(self.ctx)
             self.ctx = None

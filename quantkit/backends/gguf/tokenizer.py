@@ -179,6 +179,10 @@ def add_vocab(writer: gguf.GGUFWriter, folder: Path, config: dict[str, Any]) -> 
         writer.add_token_list(btokens)
         writer.add_token_types(btypes)
         special = gguf.SpecialVocab(folder, load_merges=True)
+        # llama.cpp's converter states both flags for byte-level BPE; PyPI gguf 0.19 only writes the ones it
+        # finds set, and llama.cpp reads a missing flag as false, so write the false ones explicitly.
+        for kind in ("bos", "eos"):
+            special.add_special_token.setdefault(kind, False)
         info = VocabInfo("gpt2", pre, len(btokens))
     else:
         raise QuantkitError(f"{folder} has neither tokenizer.json nor tokenizer.model",
