@@ -100,6 +100,9 @@ class Reference:
     def load(cls, path: Path) -> Reference:
         z = np.load(path)
         opt = {k: z[k] for k in ("prob", "negent", "top_ids", "top_logp") if k in z}
+        if "logp" in z and "prob" not in z:  # written by quantkit before p and p·log p were cached
+            opt["prob"] = np.exp(z["logp"])
+            opt["negent"] = (opt["prob"].astype(np.float64) * z["logp"]).sum(-1)
         return cls(str(z["mode"]), z["nll"], z["argmax"], **opt)
 
 

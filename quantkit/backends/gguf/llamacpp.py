@@ -85,7 +85,10 @@ class LlamaModel:
             self.ptr = None
 
     def __del__(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - at interpreter exit the C library may already be unloaded
+            pass
 
 
 class LlamaScorer:
@@ -144,4 +147,7 @@ class LlamaScorer:
             self.model.close()
 
     def __del__(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - at interpreter exit the C library may already be unloaded
+            pass
