@@ -91,6 +91,15 @@ def test_pipeline_imatrix_resume_and_llama_quantize_parity(llama3_ckpt: Path, tm
     _, plain = _run(llama3_ckpt, tmp_path / "plain", types=["Q4_K_M"], imatrix=False)
     assert _tensor_bytes(plain[1].path) != _tensor_bytes(q4)
 
+    # the plan knows what is done, and what a different calibration would redo
+    ck = _ckpt(llama3_ckpt)
+    opts = GGUFOptions(types=["Q4_K_M", "IQ4_XS"])
+    same = GGUFBackend().plan(JobContext(checkpoint=ck, workspace=ws, calib_samples=8, calib_seq_len=256), opts)
+    assert all(step["done"] for step in same)
+    other = GGUFBackend().plan(JobContext(checkpoint=ck, workspace=ws, calib_samples=8, calib_seq_len=256, seed=7),
+                               opts)
+    assert other[0]["done"] and not any(step["done"] for step in other[1:])
+
     # a rerun resumes: nothing is recomputed
     capsys.readouterr()
     _run(llama3_ckpt, tmp_path / "ws", types=["Q4_K_M", "IQ4_XS"])

@@ -143,17 +143,24 @@ class GGUFBackend:
             "estimated_size": gguf_tensor_bytes(ckpt, options.outtype), "done": ws.is_done("gguf.convert", fp_conv),
         }]
         use_imatrix = options.imatrix or options.imatrix_file
-        if use_imatrix and not options.imatrix_file:
+        imatrix_info: dict[str, Any] | None = None
+        if options.imatrix_file:
+            path = Path(options.imatrix_file)
+            imatrix_info = {"fingerprint": _sha(path)} if path.exists() else None
+        elif use_imatrix:
+            _, _, info, fp_imatrix = self._calibration(ctx)  # cheap: tokenizing, no model
+            imatrix_info = {**info, "imatrix_fingerprint": fp_imatrix}
             steps.append({"step": f"imatrix on {ctx.calibration} ({ctx.calib_samples}×{ctx.calib_seq_len} tokens)",
                           "output": "gguf/imatrix.gguf", "estimated_size": None,
-                          "done": "gguf.imatrix" in ws.steps})
+                          "done": ws.is_done("gguf.imatrix", fp_imatrix)})
         n = ckpt.n_params
         for q in options.types:
             if q in NEEDS_IMATRIX and not use_imatrix:
                 raise QuantkitError(f"{q} needs an importance matrix", "drop --no-imatrix, or pass --imatrix FILE")
+            fp_q = self._fp_quantize(fp_conv, q, options, imatrix_info)
             steps.append({"step": f"quantize → {q}", "output": f"gguf/{ckpt.name}-{q}.gguf",
                           "estimated_size": int(n * APPROX_BPW.get(q, 8.5) / 8),
-                          "done": f"gguf.quantize.{q}" in ws.steps})
+                          "done": ws.is_done(f"gguf.quantize.{q}", fp_q)})
         return steps
 
     # -- run ---------------------------------------------------------------------------------------------
@@ -220,17 +227,8 @@ class GGUFBackend:
         ws.record_step("gguf.convert", fp, files)
         return files[0], fp
 
-    def _imatrix(self, ctx: JobContext, options: GGUFOptions, bar: Any) -> tuple[dict[str, np.ndarray],
-                                                                                  dict[str, Any]]:
-        from quantkit.backends.gguf.imatrix import compute_imatrix, read_imatrix, write_imatrix
-
-        ws = ctx.workspace
-        if options.imatrix_file:
-            path = Path(options.imatrix_file)
-            if not path.exists():
-                raise QuantkitError(f"imatrix file {path} does not exist", "check --imatrix")
-            data = read_imatrix(path)
-            return data, {"spec": f"file:{path.name}", "fingerprint": _sha(path)}
+    def _calibration(self, ctx: JobContext) -> tuple[Any, np.ndarray, dict[str, Any], str]:
+        """Tokenizer, calibration rows, their description, and the imatrix step's fingerprint."""
         from transformers import AutoTokenizer
 
         from quantkit.calibration import load, rows_fingerprint, token_rows
@@ -242,7 +240,26 @@ class GGUFBackend:
                           seed=ctx.seed, chat=ckpt.instruct, data=calib)
         info = {"spec": str(calib.spec), "samples": int(rows.shape[0]), "seq_len": int(rows.shape[1]),
                 "tokens": int(rows.size), "fingerprint": rows_fingerprint(rows), "chat": ckpt.instruct}
-        fp = fingerprint("imatrix", ckpt.fingerprint, info)
+        return tok, rows, info, fingerprint("imatrix", ckpt.fingerprint, info)
+
+    def _fp_quantize(self, fp_base: str, quant: str, options: GGUFOptions, imatrix_info: dict[str, Any] | None) -> str:
+        return fingerprint("quantize", fp_base, quant, (imatrix_info or {}).get("imatrix_fingerprint"),
+                           (imatrix_info or {}).get("fingerprint"), options.tensor_types, options.output_type,
+                           options.embedding_type)
+
+    def _imatrix(self, ctx: JobContext, options: GGUFOptions, bar: Any) -> tuple[dict[str, np.ndarray],
+                                                                                  dict[str, Any]]:
+        from quantkit.backends.gguf.imatrix import compute_imatrix, read_imatrix, write_imatrix
+
+        ws = ctx.workspace
+        if options.imatrix_file:
+            path = Path(options.imatrix_file)
+            if not path.exists():
+                raise QuantkitError(f"imatrix file {path} does not exist", "check --imatrix")
+            data = read_imatrix(path)
+            return data, {"spec": f"file:{path.name}", "fingerprint": _sha(path)}
+        ckpt = ctx.checkpoint
+        tok, rows, info, fp = self._calibration(ctx)
         out = ws.root / "gguf" / "imatrix.gguf"
         if ws.is_done("gguf.imatrix", fp):
             console.info("[dim]skip[/] importance matrix: gguf/imatrix.gguf is up to date")
@@ -250,7 +267,7 @@ class GGUFBackend:
             task = bar.add_task(f"imatrix ({rows.size:,} tokens)", total=int(ckpt.config["num_hidden_layers"]))
             bos = tok.bos_token_id if _adds_bos(tok) else None
             sums, counts = compute_imatrix(ckpt, rows, bos=bos, on_layer=lambda i: bar.advance(task))
-            write_imatrix(out, sums, counts, datasets=[str(calib.spec)], chunk_size=int(rows.shape[1]))
+            write_imatrix(out, sums, counts, datasets=[info["spec"]], chunk_size=int(rows.shape[1]))
             ws.record_step("gguf.imatrix", fp, [out], **info)
         return read_imatrix(out), {**info, "imatrix_fingerprint": fp}
 
@@ -262,9 +279,7 @@ class GGUFBackend:
 
         ws = ctx.workspace
         step = f"gguf.quantize.{quant}"
-        fp = fingerprint("quantize", fp_base, quant, (imatrix_info or {}).get("imatrix_fingerprint"),
-                         (imatrix_info or {}).get("fingerprint"), options.tensor_types, options.output_type,
-                         options.embedding_type)
+        fp = self._fp_quantize(fp_base, quant, options, imatrix_info)
         dst = self.file_for(ws, ctx.checkpoint.name, quant)
         if ws.is_done(step, fp):
             console.info(f"[dim]skip[/] {quant}: {ws.steps[step]['outputs'][0]} is up to date")
