@@ -18,9 +18,10 @@ REPO = f"{USER}/tiny-llama3-bf16"
 
 
 def _env(hub: FakeHub, home: Path, offline: bool) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "QUANTKIT_DEBUG")}
+    drop = ("HF_TOKEN", "QUANTKIT_DEBUG", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env |= {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "1" if offline else "0",
-            "HF_HOME": str(home), "HF_TOKEN": WRITE_TOKEN, "COLUMNS": "200"}
+            "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HF_TOKEN": WRITE_TOKEN, "COLUMNS": "200"}
     return env
 
 
@@ -40,8 +41,10 @@ def test_hub_id_downloads_only_what_is_needed(llama3_ckpt: Path, tmp_path: Path)
         online = subprocess.run(cmd, env=_env(hub, home, offline=False), capture_output=True, text=True, timeout=300)
     assert online.returncode == 0, online.stderr
     assert json.loads(online.stdout)["model"] == "tiny-llama3-bf16"
-    fetched = {p.name for p in home.rglob("*") if p.is_file() and "snapshots" in p.parts}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= fetched
+    fetched = {p.name for p in (home / "hub").rglob("*") if p.is_file() and "snapshots" in p.parts}
+    everything = sorted(str(p.relative_to(home)) for p in home.rglob("*"))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= fetched, (
+        everything, online.stderr[-2000:])
     assert not fetched & {"pytorch_model.bin", "optimizer.pt"}
     # the Hub is gone now: the cache serves the same id offline
     offline = subprocess.run(cmd, env=_env(hub, home, offline=True), capture_output=True, text=True, timeout=300)
