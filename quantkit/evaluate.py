@@ -41,9 +41,9 @@ class EvalTokens:
     fingerprint: str
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    """float32 log-softmax over the last axis with two passes over the data."""
-    shifted = x.astype(np.float32, copy=False) - x.max(-1, keepdims=True)
+def log_softmax(x: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """Log-softmax over the last axis in `dtype`, with two passes over the data."""
+    shifted = x.astype(dtype, copy=False) - x.max(-1, keepdims=True)
     lse = np.log(np.exp(shifted).sum(-1, keepdims=True))
     shifted -= lse
     return shifted

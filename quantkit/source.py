@@ -13,7 +13,7 @@ from typing import Any
 
 from quantkit.errors import QuantkitError
 from quantkit.models import DEMO_ALIAS, KnownModel, find_known
-from quantkit.safetensors_io import FLOAT_DTYPES, TensorSource, read_header
+from quantkit.safetensors_io import FLOAT_DTYPES, TensorSource
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 DOWNLOAD_PATTERNS = [
@@ -119,10 +119,10 @@ class Checkpoint:
             if p.exists():
                 h.update(name.encode())
                 h.update(p.read_bytes())
-        for file in sorted(self.path.glob("*.safetensors")):
+        for file in self.tensors.files:  # sorted, with headers already read
             h.update(file.name.encode())
             h.update(str(file.stat().st_size).encode())
-            h.update(read_header(file)[2])
+            h.update(self.tensors.headers[file.name])
         return h.hexdigest()[:16]
 
     def summary(self) -> dict[str, Any]:

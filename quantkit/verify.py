@@ -26,12 +26,6 @@ def sample_text(chars: int = 6000) -> str:
     return text[:chars]
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
-
-
 def verify_gguf(ckpt: Checkpoint, path: Path, *, forward: bool, n_tokens: int = 128) -> dict[str, Any]:
     """Raise a `QuantkitError` when the file is broken; return what was checked."""
     from transformers import AutoTokenizer
@@ -65,7 +59,9 @@ def verify_gguf(ckpt: Checkpoint, path: Path, *, forward: bool, n_tokens: int = 
             got = scorer.chunk_logits(ids, 0)
         finally:
             scorer.close()
-        p, q = log_softmax(ref), log_softmax(got)
+        from quantkit.evaluate import log_softmax
+
+        p, q = log_softmax(ref, np.float64), log_softmax(got, np.float64)
         kld = float((np.exp(p) * (p - q)).sum(-1).mean())
         # positions whose top two reference logits are within 0.01 are ties at any precision: not counted
         top2 = np.sort(ref, -1)[:, -2:]

@@ -383,7 +383,7 @@ def fake_converter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     and torch's device query are the only things replaced; quantkit runs as it is."""
     import importlib
 
-    torch = pytest.importorskip("torch")
+    import torch
     root = tmp_path / "fake-exllamav2"
     (root / "exllamav2" / "conversion").mkdir(parents=True)
     (root / "exllamav2" / "__init__.py").write_text("")

@@ -23,7 +23,6 @@ from quantkit.source import resolve
 from quantkit.workspace import Workspace
 
 QUANTKIT = str(Path(sys.executable).with_name("quantkit"))
-needs_gptq = pytest.mark.skipif(GPTQBackend().check() is not None, reason="gptqmodel is not installed")
 CALIB = ["--calib-samples", "16", "--calib-seq-len", "256"]
 N_CTX = 512
 
@@ -165,8 +164,6 @@ def test_owns(llama3_ckpt: Path, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def llama3_gptq(llama3_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The Llama-3 fixture quantized to 4-bit g64 through the real CLI, with --json."""
-    if GPTQBackend().check() is not None:
-        pytest.skip("gptqmodel is not installed")
     cwd = tmp_path_factory.mktemp("gptq-cli")
     ws = cwd / "ws"
     res = cli("gptq", str(llama3_ckpt), "--bits", "4", "--group-size", "64", *CALIB, "-w", str(ws), "--json", cwd=cwd)
@@ -176,7 +173,6 @@ def llama3_gptq(llama3_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.mark.slow
-@needs_gptq
 def test_llama3_folder_is_a_clean_gptq_checkpoint(llama3_gptq: dict[str, Any], llama3_ckpt: Path) -> None:
     folder: Path = llama3_gptq["folder"]
     config = json.loads((folder / "config.json").read_text())
@@ -214,7 +210,6 @@ def test_llama3_folder_is_a_clean_gptq_checkpoint(llama3_gptq: dict[str, Any], l
 
 
 @pytest.mark.slow
-@needs_gptq
 def test_llama3_manifest_records_the_artifact(llama3_gptq: dict[str, Any], llama3_ckpt: Path) -> None:
     ws = Workspace(llama3_gptq["ws"])
     entry = ws.artifacts["gptq/4bit-g64"]
@@ -239,10 +234,12 @@ def test_llama3_manifest_records_the_artifact(llama3_gptq: dict[str, Any], llama
 
 
 @pytest.mark.slow
-@needs_gptq
 def test_llama3_loads_in_transformers_and_scores_close_to_bf16(llama3_gptq: dict[str, Any],
                                                               llama3_ckpt: Path) -> None:
+    hub_env = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_CACHE")}
     scorer = GPTQBackend().scorer(llama3_gptq["folder"], n_ctx=N_CTX)
+    # loading GPTQModel (its tokenicer sets HF_HOME / HF_HUB_CACHE) leaves the Hub cache settings as they were
+    assert {k: os.environ.get(k) for k in hub_env} == hub_env
     assert "gptq" in type(scorer.model.model.layers[0].self_attn.q_proj).__module__.lower()  # quantized kernel
     logits = scorer.chunk_logits(np.arange(100) % 2000, 60)
     assert logits.shape == (40, scorer.n_vocab) and logits.dtype == np.float32 and scorer.n_vocab == 2048
@@ -251,7 +248,6 @@ def test_llama3_loads_in_transformers_and_scores_close_to_bf16(llama3_gptq: dict
 
 
 @pytest.mark.slow
-@needs_gptq
 def test_rerun_skips_the_step(llama3_gptq: dict[str, Any], llama3_ckpt: Path) -> None:
     ws = Workspace(llama3_gptq["ws"])
     weights = llama3_gptq["folder"] / "model.safetensors"
@@ -266,7 +262,6 @@ def test_rerun_skips_the_step(llama3_gptq: dict[str, Any], llama3_ckpt: Path) ->
 
 
 @pytest.mark.slow
-@needs_gptq
 def test_qwen2_instruct(qwen2_ckpt: Path, tmp_path: Path) -> None:
     """Qwen2: attention biases, tied embeddings, chat-formatted calibration; 4-bit g64 through the library."""
     ws = Workspace(tmp_path / "ws")
@@ -281,7 +276,6 @@ def test_qwen2_instruct(qwen2_ckpt: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@needs_gptq
 def test_per_column_groups_load_on_cpu(llama3_ckpt: Path, tmp_path: Path) -> None:
     """g-1 quantizes (GPTQModel's group-aware reordering is off without groups) and loads on the CPU, where the
     int4pack kernel GPTQModel would pick cannot take it."""

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -415,6 +416,26 @@ class GPTQBackend:
         return TransformersScorer(Path(path), n_ctx=n_ctx, name=f"gptq:{Path(path).name}")
 
 
+
+_HUB_ENV = ("HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_MODULES_CACHE")
+
+
+@contextlib.contextmanager
+def _hub_env_kept() -> Iterator[None]:
+    """GPTQModel's dependency tokenicer sets HF_HOME (to /tmp/tokenicer_hf_home when unset) and HF_HUB_CACHE in
+    ``os.environ`` when it is imported; put them back, so later Hub downloads in this process (the next model of a
+    recipe) still use the user's cache."""
+    saved = {k: os.environ.get(k) for k in _HUB_ENV}
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 class TransformersScorer:
     """Next-token logits from a Hugging Face model folder (bf16, or GPTQ through optimum + GPTQModel kernels);
     CUDA when available, else CPU. GPTQModel's console output is sent to stderr."""
@@ -425,7 +446,7 @@ class TransformersScorer:
         self.name = name or Path(path).name
         self.n_ctx = n_ctx
         self.device = "cuda:0" if torch.cuda.is_available() else "cpu"
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), _hub_env_kept():
             self.model = self._load(Path(path))
         self.n_vocab = int(self.model.get_output_embeddings().weight.shape[0])
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 
 from quantkit.backends.exl2 import EXL2Options
 from quantkit.calibration import DEFAULT_CALIBRATION, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
@@ -15,6 +14,7 @@ from quantkit.cli.options import (
     CalibSamples,
     CalibSeqLen,
     DryRunOpt,
+    EvalOpt,
     ForceOpt,
     JsonOpt,
     PrivateOpt,
@@ -22,21 +22,15 @@ from quantkit.cli.options import (
     QuietOpt,
     RepoOpt,
     WorkspaceOpt,
+    build_options,
     handle_errors,
     setup_output,
 )
-from quantkit.errors import QuantkitError
 
 
 def options_from_cli(**values: object) -> EXL2Options:
     """Validated options; a bad value becomes one clear `QuantkitError`."""
-    try:
-        return EXL2Options(**{k: v for k, v in values.items() if v is not None})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = "--" + str(err["loc"][0]).replace("_", "-") if err.get("loc") else "options"
-        msg = str(err.get("msg", exc)).removeprefix("Value error, ")
-        raise QuantkitError(f"bad {field}: {msg}", "e.g. --bits 4.0,5.0,6.5 --head-bits 6") from None
+    return build_options(EXL2Options, "e.g. --bits 4.0,5.0,6.5 --head-bits 6", **values)
 
 
 @handle_errors
@@ -58,7 +52,7 @@ def command(
     calib_samples: CalibSamples = DEFAULT_SAMPLES,
     calib_seq_len: CalibSeqLen = DEFAULT_SEQ_LEN,
     workspace: WorkspaceOpt = None,
-    evaluate: Annotated[bool, typer.Option("--eval", help="Measure PPL / KLD against bf16 when done.")] = False,
+    evaluate: EvalOpt = False,
     push: PushOpt = False,
     repo: RepoOpt = None,
     private: PrivateOpt = False,

@@ -14,6 +14,7 @@ from quantkit.cli.options import (
     CalibSamples,
     CalibSeqLen,
     DryRunOpt,
+    EvalOpt,
     ForceOpt,
     JsonOpt,
     PrivateOpt,
@@ -22,6 +23,7 @@ from quantkit.cli.options import (
     RepoOpt,
     ThreadsOpt,
     WorkspaceOpt,
+    build_options,
     handle_errors,
     setup_output,
 )
@@ -58,7 +60,7 @@ def command(
     split_max_size: Annotated[str | None, typer.Option(
         "--split-max-size", help="Split files larger than this (e.g. 50G) in llama.cpp's split format.")] = None,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip loading and tokenizer checks.")] = False,
-    evaluate: Annotated[bool, typer.Option("--eval", help="Measure PPL/KLD against bf16 afterwards.")] = False,
+    evaluate: EvalOpt = False,
     calibration: Calibration = DEFAULTS["calibration"],
     calib_samples: CalibSamples = DEFAULTS["calib_samples"],
     calib_seq_len: CalibSeqLen = DEFAULTS["calib_seq_len"],
@@ -82,24 +84,13 @@ def command(
     chosen = _flag_types(ctx.args) + ([t for t in types.split(",") if t.strip()] if types else [])
     if no_imatrix and imatrix_file:
         raise QuantkitError("--no-imatrix and --imatrix contradict each other", "use one of them")
-    try:
-        options = GGUFOptions(
-            types=chosen or ["Q4_K_M"], outtype=outtype, imatrix=not no_imatrix,
-            imatrix_file=str(imatrix_file) if imatrix_file else None, tensor_types=tensor_type or [],
-            output_type=output_type, embedding_type=embedding_type, split_max_size=split_max_size,
-            verify=not no_verify,
-        )
-    except ValueError as exc:
-        raise QuantkitError(_first_error(exc), "see quantkit gguf --help") from None
+    options = build_options(
+        GGUFOptions, "see quantkit gguf --help", types=chosen or ["Q4_K_M"], outtype=outtype,
+        imatrix=not no_imatrix, imatrix_file=str(imatrix_file) if imatrix_file else None,
+        tensor_types=tensor_type or [], output_type=output_type, embedding_type=embedding_type,
+        split_max_size=split_max_size, verify=not no_verify,
+    )
     run_format("gguf", model, options, calibration=calibration, calib_samples=calib_samples,
                calib_seq_len=calib_seq_len, workspace=workspace, json_output=json_output, evaluate=evaluate,
                push=push, repo=repo, private=private, dry_run=dry_run, force=force, threads=threads)
 
-
-def _first_error(exc: Exception) -> str:
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        first = errors()[0]
-        msg = str(first.get("msg", exc))
-        return msg.removeprefix("Value error, ")
-    return str(exc)

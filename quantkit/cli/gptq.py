@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 
 from quantkit.cli.common import run_format
 from quantkit.cli.options import (
@@ -14,6 +13,7 @@ from quantkit.cli.options import (
     CalibSamples,
     CalibSeqLen,
     DryRunOpt,
+    EvalOpt,
     ForceOpt,
     JsonOpt,
     PrivateOpt,
@@ -22,10 +22,10 @@ from quantkit.cli.options import (
     RepoOpt,
     ThreadsOpt,
     WorkspaceOpt,
+    build_options,
     handle_errors,
     setup_output,
 )
-from quantkit.errors import QuantkitError
 
 Model = Annotated[str, typer.Argument(help="Alias, Hub id or local bf16 checkpoint folder.")]
 Bits = Annotated[int, typer.Option("--bits", "-b", help="Bits per weight: 2, 3, 4 or 8.")]
@@ -33,7 +33,6 @@ GroupSize = Annotated[int, typer.Option("--group-size", "-g", help="Columns per 
 DescAct = Annotated[bool, typer.Option("--desc-act/--no-desc-act", help="Act-order: quantize salient columns first.")]
 Sym = Annotated[bool, typer.Option("--sym/--no-sym", help="Symmetric quantization (--no-sym stores zero points).")]
 Damp = Annotated[float, typer.Option("--damp", help="damp_percent: Hessian dampening, between 0 and 1.")]
-EvalOpt = Annotated[bool, typer.Option("--eval", help="Measure PPL / KLD against bf16 on Russian text when done.")]
 
 
 @handle_errors
@@ -62,10 +61,8 @@ def command(
     from quantkit.backends.gptq import GPTQOptions
 
     setup_output(quiet, json_output)
-    try:
-        options = GPTQOptions(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, damp=damp)
-    except ValidationError as exc:
-        raise QuantkitError(str(exc.errors()[0]["msg"]).removeprefix("Value error, ")) from None
+    options = build_options(GPTQOptions, "see quantkit gptq --help", bits=bits, group_size=group_size,
+                            desc_act=desc_act, sym=sym, damp=damp)
     run_format(
         "gptq", model, options, calibration=calibration, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
         workspace=workspace, json_output=json_output, evaluate=evaluate, push=push, repo=repo, private=private,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import BaseModel, ValidationError
 
 from quantkit import console
 from quantkit.calibration import DEFAULT_CALIBRATION, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
@@ -24,6 +25,7 @@ WorkspaceOpt = Annotated[Path | None, typer.Option(
     "--workspace", "-w", help="Workspace folder (default ./quants/<model>).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or status lines.")]
+EvalOpt = Annotated[bool, typer.Option("--eval", help="Measure PPL / KLD against bf16 on Russian text when done.")]
 PushOpt = Annotated[bool, typer.Option("--push", help="Publish to the Hub when done.")]
 RepoOpt = Annotated[str | None, typer.Option("--repo", help="Hub repo (default <user>/<Model>-<FORMAT>).")]
 PrivateOpt = Annotated[bool, typer.Option("--private", help="Create the Hub repo as private.")]
@@ -84,6 +86,20 @@ def handle_errors(func: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def build_options(model: type[M], hint: str, **values: Any) -> M:
+    """A backend's options from command-line values; the first invalid one becomes one clear `QuantkitError`."""
+    try:
+        return model(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = "--" + str(err["loc"][0]).replace("_", "-") if err.get("loc") else "options"
+        msg = str(err.get("msg", exc)).removeprefix("Value error, ")
+        raise QuantkitError(f"bad {field}: {msg}", hint) from None
 
 
 def setup_output(quiet: bool, json_output: bool) -> None:
