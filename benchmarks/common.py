@@ -82,34 +82,30 @@ def load_checkpoint(path: Path) -> Any:
     return load_local(path, name=path.name, source=str(path))
 
 
-def bench_bf16_gguf() -> Path:
-    """The benchmark model converted to BF16 by quantkit (cached)."""
+def _derived(name: str, script: str, what: str) -> Path:
+    """`WORK/gguf/<name>` made from the benchmark model by `script`, rebuilt when the model's spec changes."""
     ckpt = bench_checkpoint()
-    out = WORK / "gguf" / "bench-llama3-BF16.gguf"
+    out = WORK / "gguf" / name
     stamp = out.with_suffix(".spec")
     want = (ckpt / "benchmark-spec.json").read_text()
     if out.exists() and stamp.exists() and stamp.read_text() == want:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    print("converting the benchmark model to BF16 …", flush=True)
-    run_python(QUANTKIT_CONVERT, str(ckpt), str(out), check=True)
+    print(f"{what} …", flush=True)
+    run_python(script, str(ckpt), str(out), check=True)
     stamp.write_text(want)
     return out
+
+
+def bench_bf16_gguf() -> Path:
+    """The benchmark model converted to BF16 by quantkit (cached)."""
+    return _derived("bench-llama3-BF16.gguf", QUANTKIT_CONVERT, "converting the benchmark model to BF16")
 
 
 def bench_imatrix() -> Path:
     """An importance matrix of the benchmark model from quantkit's built-in Russian calibration text (cached)."""
-    ckpt = bench_checkpoint()
-    out = WORK / "gguf" / "bench-llama3-imatrix.gguf"
-    stamp = out.with_suffix(".spec")
-    want = (ckpt / "benchmark-spec.json").read_text()
-    if out.exists() and stamp.exists() and stamp.read_text() == want:
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    print("computing the benchmark model's importance matrix (16 × 512 tokens of builtin:ru-mix) …", flush=True)
-    run_python(QUANTKIT_IMATRIX, str(ckpt), str(out), check=True)
-    stamp.write_text(want)
-    return out
+    return _derived("bench-llama3-imatrix.gguf", QUANTKIT_IMATRIX,
+                    "computing the benchmark model's importance matrix (16 × 512 tokens of builtin:ru-mix)")
 
 
 def bench_q4km_gguf() -> Path:
@@ -364,6 +360,13 @@ def file_sha256(path: Path) -> str:
 
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
+
+
+def print_summary(results: list[tuple[str, bool]]) -> None:
+    """The closing PASS/FAIL line per target that every benchmark prints."""
+    print("\n== summary ==")
+    for name, ok in results:
+        print(f"{verdict(ok)}  {name}")
 
 
 def machine() -> str:

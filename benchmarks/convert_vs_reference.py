@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from common import PYTHON, QUANTKIT_CONVERT, WORK, measure, mib, table, verdict  # noqa: E402
+from common import PYTHON, QUANTKIT_CONVERT, WORK, measure, mib, print_summary, table, verdict  # noqa: E402
 
 OUT = WORK / "convert"
 TIME_TARGET = 0.5
@@ -159,9 +159,7 @@ def main() -> int:
         wall_ok, mem_ok = timing(args.repeat)
         results += [(f"wall time ≤ {TIME_TARGET}× reference", wall_ok), (f"peak memory ≤ {MEM_TARGET}× reference",
                                                                            mem_ok)]
-    print("\n== summary ==")
-    for name, ok in results:
-        print(f"{verdict(ok)}  {name}")
+    print_summary(results)
     return 0
 
 

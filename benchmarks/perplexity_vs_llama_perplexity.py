@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from common import PYTHON, WORK, measure, mib, table, verdict  # noqa: E402
+from common import PYTHON, WORK, measure, mib, print_summary, table, verdict  # noqa: E402
 
 OUT = WORK / "perplexity"
 N_CTX = 512
@@ -179,10 +179,9 @@ def main() -> int:
     print(f"quantkit also measured in the same pass: KLD mean {ours['kld_mean']:.5f}, p99 {ours['kld_p99']:.5f}, "
           f"top-1 agreement {ours['top1']:.2%}, ΔPPL vs bf16 {ours['delta_ppl']:+.2%} (llama-perplexity: PPL only)")
     print("quantkit's peak RSS includes the bf16 reference log-probabilities it holds for the KL-divergence.")
-    print("\n== summary ==")
-    print(f"{verdict(abs(rel) <= PPL_TARGET)}  perplexity within {PPL_TARGET:.0%} of llama-perplexity's ({rel:+.3%})")
-    print(f"{verdict(pass_ratio <= TIME_TARGET)}  scoring pass ≤ {TIME_TARGET}× llama-perplexity's wall time "
-          f"({pass_ratio:.2f}×)")
+    print_summary([(f"perplexity within {PPL_TARGET:.0%} of llama-perplexity's ({rel:+.3%})", abs(rel) <= PPL_TARGET),
+                   (f"scoring pass ≤ {TIME_TARGET}× llama-perplexity's wall time ({pass_ratio:.2f}×)",
+                    pass_ratio <= TIME_TARGET)])
     return 0
 
 

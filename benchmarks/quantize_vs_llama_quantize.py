@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from common import PYTHON, QUANTKIT_QUANTIZE, WORK, measure, mib, table, verdict  # noqa: E402
+from common import PYTHON, QUANTKIT_QUANTIZE, WORK, measure, mib, print_summary, table, verdict  # noqa: E402
 
 OUT = WORK / "quantize"
 TIME_TARGET = 1.05
@@ -99,9 +99,7 @@ def main() -> int:
     if notes:
         print("differences:")
         print("\n".join(notes))
-    print("\n== summary ==")
-    for name, ok in results:
-        print(f"{verdict(ok)}  {name}")
+    print_summary(results)
     return 0
 
 
