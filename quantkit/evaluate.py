@@ -212,7 +212,7 @@ def workspace_checkpoint(ws: Workspace, model: str | None = None) -> Checkpoint:
 
 def check_tokenizer(scorer: Any, tokenizer: Any, vocab_size: int) -> None:
     """Refuse an artifact whose tokenizer differs from the reference's: its numbers would be meaningless."""
-    from quantkit.verify import sample_text
+    from quantkit.verify import first_token_difference, sample_text
 
     if getattr(scorer, "n_vocab", vocab_size) != vocab_size:
         raise QuantkitError(f"{scorer.name} has a vocabulary of {scorer.n_vocab}, the original {vocab_size}",
@@ -220,7 +220,7 @@ def check_tokenizer(scorer: Any, tokenizer: Any, vocab_size: int) -> None:
     model = getattr(scorer, "model", None)
     if model is not None and hasattr(model, "tokenize"):
         text = sample_text(2000)
-        if model.tokenize(text, add_special=True) != tokenizer(text)["input_ids"]:
+        if first_token_difference(model, text, tokenizer(text)["input_ids"]) is not None:
             raise QuantkitError(f"{scorer.name} tokenizes Russian text differently from the original model",
                                 "evaluate artifacts against the checkpoint they were made from")
 

@@ -26,6 +26,15 @@ def sample_text(chars: int = 6000) -> str:
     return text[:chars]
 
 
+def first_token_difference(model: Any, text: str, hf_ids: list[int]) -> int | None:
+    """Where llama.cpp's tokenization of `text` first departs from the HF tokenizer's `hf_ids`; None when identical."""
+    cpp_ids = model.tokenize(text, add_special=True)
+    if hf_ids == cpp_ids:
+        return None
+    return next((i for i, (a, b) in enumerate(zip(hf_ids, cpp_ids, strict=False)) if a != b),
+                min(len(hf_ids), len(cpp_ids)))
+
+
 def verify_gguf(ckpt: Checkpoint, path: Path, *, forward: bool, n_tokens: int = 128) -> dict[str, Any]:
     """Raise a `QuantkitError` when the file is broken; return what was checked."""
     from transformers import AutoTokenizer
@@ -37,12 +46,10 @@ def verify_gguf(ckpt: Checkpoint, path: Path, *, forward: bool, n_tokens: int = 
     hf_ids = tok(text)["input_ids"]
     model = LlamaModel(path)
     try:
-        cpp_ids = model.tokenize(text, add_special=True)
+        first = first_token_difference(model, text, hf_ids)
     finally:
         model.close()
-    if hf_ids != cpp_ids:
-        first = next((i for i, (a, b) in enumerate(zip(hf_ids, cpp_ids, strict=False)) if a != b),
-                     min(len(hf_ids), len(cpp_ids)))
+    if first is not None:
         raise QuantkitError(
             f"{path.name}: llama.cpp tokenizes Russian text differently from the original tokenizer "
             f"(first difference at token {first} of {len(hf_ids)})",
