@@ -241,6 +241,7 @@ def evaluate_workspace(
 
     from quantkit.backends.base import backend_for
 
+    ws.lock()
     ckpt = workspace_checkpoint(ws, model)
     tok = AutoTokenizer.from_pretrained(ckpt.path)
     toks = eval_tokens(ckpt, eval_spec, n_ctx, chunks, tok)

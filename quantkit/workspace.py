@@ -5,22 +5,27 @@ A workspace (``./quants/<model>/`` by default) holds one folder per format (``gg
 
     {"version": 1,
      "model": {"name", "source", "hub_id", "architecture", "fingerprint", "license", "instruct", ...},
-     "steps": {"<step>": {"fingerprint", "outputs": [relative paths], "finished", "info": {...}}},
+     "steps": {"<step>": {"fingerprint", "outputs": [relative paths], "checks": {path: {"size", "sha256"}},
+                          "finished", "info": {...}}},
      "artifacts": {"<relative path>": {"format", "quant", "files": [relative paths], "size", "bpw",
                                        "eval": {...}, "gate": {...}}}}
 
-A step whose recorded fingerprint matches and whose outputs all exist is skipped on a rerun.
+A step whose recorded fingerprint matches and whose outputs are all still there with the recorded size and hash
+is skipped on a rerun; a step is recorded only once its outputs exist and pass the check for their kind (a GGUF must
+parse and hold all its tensor data). One process writes a workspace at a time (`quantkit.lock`); temporary names
+carry the writer's PID, so nothing is ever shared between processes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,33 +43,94 @@ def fingerprint(*parts: Any) -> str:
 
 
 def temp_name(path: Path) -> Path:
-    """The temporary name a file is written under before it gets its final name."""
+    """A stable temporary name beside `path` (for work a later run resumes, like EXL2's conversion folder)."""
     return path.with_name(f".{path.name}{TMP_MARK}")
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; rename it to `path` only if the block succeeds.
+def private_temp_name(path: Path) -> Path:
+    """This process's temporary name for `path`: ``.<name>.<pid>.partial`` (never shared with another run)."""
+    return path.with_name(f".{path.name}.{os.getpid()}{TMP_MARK}")
 
-    Whatever is left at the temporary name after a failure is removed, so a file with a final name is always
-    complete. A full disk is reported as a `QuantkitError`.
+
+class DiskFull(QuantkitError):
+    """The disk under `folder` filled up (or would) while writing. The free space is measured when the message is
+    read, that is after the partial files were removed."""
+
+    def __init__(self, folder: Path, need: int | None = None) -> None:
+        self.folder = Path(folder)
+        self.need = need
+        super().__init__("disk full", "free some space or pass --workspace on a larger disk")
+
+    @property
+    def free(self) -> int:
+        return shutil.disk_usage(_existing(self.folder)).free
+
+    @property  # type: ignore[override]
+    def message(self) -> str:
+        need_text = f"need about {human_size(self.need)}" if self.need else "need more space"
+        return f"disk full at {self.folder}: {need_text}, free {human_size(self.free)}"
+
+    @message.setter
+    def message(self, value: str) -> None:
+        pass
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC / EDQUOT, or numpy's ways of saying it without an errno, anywhere in the chain."""
+    cur: BaseException | None = exc
+    seen = 0
+    while cur is not None and seen < 10:
+        if isinstance(cur, DiskFull):
+            return True
+        text = str(cur)
+        if isinstance(cur, OSError) and (cur.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text
+                                         or "Not enough free space" in text  # numpy 2's tofile
+                                         or ("requested and" in text and "written" in text)):  # numpy 1's
+            return True
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return False
+
+
+@contextlib.contextmanager
+def disk_guard(folder: Path, need: int | None = None) -> Iterator[None]:
+    """Turn a full disk, however it surfaces inside the block, into one `DiskFull` naming `folder` and `need`."""
+    try:
+        yield
+    except DiskFull as exc:
+        if need and not exc.need:
+            raise DiskFull(exc.folder, need) from exc
+        raise
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFull(Path(folder), need) from exc
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], need: int | None = None) -> Iterator[Path]:
+    """Yield this process's temporary path next to `path`; rename it to `path` only if the block succeeds.
+
+    Whatever is left at the temporary name after a failure or an interrupt is removed, so a file with a final name
+    is always complete. A full disk is reported as one `DiskFull` line.
     """
+    from quantkit.interrupts import removing_on_kill
+
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(final)
+    tmp = private_temp_name(final)
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     try:
-        yield tmp
-        os.replace(tmp, final)
-    except OSError as exc:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        if exc.errno == 28:  # ENOSPC
-            raise QuantkitError(
-                f"disk full while writing {final}", "free some space or pass --workspace on a larger disk"
-            ) from exc
-        raise
+        with removing_on_kill(tmp), disk_guard(final.parent, need):
+            yield tmp
+            os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -80,24 +146,23 @@ class Staging:
 
 
 @contextlib.contextmanager
-def staging_dir(dest: Path) -> Iterator[Staging]:
-    """A hidden ``.<name>.partial`` folder beside `dest` for tools that write one or several files (split GGUF
-    parts); when the block succeeds every file in it is moved next to `dest`, otherwise nothing is left behind."""
-    work = dest.parent / f".{dest.name}{TMP_MARK}"
+def staging_dir(dest: Path, need: int | None = None) -> Iterator[Staging]:
+    """A hidden ``.<name>.<pid>.partial`` folder beside `dest` for tools that write one or several files (split
+    GGUF parts); when the block succeeds every file in it is moved next to `dest`, otherwise (failure, interrupt,
+    full disk) nothing is left behind."""
+    from quantkit.interrupts import removing_on_kill
+
+    work = private_temp_name(dest)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     stage = Staging(work)
     try:
-        yield stage
-        for f in sorted(work.iterdir()):
-            final = dest.parent / f.name
-            os.replace(f, final)
-            stage.files.append(final)
-    except OSError as exc:
-        if exc.errno == 28:  # ENOSPC
-            raise QuantkitError(f"disk full while writing {dest.name}",
-                                "free some space or pass --workspace on a larger disk") from exc
-        raise
+        with removing_on_kill(work), disk_guard(dest.parent, need):
+            yield stage
+            for f in sorted(work.iterdir()):
+                final = dest.parent / f.name
+                os.replace(f, final)
+                stage.files.append(final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -121,6 +186,42 @@ def check_disk(folder: Path, needed_bytes: int, what: str) -> None:
             f"in {folder}",
             "free some space or pass --workspace on a larger disk",
         )
+
+
+# -- output checks ------------------------------------------------------------------------------------------------
+_hashes: dict[tuple[str, int, int, int], str] = {}
+# suffix → a check that raises `QuantkitError` when a file of that kind is incomplete (registered by formats)
+OUTPUT_CHECKS: dict[str, Callable[[Path], None]] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime, inode) within the process."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _hashes:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        _hashes[key] = h.hexdigest()
+    return _hashes[key]
+
+
+def output_check(path: Path) -> dict[str, Any] | None:
+    """Size and hash of a file, or of every visible file in a folder; None when `path` is missing."""
+    if path.is_file():
+        return {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    if path.is_dir():
+        h = hashlib.sha256()
+        size = 0
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            rel = f.relative_to(path)
+            if any(part.startswith(".") for part in rel.parts):
+                continue
+            size += f.stat().st_size
+            h.update(f"{rel.as_posix()}\0{file_sha256(f)}\n".encode())
+        return {"size": size, "sha256": h.hexdigest()}
+    return None
 
 
 def human_size(n: float) -> str:
@@ -184,24 +285,64 @@ class Workspace:
     def artifacts(self) -> dict[str, Any]:
         return self.data["artifacts"]
 
+    def lock(self) -> None:
+        """Become this workspace's only writer (refuses in one line while another live run holds it)."""
+        from quantkit.lock import acquire
+
+        acquire(self.root)
+
     def save(self) -> None:
-        write_json_atomic(self.manifest_path, self.data)
+        """Write the manifest; refused while another live process holds the workspace."""
+        from quantkit.lock import holding
+
+        with holding(self.root):
+            write_json_atomic(self.manifest_path, self.data)
 
     def set_model(self, info: dict[str, Any]) -> None:
         self.data["model"] = dict(info)
         self.save()
 
     def is_done(self, step: str, fp: str) -> bool:
-        """True when `step` finished with fingerprint `fp` and every output it recorded still exists."""
+        """True when `step` finished with fingerprint `fp` and every output it recorded is still there, unchanged
+        (same size and sha256). A record without checks (an older quantkit) does not count: the step runs again."""
         rec = self.steps.get(step)
         if not rec or rec.get("fingerprint") != fp:
             return False
-        return all(self.abs(rel).exists() for rel in rec.get("outputs", []))
+        outputs = rec.get("outputs", [])
+        checks = rec.get("checks")
+        if outputs and not isinstance(checks, dict):
+            return False
+        for rel in outputs:
+            want = (checks or {}).get(rel)
+            path = self.abs(rel)
+            if not want or not path.exists():
+                return False
+            size = path.stat().st_size if path.is_file() else None
+            if size is not None and size != want.get("size"):
+                return False
+            if output_check(path) != want:
+                return False
+        return True
 
     def record_step(self, step: str, fp: str, outputs: list[Path], **info: Any) -> None:
+        """Record `step` as finished, only after every output exists, passes its kind's check (a GGUF parses and
+        holds all its tensor data), and its size and sha256 are taken."""
+        checks: dict[str, Any] = {}
+        for p in outputs:
+            path = Path(p)
+            if not path.exists():
+                raise QuantkitError(f"step {step}: its output {path} is missing", "run the same command again")
+            if path.is_file():
+                if path.stat().st_size == 0:
+                    raise QuantkitError(f"step {step}: its output {path.name} is empty", "run the same command again")
+                check = OUTPUT_CHECKS.get(path.suffix)
+                if check is not None:
+                    check(path)
+            checks[self.rel(path)] = output_check(path)
         self.steps[step] = {
             "fingerprint": fp,
             "outputs": [self.rel(p) for p in outputs],
+            "checks": checks,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "info": info,
         }

@@ -59,7 +59,29 @@ for _name, _module in COMMANDS.items():
 
 
 def main() -> None:
-    app()
+    """Run the app; usage errors (an unknown option, a missing argument) are one line too, not a box."""
+    import sys
+
+    from quantkit import interrupts
+
+    interrupts.install()
+    try:
+        rv = app(standalone_mode=False, prog_name="quantkit")
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(1)
+    except Exception as exc:
+        if not (hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)):
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `quantkit` alone: the help, as before
+            print(exc.format_message())
+            sys.exit(exc.exit_code)
+        ctx = getattr(exc, "ctx", None)
+        where = getattr(ctx, "command_path", None) or "quantkit"
+        message = " ".join(str(exc.format_message()).split())
+        print(f"error: {message} (see {where} --help)", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

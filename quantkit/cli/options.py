@@ -64,7 +64,11 @@ def handle_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from quantkit import interrupts
+        from quantkit.workspace import DiskFull, is_disk_full
+
         debug = os.environ.get("QUANTKIT_DEBUG") == "1"
+        interrupts.install()
         try:
             return func(*args, **kwargs)
         except typer.Exit:
@@ -74,12 +78,19 @@ def handle_errors(func: F) -> F:
                 traceback.print_exc()
             console.console.print(f"[red]error:[/] {redact(str(exc))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            console.console.print("[red]interrupted[/]: finished steps are kept; run the same command to resume")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            if debug:
+                traceback.print_exc()
+            code = interrupts.exit_code(exc)
+            console.console.print(interrupts.message(code - 128), markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(code) from None
         except Exception as exc:  # noqa: BLE001 - the one place that turns surprises into one line
             if debug:
                 traceback.print_exc()
+            if is_disk_full(exc):
+                where = Path(getattr(exc, "filename", None) or ".").parent
+                console.console.print(f"[red]error:[/] {DiskFull(where)}", highlight=False, soft_wrap=True)
+                raise typer.Exit(DiskFull.exit_code) from None
             msg = redact(f"{type(exc).__name__}: {exc}").splitlines()[0][:300] if str(exc) else type(exc).__name__
             console.console.print(f"[red]error:[/] unexpected failure: {msg} (run with QUANTKIT_DEBUG=1 for the "
                                   "traceback, and report it)", highlight=False, soft_wrap=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 
 from quantkit.backends.gguf.llamacpp import default_threads, lib
 from quantkit.errors import QuantkitError
-from quantkit.workspace import staging_dir
+from quantkit.workspace import DiskFull, staging_dir
 
 # Every llama.cpp file type a user can ask for (name → LLAMA_FTYPE_MOSTLY_* value).
 FILE_TYPES: dict[str, int] = {
@@ -72,6 +73,7 @@ class QuantizeOptions:
     embedding_type: int | None = None
     threads: int = 0
     keep_split: bool = False
+    need: int | None = None  # an upper bound of the output's size, for the disk-full message
 
 
 def quantize(src: Path, dst: Path, opts: QuantizeOptions, *, on_done: Callable[[], None] | None = None) -> list[Path]:
@@ -118,18 +120,33 @@ def quantize(src: Path, dst: Path, opts: QuantizeOptions, *, on_done: Callable[[
         keep.append(overrides)
         params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(L.llama_model_tensor_override))
 
-    with staging_dir(dst) as stage:
-        target = stage.work / (dst.name[: -len(".gguf")] if opts.keep_split else dst.name)
-        rc = L.llama_model_quantize(str(src).encode(), str(target).encode(), ctypes.byref(params))
-        if rc != 0:
-            raise QuantkitError(f"llama.cpp failed to quantize {src.name} to {ftype} (code {rc})",
-                                "QUANTKIT_DEBUG=1 shows llama.cpp's log")
-        if not any(stage.work.iterdir()):
-            raise QuantkitError(f"llama.cpp wrote no file for {ftype}", "QUANTKIT_DEBUG=1 shows llama.cpp's log")
+    full = False
+    try:
+        with staging_dir(dst, need=opts.need) as stage:
+            target = stage.work / (dst.name[: -len(".gguf")] if opts.keep_split else dst.name)
+            rc = L.llama_model_quantize(str(src).encode(), str(target).encode(), ctypes.byref(params))
+            if rc != 0:
+                full = _disk_was_full(stage.work, opts.need)
+                raise QuantkitError(f"llama.cpp failed to quantize {src.name} to {ftype} (code {rc})",
+                                    "QUANTKIT_DEBUG=1 shows llama.cpp's log")
+            if not any(stage.work.iterdir()):
+                raise QuantkitError(f"llama.cpp wrote no file for {ftype}", "QUANTKIT_DEBUG=1 shows llama.cpp's log")
+    except QuantkitError as exc:
+        if full:
+            raise DiskFull(dst.parent, opts.need) from exc
+        raise
     del keep
     if on_done:
         on_done()
     return stage.files
+
+
+def _disk_was_full(work: Path, need: int | None) -> bool:
+    """llama.cpp reports a failed write only as a non-zero code: look at the disk while its partial file is there.
+    The disk was full when what is free is less than what was still to write (`need` is an upper bound)."""
+    written = sum(f.stat().st_size for f in work.iterdir() if f.is_file())
+    free = shutil.disk_usage(work).free
+    return free < max((need or 0) - written, 1 << 20)
 
 
 def _ggml_type_count() -> int:
