@@ -15,6 +15,8 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from quantkit.errors import QuantkitError
+from quantkit.hubname import hub_safe_name
+from quantkit.scan import public_command_text
 from quantkit.workspace import Workspace, human_size, write_text_atomic
 
 HUB = "https://huggingface.co"
@@ -69,8 +71,8 @@ def format_info(fmt: str) -> tuple[str, str, str, str]:
 
 
 def default_repo_name(ws: Workspace, fmt: str) -> str:
-    """``<Model>-GGUF`` (without a namespace)."""
-    return f"{model_name(ws)}-{format_info(fmt)[2]}"
+    """``<Model>-GGUF`` (without a namespace), made of the characters a Hub repo name may hold."""
+    return f"{hub_safe_name(model_name(ws))}-{format_info(fmt)[2]}"
 
 
 def model_name(ws: Workspace) -> str:
@@ -172,6 +174,8 @@ def write_card(ws: Workspace, fmt: str, *, repo: str | None = None, include: lis
     """Render the card and write it (default ``<ws>/<fmt>/README.md``); returns the path."""
     text = render_card(ws, fmt, repo=repo, include=include)
     path = Path(output) if output else ws.root / fmt / CARD_NAME
+    if path.is_dir():  # `--output some/folder`: the card goes into it
+        path = path / CARD_NAME
     write_text_atomic(path, text)
     return path
 
@@ -664,9 +668,9 @@ def _provenance(ws: Workspace, fmt: str, arts: list[tuple[str, dict[str, Any]]])
         lines.append("- **Tools:** " + ", ".join(f"{n} {' / '.join(v)}" for n, v in sorted(tools.items())) + ".")
     commands: list[str] = []
     for _, e in arts:
-        cmd = e.get("command")
+        cmd = public_command_text(str(e.get("command") or ""))  # no machine paths, even from older manifests
         if cmd and cmd not in commands:
-            commands.append(str(cmd))
+            commands.append(cmd)
     text = "\n".join(lines)
     if commands:
         plural = "s" if len(commands) > 1 else ""

@@ -47,7 +47,6 @@ MAX_WAIT = 60.0
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 SKIP_NAMES = frozenset({"job_new.json", "job.json", CARD_NAME})  # EXL2 progress files; our card replaces any README
 SKIP_DIRS = frozenset({"out_tensor", "__pycache__"})
-TEXT_SUFFIXES = frozenset({".json", ".md", ".txt", ".yaml", ".yml", ".jinja", ".py", ""})
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*$")
 
@@ -99,6 +98,11 @@ class Layout:
 # -- where things are ---------------------------------------------------------------------------------------------
 def resolve_target(path: str | os.PathLike[str], fmt: str | None) -> tuple[Workspace, str]:
     """A workspace or a folder inside one (``quants/M/gguf``) → (workspace, format)."""
+    if fmt is not None:
+        from quantkit.backends.base import list_backends
+
+        if fmt not in list_backends():
+            raise QuantkitError(f"unknown format '{fmt}'", f"--format takes one of {', '.join(list_backends())}")
     p = Path(path).expanduser().resolve()
     if not p.exists():
         raise QuantkitError(f"{path} does not exist", "pass a workspace (quants/<model>) or its format folder")
@@ -145,12 +149,15 @@ def layout(ws: Workspace, fmt: str, *, force: bool = False, planned: list[dict[s
     if not arts:
         raise QuantkitError(f"no {fmt} artifacts in the workspace {ws.root}",
                             f"run `quantkit {fmt} ...` first, or pass another format folder")
-    refused = [{"artifact": k, "quant": e.get("quant"), "reasons": (e.get("gate") or {}).get("reasons") or []}
-               for k, e in arts if gate_failed(e) and not force]
-    kept = [(k, e) for k, e in arts if not (gate_failed(e) and not force)]
+    refused = [_refusal(k, e) for k, e in arts if _blocked(e) and not force]
+    kept = [(k, e) for k, e in arts if not (_blocked(e) and not force)]
     if not kept:
-        raise GateFailed(f"every {fmt} artifact failed the quality gate: "
-                         + "; ".join(f"{r['quant']} ({', '.join(r['reasons']) or 'failed'})" for r in refused),
+        what = "; ".join(f"{r['quant']} ({', '.join(r['reasons']) or 'failed'})" for r in refused)
+        if any(r["failed_verification"] for r in refused):
+            raise QuantkitError(f"every {fmt} artifact failed verification or the quality gate: {what}",
+                                "rerun the command that made them to rebuild and verify them, or pass --force to "
+                                "publish them anyway")
+        raise GateFailed(f"every {fmt} artifact failed the quality gate: {what}",
                          "pass --force to publish them anyway, or quantize with a larger type")
     where = branches(fmt, kept)
     per_branch: dict[str, list[tuple[str, str, list[Item]]]] = {}
@@ -193,6 +200,22 @@ def layout(ws: Workspace, fmt: str, *, force: bool = False, planned: list[dict[s
             raise QuantkitError(f"{it.path_in_repo} is {human_size(it.size)}; the Hub takes at most "
                                 f"{human_size(MAX_FILE_SIZE)} per file", hint)
     return lay
+
+
+def verify_failed(entry: dict[str, Any]) -> bool:
+    return (entry.get("verify") or {}).get("passed") is False
+
+
+def _blocked(entry: dict[str, Any]) -> bool:
+    return gate_failed(entry) or verify_failed(entry)
+
+
+def _refusal(key: str, entry: dict[str, Any]) -> dict[str, Any]:
+    reasons = list((entry.get("gate") or {}).get("reasons") or []) if gate_failed(entry) else []
+    if verify_failed(entry):
+        reasons.insert(0, "failed verification: " + str((entry.get("verify") or {}).get("error") or "")[:200])
+    return {"artifact": key, "quant": entry.get("quant"), "reasons": reasons,
+            "failed_verification": verify_failed(entry)}
 
 
 def _planned_artifacts(ws: Workspace, fmt: str, planned: list[dict[str, Any]],
@@ -266,8 +289,8 @@ def publish_format(ws: Workspace, fmt: str, *, repo: str | None = None, private:
     if dry_run:
         return plan_publish(ws, fmt, repo=repo, private=private, force=force)
     token = hub_token()
+    ws.lock()
     lay = layout(ws, fmt, force=force)
-    _check_secrets(ws, lay, token)
     with hub_errors(token, "checking the Hub token"):
         api = _api(token)
         who = _retrying(lambda: api.whoami(), "whoami")
@@ -284,8 +307,10 @@ def publish_folder(ws: Workspace, lay: Layout, *, api: Any, repo: str, private: 
     for _, it in lay.items():  # the card was just (re)written
         if it.path_in_repo == CARD_NAME:
             it.size = it.local.stat().st_size
+    check_files(ws, lay, token)  # after the card is written: it carries the original model card
     for r in lay.refused:
-        console.warn(f"not publishing {r['quant']}: it failed the quality gate"
+        why = "failed verification" if r.get("failed_verification") else "failed the quality gate"
+        console.warn(f"not publishing {r['quant']}: it {why}"
                      + (f" ({', '.join(r['reasons'])})" if r["reasons"] else "") + "; --force publishes it")
     if console.is_quiet():
         with contextlib.suppress(Exception):
@@ -431,20 +456,20 @@ def _endpoint() -> str:
     return constants.ENDPOINT
 
 
-def _check_secrets(ws: Workspace, lay: Layout, token: str) -> None:
-    """Never upload the token; warn when a small text file names a local path (it would become public)."""
-    local_marks = {str(ws.root), str(Path.home())} - {"/", ""}
-    for _, it in lay.items():
-        if it.planned or not it.local.is_file() or it.size > 1 << 20 or it.local.suffix not in TEXT_SUFFIXES:
-            continue
-        text = it.local.read_bytes().decode("utf-8", errors="replace")
-        if token in text:
-            raise QuantkitError(f"{ws.rel(it.local)} contains your Hugging Face token; refusing to upload it",
-                                "remove the token from that file (and revoke the token if it was ever shared)")
-        for mark in local_marks:
-            if mark in text:
-                console.warn(f"{ws.rel(it.local)} mentions the local path {mark}; it will be public")
-                break
+def check_files(ws: Workspace, lay: Layout, token: str | None) -> None:
+    """Every file about to be uploaded is scanned for the token and for paths of this machine (`quantkit.scan`)."""
+    from quantkit.scan import machine_paths, scan_files
+
+    extra: list[str] = []
+    local = ws.model.get("path")
+    if local and Path(str(local)).is_dir():
+        extra += [str(local), str(Path(str(local)).parent)]
+    for entry in ws.artifacts.values():
+        spec = str((entry.get("calibration") or {}).get("spec") or "")
+        if spec and not spec.startswith(("builtin:", "hf:")) and "/" in spec:
+            extra.append(str(Path(spec).expanduser().resolve().parent))
+    files = {(it.path_in_repo, it.local) for _, it in lay.items() if not it.planned and it.local.is_file()}
+    scan_files(sorted(files), token=token, paths=machine_paths(ws.root, extra))
 
 
 # -- errors and retries ---------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,12 +36,22 @@ def run_format(
     eval_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The body of `quantkit gguf|gptq|exl2 ...`: returns (and prints) the summary."""
+    from quantkit.calibration import check as check_calibration
+    from quantkit.scan import public_command
+
     backend = get_backend(backend_name)
-    ckpt = resolve(model)
+    check_calibration(calibration)  # a bad file is refused now, not after conversion and the imatrix
+    ckpt = resolve(model, require=getattr(backend, "supports", None))  # an engine that cannot run it: no download
+    ckpt.tensors  # noqa: B018 - headers and the shard index are checked now, before any work
     ws = Workspace.for_model(ckpt.name, workspace)
+    if not dry_run:
+        ws.lock()
+    shown = ckpt.hub_id or ckpt.name
     ctx = JobContext(
         checkpoint=ckpt, workspace=ws, calibration=calibration, calib_samples=calib_samples,
-        calib_seq_len=calib_seq_len, threads=threads, command=shlex.join(["quantkit", *sys.argv[1:]]),
+        calib_seq_len=calib_seq_len, threads=threads,
+        command=public_command(["quantkit", *sys.argv[1:]],
+                               {model: shown} if Path(model).expanduser().exists() else {}),
     )
     record_model(ws, ckpt)
     if dry_run:

@@ -14,9 +14,18 @@ from pydantic import BaseModel, Field, field_validator
 from quantkit import __version__, console
 from quantkit.backends.base import Artifact, JobContext
 from quantkit.errors import QuantkitError
-from quantkit.workspace import Workspace, fingerprint
+from quantkit.workspace import OUTPUT_CHECKS, Workspace, disk_guard, fingerprint
 
 CONVERTER_VERSION = 1  # bump when the converter's output changes, so finished conversions are redone
+
+
+def _check_gguf(path: Path) -> None:
+    from quantkit.backends.gguf.check import check_gguf
+
+    check_gguf(path)
+
+
+OUTPUT_CHECKS[".gguf"] = _check_gguf  # no GGUF is recorded as finished unless it parses and holds all its data
 
 
 def parse_size(text: str | int | None) -> int:
@@ -55,7 +64,7 @@ class GGUFOptions(BaseModel):
         for t in value:
             for part in str(t).split(","):
                 if part.strip():
-                    key = parse_file_type(part)
+                    key = _as_value_error(parse_file_type, part)
                     if key not in out:
                         out.append(key)
         if not out:
@@ -68,6 +77,44 @@ class GGUFOptions(BaseModel):
         if value.lower() not in ("bf16", "f16", "f32"):
             raise ValueError("outtype must be bf16, f16 or f32")
         return value.lower()
+
+    @field_validator("tensor_types")
+    @classmethod
+    def _tensor_types(cls, value: list[str]) -> list[str]:
+        from quantkit.backends.gguf.quantize import parse_tensor_types
+
+        _as_value_error(parse_tensor_types, value)
+        return value
+
+    @field_validator("output_type", "embedding_type")
+    @classmethod
+    def _tensor_type(cls, value: str | None) -> str | None:
+        from quantkit.backends.gguf.quantize import parse_ggml_type
+
+        if value is not None:
+            _as_value_error(parse_ggml_type, value)
+        return value
+
+    @field_validator("imatrix_file")
+    @classmethod
+    def _imatrix_file(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).expanduser().is_file():
+            raise ValueError(f"the imatrix file {value} does not exist")
+        return value
+
+    @field_validator("split_max_size")
+    @classmethod
+    def _split(cls, value: str | int | None) -> str | int | None:
+        _as_value_error(parse_size, value)
+        return value
+
+
+def _as_value_error(func: Any, value: Any) -> Any:
+    """Run a parser that raises `QuantkitError` inside a pydantic validator (which wants ValueError)."""
+    try:
+        return func(value)
+    except QuantkitError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def tool_versions() -> dict[str, str]:
@@ -222,8 +269,10 @@ class GGUFBackend:
         conv = Converter(ckpt, options.outtype)
         planned = conv.plan()
         task = bar.add_task(f"convert → {quant}", total=len(planned))
-        files = conv.write(self.file_for(ws, ckpt.name, quant), split_max_size=parse_size(options.split_max_size),
-                           on_tensor=lambda name, n: bar.advance(task))
+        dst = self.file_for(ws, ckpt.name, quant)
+        with disk_guard(dst.parent, gguf_tensor_bytes_for(conv)):
+            files = conv.write(dst, split_max_size=parse_size(options.split_max_size),
+                               on_tensor=lambda name, n: bar.advance(task))
         ws.record_step("gguf.convert", fp, files)
         return files[0], fp
 
@@ -267,7 +316,7 @@ class GGUFBackend:
             task = bar.add_task(f"imatrix ({rows.size:,} tokens)", total=int(ckpt.config["num_hidden_layers"]))
             bos = tok.bos_token_id if _adds_bos(tok) else None
             sums, counts = compute_imatrix(ckpt, rows, bos=bos, on_layer=lambda i: bar.advance(task))
-            write_imatrix(out, sums, counts, datasets=[info["spec"]], chunk_size=int(rows.shape[1]))
+            write_imatrix(out, sums, counts, datasets=[public_spec(info["spec"])], chunk_size=int(rows.shape[1]))
             ws.record_step("gguf.imatrix", fp, [out], **info)
         return read_imatrix(out), {**info, "imatrix_fingerprint": fp}
 
@@ -284,7 +333,8 @@ class GGUFBackend:
         if ws.is_done(step, fp):
             console.info(f"[dim]skip[/] {quant}: {ws.steps[step]['outputs'][0]} is up to date")
             return ws.abs(ws.steps[step]["outputs"][0]), fp
-        check_disk(dst.parent, int(ctx.checkpoint.n_params * APPROX_BPW.get(quant, 8.5) / 8 * 1.1), dst.name)
+        from quantkit.backends.gguf.sizes import quantized_size_bound
+
         split = "-00001-of-" in base.name
         opts = QuantizeOptions(
             file_type=quant, imatrix=imatrix, tensor_types=parse_tensor_types(options.tensor_types),
@@ -292,6 +342,9 @@ class GGUFBackend:
             embedding_type=parse_ggml_type(options.embedding_type) if options.embedding_type else None,
             threads=ctx.threads, keep_split=split,
         )
+        opts.need = quantized_size_bound(base, quant, overrides=opts.tensor_types, output_type=opts.output_type,
+                                         embedding_type=opts.embedding_type)
+        check_disk(dst.parent, opts.need, dst.name)
         task = bar.add_task(f"quantize → {quant}", total=1)
         files = quantize(base, dst, opts, on_done=lambda: bar.advance(task))
         ws.record_step(step, fp, files)
@@ -308,7 +361,13 @@ class GGUFBackend:
             fp = fingerprint("verify", art.info["fingerprint"])
             if ctx.workspace.is_done(step, fp):
                 continue
-            report = verify_gguf(ctx.checkpoint, art.path, forward=art.quant in ("BF16", "F16", "F32"))
+            try:
+                report = verify_gguf(ctx.checkpoint, art.path, forward=art.quant in ("BF16", "F16", "F32"))
+            except QuantkitError as exc:  # remembered, so that `quantkit push` refuses the file (unless --force)
+                ctx.workspace.update_artifact(ctx.workspace.rel(art.path),
+                                              verify={"passed": False, "error": exc.message})
+                raise
+            report = {"passed": True, **report}
             ctx.workspace.record_step(step, fp, [art.path], **report)
             ctx.workspace.update_artifact(ctx.workspace.rel(art.path), verify=report)
             console.info(f"verified {art.path.name}: " + ", ".join(f"{k}={v}" for k, v in report.items()))
@@ -325,6 +384,18 @@ class GGUFBackend:
         from quantkit.backends.gguf.llamacpp import LlamaScorer
 
         return LlamaScorer(path, n_ctx=n_ctx)
+
+
+def gguf_tensor_bytes_for(conv: Any) -> int:
+    """Bytes of the tensor data a converter will write (its planned tensors in their storage types)."""
+    return sum(int(np.prod(t.shape, dtype=np.int64)) * conv._storage(t.qtype)[1] for t in conv.plan())
+
+
+def public_spec(spec: str) -> str:
+    """A calibration spec fit for published files: a local file keeps only its name."""
+    if spec.startswith(("builtin:", "hf:")):
+        return spec
+    return Path(spec).name
 
 
 def _adds_bos(tok: Any) -> bool:
