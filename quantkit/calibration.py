@@ -122,9 +122,16 @@ def split_paragraphs(text: str) -> list[str]:
     return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
 
 
-def _read_text(path: Path) -> str:
+def _check_file(path: Path) -> None:
     if not path.exists():
         raise QuantkitError(f"calibration file {path} does not exist", "check the path")
+    if not path.is_file():
+        raise QuantkitError(f"calibration path {path} is a folder, not a file",
+                            "give one .txt, .jsonl or .parquet file")
+
+
+def _read_text(path: Path) -> str:
+    _check_file(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -143,9 +150,17 @@ def _load_jsonl(path: Path, domain: str | None = None) -> list[Document]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise QuantkitError(f"{path}:{lineno} is not valid JSON", "one JSON object per line") from exc
+        if not isinstance(obj, dict):
+            raise QuantkitError(f"{path}:{lineno} is a JSON {type(obj).__name__}, not an object",
+                                'each line needs {"text": ...} or {"messages": [{"role": ..., "content": ...}]}')
         dom = str(obj.get("domain") or domain or "text")
         if isinstance(obj.get("messages"), list):
-            msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in obj["messages"]]
+            msgs = []
+            for i, m in enumerate(obj["messages"], 1):
+                if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                    raise QuantkitError(f"{path}:{lineno}: message {i} has no 'role' and 'content' strings",
+                                        'write each message as {"role": "user", "content": "..."}')
+                msgs.append({"role": m["role"], "content": m["content"]})
             docs.append(Document(messages=msgs, domain=dom if domain is None else f"{domain}"))
         elif isinstance(obj.get("text"), str):
             docs.append(Document(text=obj["text"], domain=dom))
@@ -160,9 +175,12 @@ def _load_parquet(path: Path, column: str = "text") -> list[Document]:
         import pyarrow.parquet as pq
     except ImportError as exc:
         raise MissingDependency("reading .parquet needs pyarrow", "pip install pyarrow") from exc
-    if not path.exists():
-        raise QuantkitError(f"calibration file {path} does not exist", "check the path")
-    table = pq.read_table(path)
+    _check_file(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError...: all mean "not readable"
+        raise QuantkitError(f"calibration file {path} is not a readable parquet file ({type(exc).__name__})",
+                            "write it again, or give a .txt or .jsonl file") from exc
     if column not in table.column_names:
         raise QuantkitError(f"{path} has no column '{column}'", f"columns: {', '.join(table.column_names)}")
     return [Document(text=t) for t in table.column(column).to_pylist() if isinstance(t, str) and t.strip()]
@@ -212,8 +230,8 @@ def load(spec: CalibrationSpec | str | None) -> CalibrationData:
                 docs.extend(Document(text=p, domain=f.stem) for p in split_paragraphs(_read_text(f)))
     elif spec.kind == "file":
         path = Path(spec.name)
-        if path.exists():
-            h.update(path.read_bytes())
+        _check_file(path)
+        h.update(path.read_bytes())
         if path.suffix.lower() == ".jsonl":
             docs = _load_jsonl(path)
         elif path.suffix.lower() == ".parquet":
@@ -227,6 +245,14 @@ def load(spec: CalibrationSpec | str | None) -> CalibrationData:
     if not docs:
         raise QuantkitError(f"calibration set {spec} has no text", "give a set with text in it")
     return CalibrationData(spec=spec, documents=docs, content_hash=h.hexdigest()[:16])
+
+
+def check(spec: str | None) -> None:
+    """Validate a calibration spec before any expensive step: a local file is read and parsed in full (cheap next
+    to a conversion); built-in and ``hf:`` sets are checked when used."""
+    parsed = CalibrationSpec.parse(spec)
+    if parsed.kind == "file":
+        load(parsed)
 
 
 def builtin_documents(name: str, chat: bool = False) -> list[str]:

@@ -574,6 +574,29 @@ def _semantic_problems(spec: Any, root: Any, shown: str, base: Path) -> list[Pro
                                f"two models are named '{name}' (also models[{names[name]}]): they would share a "
                                "workspace", "give one of them a different `name:`"))
         names.setdefault(name, i)
+    out += _calibration_problems(spec, root, shown, base)
+    return out
+
+
+def _calibration_problems(spec: Any, root: Any, shown: str, base: Path) -> list[Problem]:
+    """Calibration files that are missing or unreadable, at the line that names them."""
+    from quantkit.calibration import check
+
+    places = [(("defaults", "calibration"), spec.defaults.calibration)]
+    places += [(("models", i, "calibration"), e.calibration) for i, e in enumerate(spec.models) if e.calibration]
+    out: list[Problem] = []
+    for loc, value in places:
+        parsed = CalibrationSpec.parse(value)
+        if parsed.kind != "file":
+            continue
+        path = Path(parsed.name) if Path(parsed.name).is_absolute() else base / parsed.name
+        try:
+            check(str(path))
+        except QuantkitError as exc:
+            node, _, where, _ = _walk(root, loc)
+            line = node.start_mark.line + 1 if node is not None and loc[-1] in where else None
+            out.append(Problem(shown, line, where, exc.message, "calibration files are relative to the recipe's "
+                               "folder" if not Path(parsed.name).is_absolute() else exc.hint))
     return out
 
 
@@ -906,6 +929,7 @@ def _run_model(recipe: Recipe, entry: Any, fmts: list[str], keep_going: bool) ->
         return out
     try:
         ckpt = resolve(recipe.source_spec(entry))
+        ckpt.tensors  # noqa: B018 - headers and the shard index are checked now, before any work
     except QuantkitError as exc:
         console.console.print(f"[red]{name}: cannot resolve {entry.source}:[/] {exc}", highlight=False)
         for f in backends:
@@ -918,6 +942,7 @@ def _run_model(recipe: Recipe, entry: Any, fmts: list[str], keep_going: bool) ->
     name = ckpt.name
     st = recipe.settings(entry)
     ws = Workspace(recipe.workspace_root() / safe_dir_name(name))
+    ws.lock()
     before = _steps_snapshot(ws)
     record_model(ws, ckpt)
     ctx = JobContext(checkpoint=ckpt, workspace=ws, calibration=st["calibration"], calib_samples=st["calib_samples"],

@@ -85,8 +85,44 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], byte
     return tensors, meta, header_bytes
 
 
+INDEX = "model.safetensors.index.json"
+
+
+def read_index(folder: Path) -> dict[str, str] | None:
+    """The tensor → shard map of a sharded checkpoint (``model.safetensors.index.json``), or None."""
+    path = Path(folder) / INDEX
+    if not path.is_file():
+        return None
+    try:
+        weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not a mapping")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise QuantkitError(f"corrupt {INDEX} in {folder}: {type(exc).__name__}",
+                            "download the checkpoint again") from exc
+    return {str(k): str(v) for k, v in weight_map.items()}
+
+
+def check_index(folder: Path, tensors: dict[str, TensorInfo]) -> None:
+    """Every shard the index names exists, and holds the tensors the index promises."""
+    weight_map = read_index(folder)
+    if weight_map is None:
+        return
+    missing = sorted({shard for shard in weight_map.values() if not (Path(folder) / shard).is_file()})
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise QuantkitError(f"incomplete checkpoint {folder}: shard {missing[0]}{more} named in {INDEX} is missing",
+                            "download the checkpoint again (an interrupted download leaves shards out)")
+    for name, shard in weight_map.items():
+        info = tensors.get(name)
+        if info is None or info.file.name != shard:
+            raise QuantkitError(f"incomplete checkpoint {folder}: {shard} lacks tensor {name} that {INDEX} promises",
+                                "download the checkpoint again")
+
+
 class TensorSource:
-    """Every tensor of a checkpoint folder, by name, read one at a time."""
+    """Every tensor of a checkpoint folder, by name, read one at a time; a sharded checkpoint is checked against its
+    index first (a missing shard or tensor is refused here, before any work)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
@@ -97,6 +133,7 @@ class TensorSource:
             infos, _, raw = read_header(file)
             self.tensors.update(infos)
             self.headers[file.name] = raw
+        check_index(self.folder, self.tensors)
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors

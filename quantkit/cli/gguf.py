@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -32,15 +34,27 @@ from quantkit.errors import QuantkitError
 CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
-def _flag_types(extra: list[str]) -> list[str]:
-    """``--q4_k_m --iq3_xxs`` style flags → file type names; anything else is an error."""
-    from quantkit.backends.gguf.quantize import parse_file_type
+_QUANT_FLAG = re.compile(r"^--(i?q\d|tq\d|bf16|f16|f32)", re.IGNORECASE)
+
+
+def _flag_types(extra: list[str], options: list[str]) -> list[str]:
+    """``--q4_k_m --iq3_xxs`` style flags → file type names; a mistyped option is named as one."""
+    from quantkit.backends.gguf.quantize import FILE_TYPES, parse_file_type
 
     out = []
     for arg in extra:
         if not arg.startswith("--"):
             raise QuantkitError(f"unexpected argument '{arg}'", "see quantkit gguf --help")
-        out.append(parse_file_type(arg[2:]))
+        flag = arg.split("=", 1)[0]
+        if flag[2:].upper().replace("-", "_") in FILE_TYPES:
+            out.append(parse_file_type(flag[2:]))
+            continue
+        close = difflib.get_close_matches(flag, options, n=1, cutoff=0.7)
+        if _QUANT_FLAG.match(flag) and not close:
+            out.append(parse_file_type(flag[2:]))  # raises: unknown quant type, naming the valid ones
+            continue
+        hint = f"did you mean {close[0]}?" if close else "see quantkit gguf --help"
+        raise QuantkitError(f"no such option: {flag}", hint)
     return out
 
 
@@ -81,7 +95,13 @@ def command(
     from quantkit.backends.gguf.backend import GGUFOptions
 
     setup_output(quiet, json_output)
-    chosen = _flag_types(ctx.args) + ([t for t in types.split(",") if t.strip()] if types else [])
+    names = [o for p in ctx.command.params for o in getattr(p, "opts", []) if o.startswith("--")]
+    chosen = _flag_types(ctx.args, names)
+    if types is not None:
+        listed = [t for t in types.split(",") if t.strip()]
+        if not listed:
+            raise QuantkitError(f"--types '{types}' names no quant type", "e.g. --types q4_k_m,q8_0")
+        chosen += listed
     if no_imatrix and imatrix_file:
         raise QuantkitError("--no-imatrix and --imatrix contradict each other", "use one of them")
     options = build_options(

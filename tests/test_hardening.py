@@ -1,0 +1,478 @@
+"""Issue 17: interrupts, concurrent runs, stale locks, changed outputs, secrets and machine paths in published files,
+incomplete checkpoints, full disks, bad inputs. Real processes, real llama.cpp, a real tmpfs where mounting one
+is allowed, the loopback Hub of tests/hub_server.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hub_server import USER, FakeHub
+from test_card import MODEL, build_workspace
+from test_cli import QK, one_line_error, qk
+from test_publish import GGUF_REPO, SECRET, error_line, push
+from test_publish import hub as hub  # noqa: F401 - the fixture
+
+from quantkit.errors import QuantkitError
+from quantkit.workspace import Workspace
+
+ROOT = Path(__file__).resolve().parent.parent
+PROSE = ROOT / "calibration" / "ru-mix" / "prose.txt"
+
+
+def env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "NO_COLOR": "1", **extra}
+
+
+def start(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([*QK, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+
+
+def wait_for(what: Callable[[], Any], timeout: float = 300, proc: subprocess.Popen[str] | None = None) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = what()
+        if got:
+            return got
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the run ended first (rc {proc.returncode}): {proc.communicate()[1]}")
+        time.sleep(0.005)
+    raise AssertionError("timed out")
+
+
+def lock_pid(ws: Path) -> int | None:
+    try:
+        return int((ws / ".quantkit.lock").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def last_line(err: str) -> list[str]:
+    """stderr without warnings."""
+    return [line for line in err.splitlines() if line.strip() and not line.startswith("warning:")]
+
+
+def manifest(ws: Path) -> dict[str, Any]:
+    return json.loads((ws / "manifest.json").read_text(encoding="utf-8"))
+
+
+def assert_recorded_outputs_intact(ws: Path) -> None:
+    """Every output the manifest records is there with its size and hash; every GGUF parses and loads."""
+    from quantkit.backends.gguf.check import check_gguf
+    from quantkit.backends.gguf.llamacpp import LlamaModel
+    from quantkit.workspace import output_check
+
+    data = manifest(ws)
+    for step, rec in data["steps"].items():
+        for rel in rec["outputs"]:
+            assert output_check(ws / rel) == rec["checks"][rel], (step, rel)
+            if rel.endswith(".gguf"):
+                check_gguf(ws / rel)
+                if "imatrix" not in rel:
+                    LlamaModel(ws / rel).close()
+
+
+# -- 1. one writer per workspace; stale locks; per-process temporary names; checked outputs ---------------------------
+def test_two_runs_one_workspace(llama3_ckpt: Path, tmp_path: Path) -> None:
+    ws = tmp_path / "w"
+    calib = tmp_path / "private" / "calib.txt"
+    calib.parent.mkdir()
+    calib.write_text(PROSE.read_text(encoding="utf-8"), encoding="utf-8")
+    args = ["gguf", str(llama3_ckpt), "--q4_k_m", "--calibration", str(calib), "--calib-samples", "4",
+            "--calib-seq-len", "64", "-w", str(ws)]
+    first = start(*args)
+    wait_for(lambda: lock_pid(ws) == first.pid, proc=first)
+    second = qk(*args)
+    assert first.poll() is None, "the first run ended before the second started: the race was not tested"
+    one_line_error(second, f"another quantkit run (PID {first.pid}) is using the workspace {ws}")
+    assert second.returncode == 2
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    assert_recorded_outputs_intact(ws)
+    assert not list(ws.rglob("*.partial"))
+    # the importance matrix names the calibration file, not where it lies on this machine
+    from quantkit.backends.gguf.check import metadata_strings
+
+    strings = dict(metadata_strings(ws / "gguf" / "imatrix.gguf"))
+    assert strings.get("imatrix.datasets") == "calib.txt", strings
+    assert not any(str(tmp_path) in v for v in strings.values())
+
+
+def test_killed_run_leaves_a_stale_lock_that_is_taken_over(llama3_ckpt: Path, tmp_path: Path) -> None:
+    ws = tmp_path / "w"
+    args = ["gguf", str(llama3_ckpt), "--q8_0", "--no-imatrix", "--no-verify", "-w", str(ws)]
+    run = start(*args)
+    wait_for(lambda: lock_pid(ws) == run.pid, proc=run)
+    time.sleep(0.3)
+    run.kill()
+    run.wait()
+    # what a step killed mid-write leaves behind: work files named after the dead process
+    (ws / "gguf").mkdir(exist_ok=True)
+    (ws / "gguf" / f".{MODEL}-Q8_0.gguf.{run.pid}.partial").mkdir()
+    (ws / "gguf" / f".{MODEL}-Q8_0.gguf.{run.pid}.partial" / "x.gguf").write_bytes(b"GGUF")
+    assert lock_pid(ws) == run.pid
+    again = qk(*args, "--json")
+    assert again.returncode == 0, again.stderr
+    assert not list(ws.rglob("*.partial"))
+    assert_recorded_outputs_intact(ws)
+
+
+def test_changed_or_missing_outputs_rerun_their_step(llama3_ckpt: Path, tmp_path: Path) -> None:
+    ws = tmp_path / "w"
+    args = ["gguf", str(llama3_ckpt), "--q4_k_m", "--no-imatrix", "--no-verify", "-w", str(ws), "--json"]
+    assert qk(*args).returncode == 0
+    q4 = ws / "gguf" / "tiny-llama3-Q4_K_M.gguf"
+    bf16 = ws / "gguf" / "tiny-llama3-BF16.gguf"
+    good_q4, good_bf16 = q4.read_bytes(), bf16.read_bytes()
+
+    data = bytearray(good_q4)
+    data[len(data) // 2] ^= 0xFF  # same size, one byte changed
+    q4.write_bytes(bytes(data))
+    bf16.write_bytes(good_bf16[:24])  # the 24-byte "finished" BF16 of the issue
+    run = qk(*args)
+    assert run.returncode == 0, run.stderr
+    assert bf16.read_bytes() == good_bf16 and q4.read_bytes() == good_q4
+
+    q4.unlink()
+    assert qk(*args).returncode == 0 and q4.read_bytes() == good_q4
+    assert_recorded_outputs_intact(ws)
+
+
+def test_incomplete_gguf_is_never_recorded(tmp_path: Path) -> None:
+    import quantkit.backends.gguf.backend  # noqa: F401 - registers the GGUF output check
+
+    ws = Workspace(tmp_path / "w")
+    stub = ws.dir("gguf") / "m-BF16.gguf"
+    stub.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 16)  # 24 bytes
+    with pytest.raises(QuantkitError, match="incomplete GGUF|truncated"):
+        ws.record_step("gguf.convert", "fp", [stub])
+    assert "gguf.convert" not in Workspace(ws.root).steps
+    from quantkit.lock import release
+
+    release(ws.root)
+
+
+def test_temporary_names_belong_to_one_process(tmp_path: Path) -> None:
+    from quantkit.workspace import atomic_path, staging_dir
+
+    with atomic_path(tmp_path / "manifest.json") as tmp:
+        assert tmp.name == f".manifest.json.{os.getpid()}.partial"
+        tmp.write_text("{}")
+    with staging_dir(tmp_path / "m.gguf") as stage:
+        assert stage.work.name == f".m.gguf.{os.getpid()}.partial"
+
+
+# -- 2. interrupts ----------------------------------------------------------------------------------------------------
+BIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4, num_attention_heads=16,
+           num_key_value_heads=4, head_dim=128)
+
+
+@pytest.fixture(scope="module")
+def big_ckpt(llama3_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 186M-parameter Llama-3 checkpoint (the tiny fixture's tokenizer): big enough that quantizing it
+    takes seconds, so a signal can land inside llama.cpp."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    root = Path(os.environ.get("QUANTKIT_TEST_CACHE") or tmp_path_factory.mktemp("big"))
+    out = root / "big-llama3"
+    if (out / "model.safetensors").exists():
+        return out
+    tmp = root / "big-llama3.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(llama3_ckpt / f, tmp)
+    config = json.loads((llama3_ckpt / "config.json").read_text()) | BIG
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    h, f, v, kv = BIG["hidden_size"], BIG["intermediate_size"], config["vocab_size"], 4 * 128
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    tensors = {"model.embed_tokens.weight": rnd(v, h), "lm_head.weight": rnd(v, h),
+               "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
+    for i in range(BIG["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        tensors |= {p + "self_attn.q_proj.weight": rnd(h, h), p + "self_attn.k_proj.weight": rnd(kv, h),
+                    p + "self_attn.v_proj.weight": rnd(kv, h), p + "self_attn.o_proj.weight": rnd(h, h),
+                    p + "mlp.gate_proj.weight": rnd(f, h), p + "mlp.up_proj.weight": rnd(f, h),
+                    p + "mlp.down_proj.weight": rnd(h, f),
+                    p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+                    p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)}
+    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+    tmp.rename(out)
+    return out
+
+
+def _quant_partial(ws: Path, quant: str, min_size: int) -> list[Path]:
+    return [f for f in (ws / "gguf").glob(f".*{quant}*.partial/*") if f.is_file() and f.stat().st_size >= min_size]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_during_llama_cpp_quantization(big_ckpt: Path, tmp_path_factory: pytest.TempPathFactory,
+                                              sig: int) -> None:
+    ws = tmp_path_factory.getbasetemp() / "signal-ws"  # shared: the second case finds the BF16 converted
+    run = start("gguf", str(big_ckpt), "--types", "iq4_xs", "--no-imatrix", "--no-verify", "-t", "1", "-w", str(ws))
+    wait_for(lambda: _quant_partial(ws, "IQ4_XS", 1 << 20), proc=run)
+    run.send_signal(sig)
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 128 + sig, err
+    lines = last_line(err)
+    assert len(lines) == 1, err
+    assert ("interrupted" if sig == signal.SIGINT else "stopped by SIGTERM") in lines[0]
+    assert "run the same command to resume" in lines[0]
+    assert "Traceback" not in err and "Exception ignored" not in err
+    assert not list((ws / "gguf").glob("*IQ4_XS*")), "a final-named or staging file was left"
+    assert "gguf.quantize.IQ4_XS" not in manifest(ws)["steps"]
+
+
+# -- 3. secrets and machine paths, checked after the card is written ------------------------------------------------
+def _no_upload(hub: FakeHub) -> None:
+    assert not [r for r in hub.requests if r.method == "PUT" or "/commit/" in r.path or "/preupload/" in r.path]
+
+
+def test_token_in_the_original_card_is_refused(tmp_path: Path, hub: FakeHub) -> None:  # noqa: F811
+    ws = build_workspace(tmp_path / "ws", gate_fail=False)
+    with open(ws.root / "source-README.md", "a", encoding="utf-8") as f:
+        f.write(f"\n\nDownload with `HF_TOKEN={SECRET} hf download ...`\n")
+    run = push(hub, ws.root / "gguf", token=SECRET)
+    assert run.returncode == 2
+    assert "README.md contains your Hugging Face token" in error_line(run)
+    assert SECRET not in run.stderr + run.stdout
+    _no_upload(hub)
+    assert GGUF_REPO not in hub.repos
+
+
+def test_home_path_in_gguf_metadata_is_refused(tmp_path: Path, hub: FakeHub) -> None:  # noqa: F811
+    import gguf
+    import numpy as np
+
+    ws = build_workspace(tmp_path / "ws", gate_fail=False)
+    target = ws.root / "gguf" / f"{MODEL}-Q8_0.gguf"
+    writer = gguf.GGUFWriter(target, "llama")
+    writer.add_string("general.source.url", f"{Path.home()}/models/{MODEL}")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    run = push(hub, ws.root / "gguf")
+    assert run.returncode == 2
+    line = error_line(run)
+    assert f"{MODEL}-Q8_0.gguf (metadata general.source.url) mentions the local path {Path.home()}" in line, line
+    _no_upload(hub)
+
+
+def test_workspace_path_in_a_text_file_is_refused(tmp_path: Path, hub: FakeHub) -> None:  # noqa: F811
+    ws = build_workspace(tmp_path / "ws", "exl2", gate_fail=False)
+    (ws.root / "exl2" / "4.0bpw" / "config.json").write_text(
+        json.dumps({"quantization_config": {"offload": str(ws.root / "exl2" / "work")}}), encoding="utf-8")
+    run = push(hub, ws.root / "exl2")
+    assert run.returncode == 2 and "config.json mentions the local path" in error_line(run)
+    _no_upload(hub)
+
+
+def test_card_command_has_no_machine_paths(tmp_path: Path, hub: FakeHub) -> None:  # noqa: F811
+    from quantkit.card import render_card
+
+    ws = build_workspace(tmp_path / "ws", gate_fail=False)
+    for entry in ws.artifacts.values():
+        entry["command"] = (f"quantkit gguf {Path.home()}/.cache/huggingface/hub/models--x/snapshots/abc --q4_k_m "
+                            f"--calibration {Path.home()}/private/calib.jsonl --workspace={tmp_path}/w")
+    ws.save()
+    card = render_card(ws, "gguf")
+    assert str(Path.home()) not in card and str(tmp_path) not in card
+    assert "--calibration calib.jsonl --workspace=w" in card
+    run = push(hub, ws.root / "gguf", "--json")
+    assert run.returncode == 0, run.stderr
+    assert str(Path.home()).encode() not in hub.files(GGUF_REPO)["README.md"]
+
+
+def test_public_command() -> None:
+    from quantkit.scan import public_command
+
+    assert public_command(["quantkit", "gguf", "/home/me/models/T-lite", "--imatrix", "~/im.gguf", "-w", "./q/x",
+                           "--types", "q4_k_m"], {"/home/me/models/T-lite": "org/T-lite"}) == \
+        "quantkit gguf org/T-lite --imatrix im.gguf -w x --types q4_k_m"
+
+
+# -- 4. verification failures stay home -------------------------------------------------------------------------------
+def test_push_refuses_artifacts_that_failed_verification(tmp_path: Path, hub: FakeHub) -> None:  # noqa: F811
+    ws = build_workspace(tmp_path / "ws", gate_fail=False)
+    bad = next(k for k, e in ws.artifacts.items() if e["quant"] == "Q4_K_M")
+    ws.artifacts[bad]["verify"] = {"passed": False, "error": "llama.cpp could not load it"}
+    ws.save()
+    mixed = push(hub, ws.root / "gguf", "--json")
+    assert mixed.returncode == 0, mixed.stderr
+    assert [r["quant"] for r in json.loads(mixed.stdout)["refused"]] == ["Q4_K_M"]
+    assert "not publishing Q4_K_M: it failed verification" in mixed.stderr
+    assert f"{MODEL}-Q4_K_M.gguf" not in hub.files(GGUF_REPO)
+
+    only = build_workspace(tmp_path / "ws2", gate_fail=False)
+    for key in [k for k in only.artifacts if k != bad]:
+        del only.artifacts[key]
+    only.artifacts[bad]["verify"] = {"passed": False, "error": "llama.cpp could not load it"}
+    only.save()
+    refused = push(hub, only.root / "gguf", "--repo", "only-bad")
+    assert refused.returncode == 2
+    assert "failed verification" in error_line(refused) and "--force" in error_line(refused)
+    assert f"{USER}/only-bad" not in hub.repos
+    forced = push(hub, only.root / "gguf", "--repo", "only-bad", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert f"{MODEL}-Q4_K_M.gguf" in hub.files(f"{USER}/only-bad")
+
+
+# -- 5. incomplete sharded checkpoints --------------------------------------------------------------------------------
+def _sharded(src: Path, dest: Path, weight_map_edit: Callable[[dict[str, str]], None]) -> Path:
+    import shutil
+
+    from quantkit.safetensors_io import read_header
+
+    shutil.copytree(src, dest)
+    shard = "model-00001-of-00002.safetensors"
+    (dest / "model.safetensors").rename(dest / shard)
+    names = read_header(dest / shard)[0]
+    weight_map = dict.fromkeys(names, shard)
+    weight_map_edit(weight_map)
+    (dest / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dest
+
+
+def test_missing_shard_refused_before_conversion(llama3_ckpt: Path, tmp_path: Path) -> None:
+    missing = _sharded(llama3_ckpt, tmp_path / "missing", lambda m: m.update(
+        {"model.layers.0.self_attn.v_proj.weight": "model-00002-of-00002.safetensors"}))
+    ws = tmp_path / "w"
+    one_line_error(qk("gguf", str(missing), "--q4_k_m", "-w", str(ws)),
+                   "incomplete checkpoint", "model-00002-of-00002.safetensors named in model.safetensors.index.json "
+                   "is missing", "download the checkpoint again")
+    assert not list(ws.rglob("*.gguf"))
+
+    lacking = _sharded(llama3_ckpt, tmp_path / "lacking", lambda m: m.update(
+        {"model.layers.9.mlp.up_proj.weight": "model-00001-of-00002.safetensors"}))
+    one_line_error(qk("gguf", str(lacking), "--q4_k_m", "-w", str(ws)),
+                   "model-00001-of-00002.safetensors lacks tensor model.layers.9.mlp.up_proj.weight")
+    assert not list(ws.rglob("*.gguf"))
+
+
+# -- 6. full disks ----------------------------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """Mount tmpfs file systems of a given size (root only; skipped where mounting is not allowed)."""
+    mounted: list[Path] = []
+
+    def mount(size_mb: int) -> Path:
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(point)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def _fill(folder: Path, leave: int) -> Path:
+    """Take all but `leave` bytes of the file system under `folder` (fallocate: instant on tmpfs)."""
+    import shutil
+
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_CREAT | os.O_WRONLY)
+    try:
+        for _ in range(50):  # the run keeps writing meanwhile
+            try:
+                os.posix_fallocate(fd, 0, os.fstat(fd).st_size + max(1, shutil.disk_usage(folder).free - leave))
+                break
+            except OSError:
+                continue
+    finally:
+        os.close(fd)
+    return filler
+
+
+FREE = r"free \d+(\.\d\d)? [KMG]?B \(free some space or pass --workspace on a larger disk\)"
+
+
+def test_disk_full_during_conversion_and_quantization(big_ckpt: Path, small_disk: Callable[[int], Path]) -> None:
+    import re
+
+    # conversion: the pre-check passes (≈ 380 MB needed + margin), then something else takes the disk
+    disk = small_disk(470)
+    ws = disk / "w"
+    run = start("gguf", str(big_ckpt), "--q4_k_m", "--no-imatrix", "--no-verify", "-w", str(ws))
+    wait_for(lambda: [f for f in (ws / "gguf").glob(".*BF16*.partial/*") if f.stat().st_size > 50 << 20]
+             if (ws / "gguf").exists() else [], proc=run)
+    _fill(disk, 8 << 20)
+    _, err = run.communicate(timeout=300)
+    lines = last_line(err)
+    assert run.returncode == 2 and len(lines) == 1, err
+    assert re.fullmatch(rf"error: disk full at {re.escape(str(ws / 'gguf'))}: need about 3\d\d\.\d\d MB, {FREE}",
+                        lines[0]), lines[0]
+    assert not list((ws / "gguf").glob("*.gguf")) and not list((ws / "gguf").glob(".*"))
+
+    # quantization: llama.cpp's write fails; its return code is read with the disk checked afterwards
+    disk = small_disk(620)
+    ws = disk / "w"
+    run = start("gguf", str(big_ckpt), "--types", "iq4_xs", "--no-imatrix", "--no-verify", "-t", "1", "-w", str(ws))
+    wait_for(lambda: _quant_partial(ws, "IQ4_XS", 1 << 20), proc=run)
+    _fill(disk, 1 << 20)
+    _, err = run.communicate(timeout=300)
+    lines = last_line(err)
+    assert run.returncode == 2 and len(lines) == 1, err
+    assert re.fullmatch(rf"error: disk full at {re.escape(str(ws / 'gguf'))}: need about \d+\.\d\d MB, {FREE}",
+                        lines[0]), lines[0]
+    assert not list((ws / "gguf").glob("*IQ4_XS*"))
+    assert "gguf.quantize.IQ4_XS" not in manifest(ws)["steps"]
+
+
+@pytest.mark.parametrize("message", ["1048576 requested and 402928 written",
+                                     "Not enough free space to write 23068672 bytes"])
+def test_short_write_is_a_full_disk(tmp_path: Path, message: str) -> None:
+    """numpy's ``tofile`` reports a full disk without an errno (the first text is numpy 1's, from the issue)."""
+    from quantkit.workspace import DiskFull, staging_dir
+
+    with pytest.raises(DiskFull) as err, staging_dir(tmp_path / "m.gguf", need=5_000_000):
+        raise OSError(message)
+    assert str(err.value).startswith(f"disk full at {tmp_path}: need about 5.00 MB, free ")
+    assert not list(tmp_path.iterdir())
+
+
+def test_size_bound_is_an_upper_bound(llama3_ckpt: Path, qwen2_ckpt: Path, tmp_path: Path) -> None:
+    """The disk pre-check's estimate against what llama.cpp really writes, for many types (untied and tied
+    embeddings; an all-ones importance matrix lets the types that need one run)."""
+    import gguf
+    import numpy as np
+
+    from quantkit.backends.gguf.quantize import QuantizeOptions, quantize
+    from quantkit.backends.gguf.sizes import quantized_size_bound
+
+    types = ["Q2_K", "Q3_K_M", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "IQ2_XXS", "IQ3_XXS", "IQ4_XS"]
+    ratios = {}
+    for ckpt in (llama3_ckpt, qwen2_ckpt):
+        ws = tmp_path / ckpt.name
+        assert qk("gguf", str(ckpt), "--q8_0", "--no-imatrix", "--no-verify", "-w", str(ws)).returncode == 0
+        bf16 = ws / "gguf" / f"{ckpt.name}-BF16.gguf"
+        reader = gguf.GGUFReader(bf16)
+        imatrix = {t.name: np.ones(int(t.shape[0]), np.float32) for t in reader.tensors if len(t.shape) >= 2}
+        for q in types:
+            out = quantize(bf16, ws / "gguf" / f"x-{q}.gguf", QuantizeOptions(q, imatrix=imatrix))
+            real = sum(f.stat().st_size for f in out)
+            bound = quantized_size_bound(bf16, q)
+            ratios[f"{ckpt.name} {q}"] = round(bound / real, 3)
+            assert bound >= real, (ckpt.name, q, bound, real)
+            assert bound <= 1.35 * real, (ckpt.name, q, bound, real)  # and not too loose to be useful
+    print(ratios)
