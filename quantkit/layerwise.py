@@ -12,6 +12,7 @@ is what llama.cpp does with a BF16 GGUF.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -42,9 +43,10 @@ class LayerwiseModel:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.ckpt = ckpt
+        self.arch = ckpt.arch
         self.dtype = getattr(torch, dtype)
         self.device = device()
-        self.config = AutoConfig.from_pretrained(ckpt.path)
+        self.config = self.arch.text_config(AutoConfig.from_pretrained(ckpt.path))
         self.config._attn_implementation = "sdpa"
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
@@ -54,18 +56,32 @@ class LayerwiseModel:
     def _load(self, module: Any, prefix: str) -> Any:
         torch = self._torch = _torch()
         module = module.to_empty(device=self.device)
+        names = self.ckpt.canonical_names
         state = {}
         for name, _ in module.named_parameters():
             full = prefix + name
-            if full not in self.ckpt.tensors:
+            if full not in names:
                 if full == "lm_head.weight":
                     full = "model.embed_tokens.weight"  # tied embeddings
                 else:
                     raise KeyError(full)
-            arr = self.ckpt.tensors.read_f32(full)
+            arr = self.ckpt.read_f32(full)
             state[name] = torch.from_numpy(arr).to(self.dtype)
         module.load_state_dict(state, strict=False, assign=False)
+        self.arch.fix_buffers(prefix.removeprefix(self.prefix).rstrip("."), module)
         return module
+
+    def _mask(self, cache: dict[tuple[str, int], Any], kind: str, h: Any, pos: Any) -> Any:
+        """The attention mask transformers builds for a layer of this type (None: plain causal attention)."""
+        key = (kind, h.shape[0])
+        if key not in cache:
+            from transformers import masking_utils
+
+            build = (masking_utils.create_sliding_window_causal_mask if kind == "sliding_attention"
+                     else masking_utils.create_causal_mask)
+            cache[key] = build(config=self.config, inputs_embeds=h, attention_mask=None, cache=None,
+                               position_ids=pos)
+        return cache[key]
 
     def run(
         self,
@@ -91,12 +107,16 @@ class LayerwiseModel:
             with torch.device(self.device):
                 rotary = rotary_cls(config=self.config)
             pos = torch.arange(ids.shape[1], device=self.device)[None]
-            cos, sin = rotary(hidden[0], pos)
+            types = list(getattr(self.config, "layer_types", None) or ["full_attention"] * self.n_layers)
+            per_type = "layer_type" in inspect.signature(rotary.forward).parameters
+            rope = {t: rotary(hidden[0], pos, t) if per_type else rotary(hidden[0], pos) for t in set(types)}
+            masks: dict[tuple[str, int], Any] = {}
             for i in range(self.n_layers):
                 layer = self._load(self.model.model.layers[i], f"model.layers.{i}.")
                 handles = hooks(i, layer) if hooks else []
                 for b, h in enumerate(hidden):
-                    hidden[b] = layer(h, attention_mask=None, position_ids=pos, position_embeddings=(cos, sin))
+                    mask = self._mask(masks, types[i], h, pos)
+                    hidden[b] = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=rope[types[i]])
                 for handle in handles:
                     handle.remove()
                 self.model.model.layers[i] = layer.to("meta")
@@ -116,9 +136,7 @@ def hf_module_to_gguf(ckpt: Checkpoint) -> Callable[[str], str | None]:
     """Maps ``model.layers.0.self_attn.q_proj`` → ``blk.0.attn_q.weight`` (the names llama.cpp's imatrix uses)."""
     import gguf
 
-    from quantkit.backends.gguf.convert import ARCHES
-
-    tmap = gguf.get_tensor_name_map(ARCHES[ckpt.architecture], int(ckpt.config["num_hidden_layers"]))
+    tmap = gguf.get_tensor_name_map(ckpt.arch.gguf_model_arch(), ckpt.arch.n_layer)
 
     def mapper(module_name: str) -> str | None:
         new = tmap.get_name(module_name + ".weight", try_suffixes=(".weight",))

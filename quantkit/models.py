@@ -1,4 +1,9 @@
-"""The table of known Russian models: short alias → Hub id, architecture, base or instruct, licence, size."""
+"""The table of known Russian models: short alias → Hub id, architecture, base or instruct, licence, size.
+
+The architecture is the ``architectures[0]`` of the model's ``config.json``; everything quantkit knows about it lives
+in the architecture registry (`quantkit.arch`), which is how a refusal (an EXL2 of a Gemma3ForCausalLM, say) can be
+said before anything is downloaded.
+"""
 
 from __future__ import annotations
 
@@ -9,31 +14,64 @@ from dataclasses import dataclass
 class KnownModel:
     alias: str
     hub_id: str
-    architecture: str  # the `architectures[0]` of its config.json
-    family: str  # llama / qwen2 / mistral
+    architecture: str  # the `architectures[0]` of its config.json (a key of the architecture registry)
     instruct: bool
     license: str
     params_b: float  # parameter count in billions, for size estimates when the model cannot be reached
     note: str = ""
+    license_note: str = ""  # said by `quantkit models` and in the card when the licence restricts use
 
+    @property
+    def family(self) -> str:
+        from quantkit.arch import lookup
+
+        cls = lookup(self.architecture)
+        return cls.family if cls else "?"
+
+
+_YANDEX_LICENSE = ("YandexGPT-5-Lite licence: not an open-source licence; commercial use is limited (read the "
+                   "licence on the model page before publishing or deploying)")
 
 KNOWN_MODELS: tuple[KnownModel, ...] = (
-    KnownModel("T-lite-0.1", "AnatoliiPotapov/T-lite-0.1", "LlamaForCausalLM", "llama", False, "wtfpl", 8.03,
+    # 2024: Llama-3, Qwen2.5, Mistral
+    KnownModel("T-lite-0.1", "AnatoliiPotapov/T-lite-0.1", "LlamaForCausalLM", False, "wtfpl", 8.03,
                "T-Bank, Llama-3 8B continued pre-training"),
-    KnownModel("T-lite-instruct-0.1", "AnatoliiPotapov/T-lite-instruct-0.1", "LlamaForCausalLM", "llama", True,
+    KnownModel("T-lite-instruct-0.1", "AnatoliiPotapov/T-lite-instruct-0.1", "LlamaForCausalLM", True,
                "wtfpl", 8.03, "T-Bank, instruct version of T-lite-0.1"),
-    KnownModel("T-lite-it-1.0", "t-tech/T-lite-it-1.0", "Qwen2ForCausalLM", "qwen2", True, "apache-2.0", 7.62,
+    KnownModel("T-lite-it-1.0", "t-tech/T-lite-it-1.0", "Qwen2ForCausalLM", True, "apache-2.0", 7.62,
                "T-Bank, Qwen2.5-7B based"),
-    KnownModel("T-pro-it-1.0", "t-tech/T-pro-it-1.0", "Qwen2ForCausalLM", "qwen2", True, "apache-2.0", 32.8,
+    KnownModel("T-pro-it-1.0", "t-tech/T-pro-it-1.0", "Qwen2ForCausalLM", True, "apache-2.0", 32.8,
                "T-Bank, Qwen2.5-32B based"),
     KnownModel("Vikhr-Llama3.1-8B-Instruct-R-21-09-24", "Vikhrmodels/Vikhr-Llama3.1-8B-Instruct-R-21-09-24",
-               "LlamaForCausalLM", "llama", True, "llama3.1", 8.03, "Vikhr, Llama-3.1 8B"),
+               "LlamaForCausalLM", True, "llama3.1", 8.03, "Vikhr, Llama-3.1 8B"),
     KnownModel("Vikhr-Nemo-12B-Instruct-R-21-09-24", "Vikhrmodels/Vikhr-Nemo-12B-Instruct-R-21-09-24",
-               "MistralForCausalLM", "mistral", True, "apache-2.0", 12.2, "Vikhr, Mistral-Nemo 12B"),
-    KnownModel("saiga_llama3_8b", "IlyaGusev/saiga_llama3_8b", "LlamaForCausalLM", "llama", True, "other", 8.03,
+               "MistralForCausalLM", True, "apache-2.0", 12.2, "Vikhr, Mistral-Nemo 12B"),
+    KnownModel("saiga_llama3_8b", "IlyaGusev/saiga_llama3_8b", "LlamaForCausalLM", True, "other", 8.03,
                "Saiga, Llama-3 8B"),
-    KnownModel("saiga_nemo_12b", "IlyaGusev/saiga_nemo_12b", "MistralForCausalLM", "mistral", True, "apache-2.0",
+    KnownModel("saiga_nemo_12b", "IlyaGusev/saiga_nemo_12b", "MistralForCausalLM", True, "apache-2.0",
                12.2, "Saiga, Mistral-Nemo 12B"),
+    # 2025-26: Qwen3, YandexGPT-5 (Llama with a 129k SentencePiece vocabulary), Gemma 3
+    KnownModel("T-lite-it-2.1", "t-tech/T-lite-it-2.1", "Qwen3ForCausalLM", True, "apache-2.0", 8.19,
+               "T-Bank, Qwen3-8B based"),
+    KnownModel("T-pro-it-2.0", "t-tech/T-pro-it-2.0", "Qwen3ForCausalLM", True, "apache-2.0", 32.8,
+               "T-Bank, Qwen3-32B based, Cyrillic-dense tokenizer"),
+    KnownModel("T-pro-it-2.1", "t-tech/T-pro-it-2.1", "Qwen3ForCausalLM", True, "apache-2.0", 32.8,
+               "T-Bank, Qwen3-32B based, Cyrillic-dense tokenizer"),
+    KnownModel("QVikhr-3-8B-Instruction", "Vikhrmodels/QVikhr-3-8B-Instruction", "Qwen3ForCausalLM", True,
+               "apache-2.0", 8.19, "Vikhr, Qwen3-8B based"),
+    KnownModel("QVikhr-3-4B-Instruction", "Vikhrmodels/QVikhr-3-4B-Instruction", "Qwen3ForCausalLM", True,
+               "apache-2.0", 4.02, "Vikhr, Qwen3-4B based"),
+    KnownModel("QVikhr-3-1.7B-Instruction-noreasoning", "Vikhrmodels/QVikhr-3-1.7B-Instruction-noreasoning",
+               "Qwen3ForCausalLM", True, "apache-2.0", 2.03, "Vikhr, Qwen3-1.7B based"),
+    KnownModel("RuadaptQwen3-32B-Instruct", "RefalMachine/RuadaptQwen3-32B-Instruct", "Qwen3ForCausalLM", True,
+               "apache-2.0", 32.7, "RefalMachine, Qwen3-32B with its vocabulary replaced"),
+    KnownModel("YandexGPT-5-Lite-8B-instruct", "yandex/YandexGPT-5-Lite-8B-instruct", "LlamaForCausalLM", True,
+               "other", 8.04, "Yandex, Llama architecture, 129k SentencePiece vocabulary", _YANDEX_LICENSE),
+    KnownModel("saiga_yandexgpt_8b", "IlyaGusev/saiga_yandexgpt_8b", "LlamaForCausalLM", True, "other", 8.04,
+               "Saiga, YandexGPT-5-Lite 8B based", _YANDEX_LICENSE),
+    KnownModel("saiga_gemma3_12b", "IlyaGusev/saiga_gemma3_12b", "Gemma3ForConditionalGeneration", True, "gemma",
+               12.2, "Saiga, Gemma 3 12B based (text model; the vision tower is left out)",
+               "Gemma terms of use: redistribution must pass the terms on"),
 )
 
 DEMO_ALIAS = "demo"

@@ -6,16 +6,17 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from quantkit.arch import Architecture, for_checkpoint, lookup, unsupported
 from quantkit.errors import QuantkitError
 from quantkit.models import DEMO_ALIAS, KnownModel, find_known
 from quantkit.safetensors_io import FLOAT_DTYPES, TensorSource
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 DOWNLOAD_PATTERNS = [
     "*.safetensors",
     "*.safetensors.index.json",
@@ -53,11 +54,29 @@ class Checkpoint:
     def architecture(self) -> str:
         return (self.config.get("architectures") or ["?"])[0]
 
+    @cached_property
+    def arch(self) -> Architecture:
+        """Everything quantkit knows about this checkpoint's architecture (the registry in `quantkit.arch`)."""
+        return for_checkpoint(self.path, self.config)
+
     @property
     def family(self) -> str:
-        return {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}.get(
-            self.architecture, self.config.get("model_type", "?")
-        )
+        return self.arch.family
+
+    @cached_property
+    def canonical_names(self) -> dict[str, str]:
+        """Text-model tensor name (``model.layers.0…``) → the checkpoint's own name, in file order; tensors the
+        architecture leaves out (a vision tower) are not listed."""
+        out: dict[str, str] = {}
+        for hf_name in self.tensors.names():
+            name = self.arch.canonical_name(hf_name)
+            if name is not None:
+                out[name] = hf_name
+        return out
+
+    def read_f32(self, name: str) -> Any:
+        """A text-model tensor by its canonical name, as float32."""
+        return self.tensors.read_f32(self.canonical_names[name])
 
     @property
     def dtype(self) -> str:
@@ -157,31 +176,72 @@ def card_metadata(text: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def resolve(spec: str, *, revision: str | None = None, allow_download: bool = True) -> Checkpoint:
-    """Turn what the user typed (alias, Hub id, local folder, or ``demo``) into a validated checkpoint."""
+Requirement = Callable[[type[Architecture]], "str | None"]
+
+
+def resolve(spec: str, *, revision: str | None = None, allow_download: bool = True,
+            require: Requirement | None = None) -> Checkpoint:
+    """Turn what the user typed (alias, Hub id, local folder, or ``demo``) into a validated checkpoint.
+
+    `require(architecture_class)` returns why the job cannot use that architecture (a format its engine does not
+    support), or None. It is asked before any weight is downloaded: from the known-model table for an alias, from
+    ``config.json`` alone for another Hub id.
+    """
     known = find_known(spec)
     local = Path(spec).expanduser()
     if spec == DEMO_ALIAS:
         from quantkit.demo import ensure_demo_model
 
-        return load_local(ensure_demo_model(), name="quantkit-demo-ru", source=spec)
+        return _checked(load_local(ensure_demo_model(), name="quantkit-demo-ru", source=spec), require)
     if local.exists():
         if not local.is_dir():
             raise QuantkitError(f"{spec} is a file, not a checkpoint folder",
                                 "pass the folder that holds config.json and *.safetensors")
-        return load_local(local, name=local.resolve().name, source=spec)
+        return _checked(load_local(local, name=local.resolve().name, source=spec), require)
     if known is not None:
+        _require(known.architecture, require)
         folder = download(known.hub_id, revision=revision, allow_download=allow_download)
         return load_local(folder, name=known.alias, source=spec, hub_id=known.hub_id, known=known)
     if looks_like_path(spec):
         raise QuantkitError(f"no such folder: {spec}", "check the path, or use a Hub id or an alias (quantkit models)")
     if _HUB_ID.match(spec):
+        _require(peek_architecture(spec, revision=revision, allow_download=allow_download), require)
         folder = download(spec, revision=revision, allow_download=allow_download)
         return load_local(folder, name=spec.split("/")[-1], source=spec, hub_id=spec)
     raise QuantkitError(
         f"unknown model or alias '{spec}'",
         "use a local folder, a Hub id like org/name, or an alias listed by `quantkit models`",
     )
+
+
+def _require(architecture: str | None, require: Requirement | None) -> None:
+    """Refuse an architecture the registry does not know, or that `require` rejects (None: not known yet)."""
+    if architecture is None:
+        return
+    cls = lookup(architecture)
+    if cls is None:
+        raise unsupported(architecture)
+    reason = require(cls) if require else None
+    if reason:
+        raise QuantkitError(reason, "quantkit models lists which formats each architecture supports")
+
+
+def _checked(ckpt: Checkpoint, require: Requirement | None) -> Checkpoint:
+    _require(ckpt.architecture, require)
+    return ckpt
+
+
+def peek_architecture(repo_id: str, *, revision: str | None, allow_download: bool) -> str | None:
+    """``architectures[0]`` of a Hub model's ``config.json``, fetched alone (into the Hub cache); None when the Hub
+    cannot tell (the full download that follows then says why)."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(repo_id, "config.json", revision=revision, local_files_only=not allow_download)
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - unreachable, gated, missing: `download` reports it properly
+        return None
+    return (config.get("architectures") or [None])[0]
 
 
 def looks_like_path(spec: str) -> bool:
@@ -246,11 +306,7 @@ def load_local(folder: Path, *, name: str, source: str, hub_id: str | None = Non
             "convert the weights to safetensors first (transformers: save_pretrained(safe_serialization=True))",
         )
     ckpt = Checkpoint(name=name, path=folder, config=config, source=source, hub_id=hub_id, known=known)
-    if ckpt.architecture not in SUPPORTED_ARCHITECTURES:
-        raise QuantkitError(
-            f"unsupported architecture {ckpt.architecture}",
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}",
-        )
+    ckpt.arch  # noqa: B018 - refuses an architecture the registry does not know, before anything else
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "?")
         raise QuantkitError(f"{folder} is already quantized ({method})", "start from the bf16 checkpoint")

@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny real checkpoints (Llama-3, Llama-3.1, Qwen2, Mistral) built once per test session.
+"""Shared fixtures: tiny real checkpoints of every registered architecture (Llama-3, Llama-3.1, Qwen2, Qwen3,
+Mistral, Mistral-Nemo, a SentencePiece Llama like YandexGPT-5, Gemma 3 text and multimodal) and of the tokenizer
+styles llama.cpp must recognise, built once per test session.
 
 Set QUANTKIT_TEST_CACHE to a folder to reuse the built checkpoints across runs while developing.
 """
@@ -90,3 +92,33 @@ def run_tool(name: str, *args: str) -> subprocess.CompletedProcess[str]:
 def nemo_ckpt(ckpt_root: Path) -> Path:
     """Mistral-Nemo-style instruct model: tekken byte-level BPE, head_dim ≠ hidden / heads."""
     return _build(ckpt_root, "tiny-nemo", "nemo", instruct=True, train_steps=60)
+
+
+@pytest.fixture(scope="session")
+def qwen3_ckpt(ckpt_root: Path) -> Path:
+    """Qwen3-style instruct model: q/k norms, no biases, head_dim (128) ≠ hidden / heads (64), a thinking template."""
+    return _build(ckpt_root, "tiny-qwen3", "qwen3", instruct=True, train_steps=60)
+
+
+@pytest.fixture(scope="session")
+def gemma3_ckpt(ckpt_root: Path) -> Path:
+    """Gemma3ForCausalLM: +1 norms, scaled embeddings, 5 sliding-window layers (window 64) and 1 global, SentencePiece
+    without a space prefix, embeddings padded past the vocabulary."""
+    return _build(ckpt_root, "tiny-gemma3", "gemma3", instruct=True, layers=6, train_steps=60)
+
+
+@pytest.fixture(scope="session")
+def gemma3mm_ckpt(ckpt_root: Path) -> Path:
+    """Gemma3ForConditionalGeneration (like saiga_gemma3_12b): the text model under language_model, a vision tower."""
+    return _build(ckpt_root, "tiny-gemma3mm", "gemma3mm", instruct=True, layers=6, train_steps=30)
+
+
+@pytest.fixture(scope="session")
+def yandexgpt_ckpt(ckpt_root: Path) -> Path:
+    """A Llama with a large SentencePiece vocabulary (32,000 pieces) and a ▁ prefix, like YandexGPT-5-Lite."""
+    return _build(ckpt_root, "tiny-yandexgpt", "yandexgpt", instruct=True, vocab_size=32000, train_steps=30)
+
+
+def tokenizer_ckpt(root: Path, style: str) -> Path:
+    """An untrained Llama whose tokenizer has one of the pre-tokenizer styles of `quantkit.demo.FIXTURES`."""
+    return _build(root, f"tiny-tok-{style}", style, train_steps=0)

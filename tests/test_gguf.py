@@ -18,7 +18,8 @@ from quantkit.source import load_local
 from quantkit.verify import verify_gguf
 from quantkit.workspace import Workspace
 
-FAMILIES = ["llama3_ckpt", "llama31_ckpt", "qwen2_ckpt", "mistral_ckpt", "nemo_ckpt"]
+FAMILIES = ["llama3_ckpt", "llama31_ckpt", "qwen2_ckpt", "mistral_ckpt", "nemo_ckpt", "qwen3_ckpt", "gemma3_ckpt",
+            "gemma3mm_ckpt", "yandexgpt_ckpt"]  # one fixture per registered architecture (and variants)
 
 
 def _ckpt(path: Path):

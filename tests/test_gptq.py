@@ -292,3 +292,26 @@ def test_per_column_groups_load_on_cpu(llama3_ckpt: Path, tmp_path: Path) -> Non
     ref = ref_scorer.chunk_logits(tokens, N_CTX // 2)
     ref_scorer.close()
     assert np.isfinite(got).all() and (got.argmax(1) == ref.argmax(1)).mean() > 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture", ["qwen3_ckpt", "gemma3_ckpt"])
+def test_new_families(fixture: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Qwen3 (q/k norms, head_dim ≠ hidden/heads) and Gemma3ForCausalLM through GPTQModel, scored against bf16."""
+    ckpt_dir = request.getfixturevalue(fixture)
+    ws = Workspace(tmp_path / "ws")
+    ctx = JobContext(checkpoint=resolve(str(ckpt_dir)), workspace=ws, calib_samples=16, calib_seq_len=256)
+    (art,) = GPTQBackend().run(ctx, GPTQOptions(group_size=64))
+    tensors = read_header(art.path / "model.safetensors")[0]
+    assert "model.layers.0.self_attn.q_proj.qweight" in tensors and "model.layers.0.mlp.down_proj.qweight" in tensors
+    assert "model.layers.0.self_attn.q_norm.weight" in tensors  # the per-head norms stay 16-bit
+    assert_quality(compare(ckpt_dir, art.path))
+
+
+def test_refused_for_an_architecture_gptqmodel_lacks(tmp_path: Path) -> None:
+    """saiga_gemma3_12b is Gemma3ForConditionalGeneration: refused in one line from the known-model table, offline,
+    before anything is downloaded (no 'cannot download' error)."""
+    proc = cli("gptq", "saiga_gemma3_12b", cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "GPTQ of Gemma 3's multimodal checkpoint is not supported" in proc.stderr, proc.stderr
+    assert "download" not in proc.stderr

@@ -36,6 +36,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from quantkit import __version__, console
+from quantkit.arch import Architecture
 from quantkit.backends.base import Artifact, JobContext
 from quantkit.calibration import CalibrationData, export_parquet, load
 from quantkit.errors import MissingDependency, QuantkitError
@@ -395,6 +396,12 @@ class EXL2Backend:
         if importlib.util.find_spec("exllamav2") is None:
             return f"exllamav2 is not installed: {INSTALL_HINT}"
         return None
+
+    def supports(self, arch: type[Architecture]) -> str | None:
+        """None when exllamav2 0.3.2 loads this architecture; else why not (said before any download)."""
+        if arch.exl2:
+            return None
+        return arch.exl2_note or f"exllamav2 0.3.2 does not support {'/'.join(arch.hf_names)}"
 
     def plan(self, ctx: JobContext, options: BaseModel) -> list[dict[str, Any]]:
         """The steps of `run` with outputs, sizes, calibration tokens needed vs present, and what is done."""

@@ -32,6 +32,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from quantkit import __version__, console
+from quantkit.arch import Architecture
 from quantkit.backends.base import Artifact, JobContext
 from quantkit.errors import MissingDependency, QuantkitError
 from quantkit.safetensors_io import read_header
@@ -42,8 +43,6 @@ GPTQ_EXTRA_HINT = "pip install 'quantkit-ru[gptq]'"
 ALLOWED_BITS = (2, 3, 4, 8)
 # Group sizes we suggest (GPTQModel accepts any divisor; kernels are built for powers of two).
 COMMON_GROUPS = (16, 32, 64, 128, 256, 512, 1024)
-# The Linear layers GPTQModel quantizes in Llama / Qwen2 / Mistral decoder layers.
-_QUANTIZED = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.weight$")
 # Files copied from the source checkpoint as they are (GPTQModel rewrites its own versions of some).
 COPIED_FILES = (*TOKENIZER_FILES, "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
 # Sanitized out of the published configs: machine-specific fields of GPTQModel's `meta`.
@@ -95,8 +94,9 @@ class GPTQOptions(BaseModel):
 
 def quantized_layers(ckpt: Checkpoint) -> dict[str, tuple[int, int]]:
     """Every Linear weight GPTQModel will quantize → ``(out_features, in_features)``, from the safetensors headers."""
+    pattern = ckpt.arch.gptq_layers
     return {name: (info.shape[0], info.shape[1]) for name, info in ckpt.tensors.tensors.items()
-            if _QUANTIZED.match(name) and len(info.shape) == 2}
+            if pattern.match(name) and len(info.shape) == 2}
 
 
 def check_group_size(ckpt: Checkpoint, group_size: int) -> None:
@@ -107,7 +107,7 @@ def check_group_size(ckpt: Checkpoint, group_size: int) -> None:
     layers = quantized_layers(ckpt)
     if not layers:
         raise QuantkitError(f"{ckpt.name} has no decoder Linear layers that GPTQ can quantize",
-                            "GPTQ supports Llama, Qwen2 and Mistral decoder checkpoints")
+                            "GPTQ quantizes the decoder layers of the architectures `quantkit models` lists")
     if group_size == -1:
         return
     widths = {name: shape[1] for name, shape in layers.items()}
@@ -216,6 +216,12 @@ class GPTQBackend:
         if importlib.util.find_spec("gptqmodel") is None:
             return f"GPTQ needs the gptq extra: {GPTQ_EXTRA_HINT}"
         return None
+
+    def supports(self, arch: type[Architecture]) -> str | None:
+        """None when GPTQModel quantizes this architecture; else why not (said before any download)."""
+        if arch.gptq:
+            return None
+        return arch.gptq_note or f"GPTQModel does not support {'/'.join(arch.hf_names)}"
 
     @staticmethod
     def _options(options: BaseModel) -> GPTQOptions:

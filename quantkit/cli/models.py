@@ -1,30 +1,57 @@
-"""`quantkit models`: the known Russian models and their aliases."""
+"""`quantkit models`: the known Russian models and their aliases, and the architectures quantkit supports."""
 
 from __future__ import annotations
 
 from rich.table import Table
 
 from quantkit import console
+from quantkit.arch import registered
 from quantkit.cli.options import JsonOpt, handle_errors
 from quantkit.models import KNOWN_MODELS
 
 
+def _formats(cls: type) -> str:
+    out = ["gguf"]
+    out += ["gptq"] if getattr(cls, "gptq", False) else []
+    out += ["exl2"] if getattr(cls, "exl2", False) else []
+    return ", ".join(out)
+
+
 @handle_errors
 def command(json_output: JsonOpt = False) -> None:
-    """List the known models (alias → Hub id, architecture, base/instruct, licence)."""
+    """List the known models (alias → Hub id, architecture, base/instruct, licence) and the supported architectures."""
+    arches = registered()
     rows = [
-        {"alias": m.alias, "hub_id": m.hub_id, "architecture": m.architecture, "instruct": m.instruct,
-         "license": m.license, "params_b": m.params_b, "note": m.note}
+        {"alias": m.alias, "hub_id": m.hub_id, "architecture": m.architecture, "family": m.family,
+         "instruct": m.instruct, "license": m.license, "license_note": m.license_note or None,
+         "params_b": m.params_b, "note": m.note}
         for m in KNOWN_MODELS
     ]
-    if json_output:
+    supported = [{"architecture": name, "family": cls.family, "gguf_arch": cls.gguf_arch.lower(),
+                  "formats": _formats(cls).split(", ")} for name, cls in arches.items()]
+    if json_output:  # a list of models (each with its architecture's formats), as before
+        for row in rows:
+            cls = arches.get(row["architecture"])
+            row["formats"] = _formats(cls).split(", ") if cls else []
         console.emit_json(rows)
         return
     table = Table(title="Known models (use the alias, the Hub id, or a local folder)")
     for col in ("alias", "Hub id", "architecture", "kind", "params", "licence"):
         table.add_column(col)
     for m in KNOWN_MODELS:
+        licence = m.license + (" (restricted, see below)" if m.license_note else "")
         table.add_row(m.alias, m.hub_id, m.architecture, "instruct" if m.instruct else "base",
-                      f"{m.params_b:g}B", m.license)
+                      f"{m.params_b:g}B", licence)
     table.add_row("demo", "(built locally)", "LlamaForCausalLM", "base", "tiny", "apache-2.0")
-    console.table_console().print(table)
+    out = console.table_console()
+    out.print(table)
+    notes = {m.license_note for m in KNOWN_MODELS if m.license_note}
+    for note in sorted(notes):
+        who = ", ".join(m.alias for m in KNOWN_MODELS if m.license_note == note)
+        out.print(f"licence: {who}: {note}")
+    arch_table = Table(title="Supported architectures (any checkpoint of these converts, known or not)")
+    for col in ("architecture", "family", "GGUF arch", "formats"):
+        arch_table.add_column(col)
+    for item in supported:
+        arch_table.add_row(item["architecture"], item["family"], item["gguf_arch"], ", ".join(item["formats"]))
+    out.print(arch_table)

@@ -1,10 +1,11 @@
 """HF safetensors → GGUF, written with `gguf`'s writer, one tensor at a time.
 
-Matches what llama.cpp's ``convert_hf_to_gguf.py`` writes for Llama (Llama-3, Llama-3.1 with its ``rope_freqs``),
-Qwen2 (attention biases, tied embeddings) and Mistral: the same tensor names, types, shapes and bytes, and the
-same metadata keys. Tensors are streamed: the header is written from the safetensors headers alone, then each
-tensor is read, transformed (Q/K rows permuted for llama.cpp's rope layout) and written before the next is read,
-so peak memory is about one tensor whatever the model size.
+Matches what llama.cpp's ``convert_hf_to_gguf.py`` writes for every architecture in the registry
+(`quantkit.arch`): the same tensor names, types, shapes and bytes, and the same metadata keys. The common keys come
+from the hyper-parameters as transformers completes them (what llama.cpp's converter reads), the rest from the
+architecture class. Tensors are streamed: the header is written from the safetensors headers alone, then each
+tensor is read, transformed (Q/K rows permuted, norms shifted, embeddings trimmed, as the architecture says) and
+written before the next is read, so peak memory is about one tensor whatever the model size.
 """
 
 from __future__ import annotations
@@ -18,23 +19,19 @@ from typing import Any
 import gguf
 import numpy as np
 
-from quantkit import __version__
-from quantkit.backends.gguf.tokenizer import add_vocab
+from quantkit import __version__, console
+from quantkit.backends.gguf.tokenizer import add_vocab, vocab_token_count
 from quantkit.errors import QuantkitError
 from quantkit.safetensors_io import TensorSource, to_f32
 from quantkit.source import Checkpoint
 from quantkit.workspace import check_disk, staging_dir
 
-ARCHES = {
-    "LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA,
-    "MistralForCausalLM": gguf.MODEL_ARCH.LLAMA,
-    "Qwen2ForCausalLM": gguf.MODEL_ARCH.QWEN2,
-}
 OUTTYPES = {
     "bf16": (gguf.LlamaFileType.MOSTLY_BF16, gguf.GGMLQuantizationType.BF16),
     "f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
     "f32": (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),
 }
+_SCORE_FUNCS = {"sigmoid": "SIGMOID", "softmax": "SOFTMAX"}
 
 
 @dataclass
@@ -46,17 +43,84 @@ class PlannedTensor:
 
 
 def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
-    """RoPE settings from either transformers 5's ``rope_parameters`` or the older top-level keys."""
-    params = dict(config.get("rope_parameters") or {})
-    if isinstance(params.get("full_attention"), dict):
-        params = dict(params["full_attention"])
-    scaling = config.get("rope_scaling") or {}
-    params.update({k: v for k, v in scaling.items() if v is not None})
-    if "type" in params and "rope_type" not in params:
-        params["rope_type"] = params["type"]
-    if "rope_theta" not in params and config.get("rope_theta") is not None:
-        params["rope_theta"] = config["rope_theta"]
+    """RoPE settings as llama.cpp's converter reads them: ``rope_parameters`` (transformers 5) or ``rope_scaling``,
+    with the top-level theta, type and original context mirrored in when there is no per-attention-type split."""
+    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    if "full_attention" not in params and "sliding_attention" not in params:
+        local = _first(config, "local_rope_theta", "rope_local_theta", "rope_theta_local", "swa_rope_theta",
+                       "rope_local_base_freq")
+        if local is not None:
+            params["sliding_attention"] = {"rope_theta": local}
+        for key in ("rope_theta", "original_max_position_embeddings", "partial_rotary_factor"):
+            if key not in params and config.get(key) is not None:
+                params[key] = config[key]
+        if "rope_type" not in params and params.get("type") is not None:
+            params["rope_type"] = params["type"]
     return params
+
+
+def _first(hp: dict[str, Any], *keys: str) -> Any:
+    return next((hp[k] for k in keys if k in hp and hp[k] is not None), None)
+
+
+def write_common_metadata(w: gguf.GGUFWriter, hp: dict[str, Any], ftype: gguf.LlamaFileType) -> None:
+    """The hyper-parameter keys every text model gets, exactly as llama.cpp's converter derives them."""
+    w.add_block_count(int(hp["num_hidden_layers"]))
+    if (n_ctx := _first(hp, "max_position_embeddings", "n_ctx", "n_positions", "max_length")) is not None:
+        w.add_context_length(n_ctx)
+    if (n_embd := _first(hp, "hidden_size", "n_embd", "dim")) is not None:
+        w.add_embedding_length(n_embd)
+    n_ff = _first(hp, "prefix_dense_intermediate_size", "dense_intermediate_size", "intermediate_size")
+    if n_ff is not None:
+        w.add_feed_forward_length(n_ff)
+    if (n_head := _first(hp, "num_attention_heads", "n_head", "n_heads")) is not None:
+        w.add_head_count(n_head)
+    if (n_kv := _first(hp, "num_key_value_heads", "n_kv_heads")) is not None:
+        w.add_head_count_kv(n_kv)
+    rope_all = rope_parameters(hp)
+    rope = rope_all.get("full_attention", rope_all)
+    if (rope_type := rope.get("rope_type")) is not None:
+        factor = rope.get("factor")
+        if rope_type == "linear" and factor is not None:
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(factor)
+        elif rope_type == "yarn" and factor is not None:
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(factor)
+            w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+            for key, adder in (("extrapolation_factor", w.add_rope_scaling_yarn_ext_factor),
+                               ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+                               ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+                if rope.get(key) is not None:
+                    adder(rope[key])
+            if (attn := rope.get("attention_factor", rope.get("attn_factor"))) is not None:
+                w.add_rope_scaling_yarn_attn_factor(attn)
+        elif str(rope_type).lower() not in ("default", "llama3"):
+            raise QuantkitError(f"unsupported RoPE scaling type {rope_type}", "supported: none, linear, yarn, llama3")
+    if (theta := rope.get("rope_theta")) is not None:
+        w.add_rope_freq_base(theta)
+    if (theta_swa := rope_all.get("sliding_attention", {}).get("rope_theta")) is not None:
+        w.add_rope_freq_base_swa(theta_swa)
+    if (eps := _first(hp, "rms_norm_eps", "norm_eps")) is not None:
+        w.add_layer_norm_rms_eps(eps)
+    if (eps := _first(hp, "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon")) is not None:
+        w.add_layer_norm_eps(eps)
+    if (n_exp := _first(hp, "num_local_experts", "num_experts", "n_routed_experts")) is not None:
+        w.add_expert_count(n_exp)
+    if (n_used := _first(hp, "num_experts_per_tok", "num_experts_per_token", "top_k_experts")) is not None:
+        w.add_expert_used_count(n_used)
+    if hp.get("n_group") is not None:
+        w.add_expert_group_count(hp["n_group"])
+    if hp.get("topk_group") is not None:
+        w.add_expert_group_used_count(hp["topk_group"])
+    if (score := _first(hp, "score_function", "scoring_func", "score_func")) is not None:
+        if score not in _SCORE_FUNCS:
+            raise QuantkitError(f"unsupported expert gating function {score}", "supported: sigmoid, softmax")
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType[_SCORE_FUNCS[score]])
+    if hp.get("head_dim") is not None:
+        w.add_key_length(int(hp["head_dim"]))
+        w.add_value_length(int(hp["head_dim"]))
+    w.add_file_type(ftype)
 
 
 def llama3_rope_factors(params: dict[str, Any], head_dim: int) -> np.ndarray:
@@ -85,35 +149,24 @@ def llama3_rope_factors(params: dict[str, Any], head_dim: int) -> np.ndarray:
     return torch.tensor(out, dtype=torch.float32).numpy()
 
 
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """HF's rotate-half Q/K row order → llama.cpp's interleaved order (works on raw bf16 bits too)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 class Converter:
     """Plans and writes the GGUF for one checkpoint."""
 
-    def __init__(self, ckpt: Checkpoint, outtype: str = "bf16") -> None:
-        if ckpt.architecture not in ARCHES:
-            raise QuantkitError(f"unsupported architecture {ckpt.architecture}",
-                                f"supported: {', '.join(ARCHES)}")
+    def __init__(self, ckpt: Checkpoint, outtype: str = "bf16", *, pre_tokenizer: str | None = None) -> None:
         if outtype not in OUTTYPES:
             raise QuantkitError(f"unknown --outtype {outtype}", f"choose one of {', '.join(OUTTYPES)}")
         self.ckpt = ckpt
-        self.hp = ckpt.config
-        self.arch = ARCHES[ckpt.architecture]
+        self.arch = ckpt.arch
+        self.hp = self.arch.hparams
+        self.gguf_arch = self.arch.gguf_model_arch()
         self.ftype, self.qtype = OUTTYPES[outtype]
-        self.n_head = int(self.hp["num_attention_heads"])
-        self.n_kv = int(self.hp.get("num_key_value_heads") or self.n_head)
-        self.n_layer = int(self.hp["num_hidden_layers"])
-        self.head_dim = int(self.hp.get("head_dim") or self.hp["hidden_size"] // self.n_head)
+        self.pre_tokenizer = pre_tokenizer
         self.rope = rope_parameters(self.hp)
-        self.tmap = gguf.get_tensor_name_map(self.arch, self.n_layer)
+        self.tmap = gguf.get_tensor_name_map(self.gguf_arch, self.arch.n_layer)
         self.src: TensorSource = ckpt.tensors
 
     # -- metadata ----------------------------------------------------------------------------------------
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
-        hp = self.hp
         w.add_type(gguf.GGUFType.MODEL)
         w.add_name(self.ckpt.name)
         w.add_size_label(gguf.size_label(self.ckpt.n_params, 0, 0, 0))
@@ -123,77 +176,57 @@ class Converter:
         if self.ckpt.hub_id:
             w.add_source_repo_url(f"https://huggingface.co/{self.ckpt.hub_id}")
         w.add_quantized_by(f"quantkit {__version__}")
-        w.add_block_count(self.n_layer)
-        if hp.get("max_position_embeddings") is not None:
-            w.add_context_length(int(hp["max_position_embeddings"]))
-        w.add_embedding_length(int(hp["hidden_size"]))
-        w.add_feed_forward_length(int(hp["intermediate_size"]))
-        w.add_head_count(self.n_head)
-        w.add_head_count_kv(self.n_kv)
-        rope_type = str(self.rope.get("rope_type", "default")).lower()
-        factor = self.rope.get("factor")
-        if rope_type == "linear" and factor is not None:
-            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            w.add_rope_scaling_factor(factor)
-        elif rope_type == "yarn" and factor is not None:
-            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-            w.add_rope_scaling_factor(factor)
-            w.add_rope_scaling_orig_ctx_len(self.rope["original_max_position_embeddings"])
-        elif rope_type not in ("default", "llama3"):
-            raise QuantkitError(f"unsupported RoPE scaling type {rope_type}",
-                                "supported: none, linear, yarn, llama3")
-        if self.rope.get("rope_theta") is not None:
-            w.add_rope_freq_base(self.rope["rope_theta"])
-        w.add_layer_norm_rms_eps(hp.get("rms_norm_eps", 1e-6))
-        if hp.get("head_dim") is not None:
-            w.add_key_length(int(hp["head_dim"]))
-            w.add_value_length(int(hp["head_dim"]))
-        w.add_file_type(self.ftype)
-        if self.arch == gguf.MODEL_ARCH.LLAMA:
-            w.add_vocab_size(int(hp["vocab_size"]))
-            w.add_rope_dimension_count(self.head_dim)
-        add_vocab(w, self.ckpt.path, hp)
+        write_common_metadata(w, self.hp, self.ftype)
+        self.arch.write_metadata(w)
+        add_vocab(w, self.ckpt.path, self.arch, pre=self.pre_tokenizer)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     # -- tensors -----------------------------------------------------------------------------------------
     def plan(self) -> list[PlannedTensor]:
         out: list[PlannedTensor] = []
-        if self.arch == gguf.MODEL_ARCH.LLAMA and str(self.rope.get("rope_type", "")).lower() == "llama3":
-            factors = llama3_rope_factors(self.rope, self.head_dim)
+        rope = self.rope.get("full_attention", self.rope)
+        if self.arch.rope_freqs_tensor and str(rope.get("rope_type", "")).lower() == "llama3":
+            factors = llama3_rope_factors(rope, self.arch.head_dim)
             out.append(PlannedTensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
                                      factors.shape, gguf.GGMLQuantizationType.F32, lambda f=factors: f))
-        for name in self.src.names():
-            if name.endswith(("rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bias")):
-                continue
-            tied = self.hp.get("tie_word_embeddings") and "model.embed_tokens.weight" in self.src
+        names = self.ckpt.canonical_names
+        tied = self.arch.tied_embeddings and "model.embed_tokens.weight" in names
+        for name, hf_name in names.items():
             if name == "lm_head.weight" and tied:
                 continue
             new = self.tmap.get_name(name, try_suffixes=(".weight", ".bias"))
             if new is None:
-                raise QuantkitError(f"cannot map tensor {name} to a GGUF name",
-                                    "the checkpoint has tensors this architecture does not use")
-            info = self.src.tensors[name]
+                raise QuantkitError(f"cannot map tensor {hf_name} to a GGUF name",
+                                    f"the checkpoint has tensors that {self.arch.hf_name} does not use")
+            shape = self.src.tensors[hf_name].shape
+            if new == "token_embd.weight" and (rows := self.arch.embedding_rows(self._vocab_tokens())) is not None:
+                shape = (min(rows, shape[0]), *shape[1:])
             qtype = self.qtype
-            if len(info.shape) <= 1 or new.endswith("_norm.weight"):
+            if len(shape) <= 1 or new.endswith("_norm.weight"):
                 qtype = gguf.GGMLQuantizationType.F32
-            out.append(PlannedTensor(new, info.shape, qtype, self._loader(name, qtype)))
+            out.append(PlannedTensor(new, shape, qtype, self._loader(name, hf_name, shape, qtype)))
         return out
 
-    def _loader(self, name: str, qtype: gguf.GGMLQuantizationType) -> Callable[[], np.ndarray]:
+    def _vocab_tokens(self) -> int:
+        return vocab_token_count(self.ckpt.path, self.arch)
+
+    def _loader(self, name: str, hf_name: str, shape: tuple[int, ...],
+                qtype: gguf.GGMLQuantizationType) -> Callable[[], np.ndarray]:
         def load() -> np.ndarray:
-            info = self.src.tensors[name]
-            data = self.src.read(name)
-            if self.arch == gguf.MODEL_ARCH.LLAMA:
-                if name.endswith(("q_proj.weight", "q_proj.bias")):
-                    data = _permute(data, self.n_head)
-                elif name.endswith(("k_proj.weight", "k_proj.bias")):
-                    data = _permute(data, self.n_kv)
-            if qtype == gguf.GGMLQuantizationType.BF16 and info.dtype == "BF16":
+            info = self.src.tensors[hf_name]
+            data = self.src.read(hf_name)
+            if shape != info.shape:
+                data = data[: shape[0]]
+            as_f32 = self.arch.needs_f32(name)
+            if as_f32:
+                data = to_f32(data, info.dtype)
+            data = self.arch.transform(name, data, as_f32)
+            if not as_f32 and qtype == gguf.GGMLQuantizationType.BF16 and info.dtype == "BF16":
                 return np.ascontiguousarray(data)  # bit-exact copy, no float round trip
-            f32 = to_f32(data, info.dtype)
+            f32 = data if as_f32 else to_f32(data, info.dtype)
             if qtype == gguf.GGMLQuantizationType.F32:
-                return np.ascontiguousarray(f32)
-            return gguf.quants.quantize(f32, qtype)
+                return np.ascontiguousarray(f32, dtype=np.float32)
+            return gguf.quants.quantize(np.ascontiguousarray(f32, dtype=np.float32), qtype)
 
         return load
 
@@ -209,12 +242,14 @@ class Converter:
         Everything is written into a hidden ``.partial`` folder beside `out` and moved into place when complete.
         """
         planned = self.plan()
+        if self.arch.skip_note and len(self.ckpt.canonical_names) < len(self.src.tensors):
+            console.info(f"{self.ckpt.name}: {self.arch.skip_note}")
         total = 0
         for t in planned:
             total += int(np.prod(t.shape, dtype=np.int64)) * self._storage(t.qtype)[1]
         check_disk(out.parent, int(total * 1.02) + (64 << 20), out.name)
         with staging_dir(out) as stage:
-            writer = gguf.GGUFWriter(stage.work / out.name, gguf.MODEL_ARCH_NAMES[self.arch],
+            writer = gguf.GGUFWriter(stage.work / out.name, gguf.MODEL_ARCH_NAMES[self.gguf_arch],
                                      split_max_size=split_max_size)
             self.write_metadata(writer)
             for t in planned:

@@ -1,9 +1,10 @@
 """Tokenizer metadata for GGUF: vocabulary, types, scores, merges, pre-tokenizer, special tokens, chat template.
 
-Byte-level BPE vocabularies (Llama-3, Qwen2, Mistral-Nemo's tekken) are read from ``tokenizer.json`` with the
-`tokenizers` library; SentencePiece vocabularies (Mistral 7B) from ``tokenizer.model``. The pre-tokenizer is
-recognised from the regular expression in ``tokenizer.json`` and named the way llama.cpp names it, so a
-vocabulary trained by the user (or a fine-tune that extended one) works as long as its pre-tokenizer is known.
+Byte-level BPE vocabularies (Llama-3, Qwen2/3, Mistral-Nemo's tekken, SmolLM, GPT-2 and every other pre-tokenizer
+llama.cpp runs) are read from ``tokenizer.json`` with the `tokenizers` library; SentencePiece vocabularies of any
+size (Mistral 7B, YandexGPT-5, Gemma 3) from ``tokenizer.model``. Which one a family prefers, and how it states the
+space prefix, is the architecture's policy (`quantkit.arch`). The pre-tokenizer name is found by
+`quantkit.backends.gguf.pretokenizer` (llama.cpp's hash, the tokenizer's structure, or a trial against llama.cpp).
 """
 
 from __future__ import annotations
@@ -11,23 +12,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import gguf
 
+from quantkit.backends.gguf import pretokenizer
 from quantkit.errors import QuantkitError
 
-# tokenizer.json Split regex → llama.cpp's tokenizer.ggml.pre
-PRE_TOKENIZERS: dict[str, str] = {
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
-        "llama-bpe",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
-        "qwen2",
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
-    r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+"
-    r"|\s+(?!\S)|\s+": "tekken",
-}
-SUPPORTED_PRE = "llama-bpe (Llama-3), qwen2 (Qwen2/2.5), tekken (Mistral-Nemo), SentencePiece (Mistral 7B)"
+if TYPE_CHECKING:
+    from quantkit.arch import Architecture
 
 
 @dataclass
@@ -35,31 +28,47 @@ class VocabInfo:
     model: str  # gpt2 | llama
     pre: str
     n_tokens: int
+    pre_method: str = ""  # hash | structure | trial | override ("" for SentencePiece)
 
 
-def _split_regex(node: Any) -> str | None:
-    """The first Split pre-tokenizer regex in a tokenizer.json pre_tokenizer tree."""
-    if not isinstance(node, dict):
-        return None
-    if node.get("type") == "Split":
-        pattern = node.get("pattern", {})
-        return pattern.get("Regex") or pattern.get("String")
-    for child in node.get("pretokenizers", []) or []:
-        found = _split_regex(child)
-        if found:
-            return found
-    return None
+def uses_sentencepiece(folder: Path, arch: Architecture) -> bool:
+    if (folder / "tokenizer.model").exists() and (arch.sentencepiece_first or not (folder / "tokenizer.json").exists()):
+        return True
+    return False
 
 
-def detect_pre_tokenizer(tokenizer_json: dict[str, Any]) -> str:
-    """llama.cpp's name for the pre-tokenizer of a byte-level BPE tokenizer; refuses unknown ones."""
-    regex = _split_regex(tokenizer_json.get("pre_tokenizer"))
-    if regex is None:
-        raise QuantkitError("the tokenizer's pre-tokenizer has no split pattern that llama.cpp knows",
-                            f"supported: {SUPPORTED_PRE}")
-    if regex not in PRE_TOKENIZERS:
-        raise QuantkitError(f"unknown pre-tokenizer pattern {regex[:60]!r}…", f"supported: {SUPPORTED_PRE}")
-    return PRE_TOKENIZERS[regex]
+def vocab_token_count(folder: Path, arch: Architecture) -> int:
+    """How many tokens the vocabulary really has, counted the way llama.cpp's converter counts them when it trims
+    embeddings: the padded SentencePiece list, or tokenizer.json's vocabulary plus its added tokens."""
+    if uses_sentencepiece(folder, arch):
+        from sentencepiece import SentencePieceProcessor
+
+        hp = arch.hparams
+        size = hp.get("vocab_size_per_layer_input") or hp.get("vocab_size")
+        if not size:
+            sp = SentencePieceProcessor()
+            sp.LoadFromFile(str(folder / "tokenizer.model"))
+            size = sp.vocab_size()
+        return int(size)
+    raw = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    return len(raw["model"]["vocab"]) + len(raw.get("added_tokens", []))
+
+
+def pre_tokenizer_for(folder: Path, arch: Architecture, *, override: str | None = None) -> tuple[str, str]:
+    """``(name, method)``: llama.cpp's pre-tokenizer for a byte-level BPE checkpoint; a trial when hash and structure
+    do not decide; a one-line refusal when no name llama.cpp knows reproduces the tokenizer."""
+    if override:
+        if override not in pretokenizer.runtime_names():
+            raise QuantkitError(f"unknown --pre-tokenizer {override}",
+                                "use a name llama.cpp knows, e.g. " + ", ".join(pretokenizer.runtime_names()[:8]))
+        return override, "override"
+    raw = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    found = pretokenizer.detect(folder, raw)
+    if found.name:
+        return found.name, found.method
+    from quantkit.backends.gguf.pretokenizer_trial import trial
+
+    return trial(folder, arch), "trial"
 
 
 def _looks_special(token: str) -> bool:
@@ -68,15 +77,15 @@ def _looks_special(token: str) -> bool:
             or (token.startswith("<unused") and token.endswith(">")))
 
 
-def _bpe_vocab(folder: Path, vocab_size: int) -> tuple[list[str], list[int], str]:
+def bpe_vocab(folder: Path, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Tokens and token types of a byte-level BPE ``tokenizer.json``, padded to `vocab_size` as llama.cpp does."""
     from tokenizers import Tokenizer
 
     path = folder / "tokenizer.json"
     raw = json.loads(path.read_text(encoding="utf-8"))
     if raw.get("model", {}).get("type") != "BPE":
         raise QuantkitError(f"tokenizer model {raw.get('model', {}).get('type')} is not supported",
-                            f"supported: {SUPPORTED_PRE}")
-    pre = detect_pre_tokenizer(raw)
+                            "supported: byte-level BPE (tokenizer.json) and SentencePiece (tokenizer.model)")
     tok = Tokenizer.from_file(str(path))
     vocab = tok.get_vocab(with_added_tokens=True)
     if vocab and max(vocab.values()) >= vocab_size:
@@ -104,7 +113,7 @@ def _bpe_vocab(folder: Path, vocab_size: int) -> tuple[list[str], list[int], str
         else:
             types.append(gguf.TokenType.NORMAL)
         tokens.append(token)
-    return tokens, types, pre
+    return tokens, types
 
 
 def _spm_vocab(folder: Path, vocab_size: int) -> tuple[list[bytes], list[float], list[int]]:
@@ -154,14 +163,15 @@ def _spm_vocab(folder: Path, vocab_size: int) -> tuple[list[bytes], list[float],
     return tokens, scores, types
 
 
-def add_vocab(writer: gguf.GGUFWriter, folder: Path, config: dict[str, Any]) -> VocabInfo:
-    """Write every tokenizer key llama.cpp needs; returns what was written."""
-    vocab_size = int(config["vocab_size"])
+def add_vocab(writer: gguf.GGUFWriter, folder: Path, arch: Architecture, *, pre: str | None = None) -> VocabInfo:
+    """Write every tokenizer key llama.cpp needs, following the architecture's policy; returns what was written.
+    `pre` overrides the pre-tokenizer name of a byte-level BPE vocabulary."""
+    vocab_size = arch.vocab_size
     cfg_file = folder / "tokenizer_config.json"
     tok_cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.exists() else {}
-    if (folder / "tokenizer.model").exists():
-        if tok_cfg.get("add_prefix_space") is not None:
-            writer.add_add_space_prefix(bool(tok_cfg["add_prefix_space"]))
+    if arch.space_prefix == "tokenizer_config" and tok_cfg.get("add_prefix_space") is not None:
+        writer.add_add_space_prefix(bool(tok_cfg["add_prefix_space"]))
+    if uses_sentencepiece(folder, arch):
         tokens, scores, types = _spm_vocab(folder, vocab_size)
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
@@ -170,12 +180,13 @@ def add_vocab(writer: gguf.GGUFWriter, folder: Path, config: dict[str, Any]) -> 
         writer.add_token_types(types)
         special = gguf.SpecialVocab(folder, n_vocab=len(tokens))
         info = VocabInfo("llama", "default", len(tokens))
+        if arch.space_prefix == "spm_false":
+            writer.add_add_space_prefix(False)
     elif (folder / "tokenizer.json").exists():
-        if tok_cfg.get("add_prefix_space") is not None and config.get("architectures", [""])[0] != "Qwen2ForCausalLM":
-            writer.add_add_space_prefix(bool(tok_cfg["add_prefix_space"]))
-        btokens, btypes, pre = _bpe_vocab(folder, vocab_size)
+        name, method = pre_tokenizer_for(folder, arch, override=pre)
+        btokens, btypes = bpe_vocab(folder, vocab_size)
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(pre)
+        writer.add_tokenizer_pre(name)
         writer.add_token_list(btokens)
         writer.add_token_types(btypes)
         special = gguf.SpecialVocab(folder, load_merges=True)
@@ -183,7 +194,7 @@ def add_vocab(writer: gguf.GGUFWriter, folder: Path, config: dict[str, Any]) -> 
         # finds set, and llama.cpp reads a missing flag as false, so write the false ones explicitly.
         for kind in ("bos", "eos"):
             special.add_special_token.setdefault(kind, False)
-        info = VocabInfo("gpt2", pre, len(btokens))
+        info = VocabInfo("gpt2", name, len(btokens), method)
     else:
         raise QuantkitError(f"{folder} has neither tokenizer.json nor tokenizer.model",
                             "copy the tokenizer files of the base model into the checkpoint folder")

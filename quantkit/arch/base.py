@@ -1,0 +1,169 @@
+"""The base of the architecture registry: what quantkit needs to know about one Hugging Face architecture family.
+
+A family is one `Architecture` subclass registered under the ``architectures[0]`` names of its ``config.json``
+(llama.cpp's converter registers its model classes the same way). Variants are small subclasses: Qwen3 over Qwen2,
+Mistral over Llama. The class answers, for every part of quantkit:
+
+- the converter: the GGUF architecture, the hyper-parameters llama.cpp's converter reads (``config.json`` as
+  transformers completes it, ``text_config`` merged in), extra metadata keys, tensor renaming and transforms
+  (Q/K permutation, norm offsets, embedding trimming), which tensors are left out (a vision tower);
+- the tokenizer writer: SentencePiece or byte-level BPE first, and the ``add_space_prefix`` policy;
+- the layer-by-layer forward (imatrix, bf16 reference, verification): the transformers text model, buffers that a
+  model built on the ``meta`` device must have refilled, per-layer keyword arguments;
+- the format backends: which Linear layers GPTQ quantizes and whether GPTQModel / exllamav2 support the family;
+- the fixtures: the transformers config of a tiny checkpoint of the family.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import gguf
+
+
+class Architecture:
+    """One HF architecture family. Subclasses override class attributes first, methods where a table is not enough."""
+
+    hf_names: ClassVar[tuple[str, ...]] = ()
+    family: ClassVar[str] = "?"
+    gguf_arch: ClassVar[str] = ""  # a gguf.MODEL_ARCH member name: LLAMA, QWEN2, ...
+    permute_qk: ClassVar[bool] = False  # HF rotate-half Q/K rows → llama.cpp's interleaved order
+    rope_freqs_tensor: ClassVar[bool] = False  # Llama-3.1's rope scaling becomes a ``rope_freqs`` tensor
+    norm_shift: ClassVar[float] = 0.0  # added to every ``*norm.weight`` (Gemma's RMSNorm computes x * (1 + w))
+    sentencepiece_first: ClassVar[bool] = True  # use tokenizer.model when present (else tokenizer.json)
+    space_prefix: ClassVar[str] = "tokenizer_config"  # tokenizer_config | spm_false | never
+    gptq: ClassVar[bool] = True  # GPTQModel 7.6 quantizes it
+    gptq_note: ClassVar[str] = ""
+    exl2: ClassVar[bool] = True  # exllamav2 0.3.2 loads it
+    exl2_note: ClassVar[str] = ""
+    # Linear layers GPTQ quantizes, as canonical tensor names (``model.layers.N.…``)
+    gptq_layers: ClassVar[re.Pattern[str]] = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.weight$")
+    # tensors that are not part of the text model (a vision tower, an audio encoder): left out, with one note
+    skip_tensors: ClassVar[re.Pattern[str] | None] = None
+    skip_note: ClassVar[str] = ""
+    default_chat_kwargs: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, folder: Path, config: dict[str, Any]) -> None:
+        self.folder = Path(folder)
+        self.config = config  # config.json as written
+
+    # -- identity ------------------------------------------------------------------------------------------------
+    @property
+    def hf_name(self) -> str:
+        return (self.config.get("architectures") or ["?"])[0]
+
+    @classmethod
+    def describe(cls) -> str:
+        return f"{'/'.join(cls.hf_names)} ({cls.family})"
+
+    # -- hyper-parameters ---------------------------------------------------------------------------------------
+    @cached_property
+    def hparams(self) -> dict[str, Any]:
+        """``config.json`` as transformers completes it (defaults filled in, like ``head_dim``), ``text_config`` merged
+        into the top level: the dict llama.cpp's converter reads its metadata from."""
+        raw = dict(self.config)
+        try:
+            from transformers import AutoConfig
+
+            full = AutoConfig.from_pretrained(self.folder).to_dict()
+        except Exception:  # noqa: BLE001 - an unknown model_type or a transformers too old: use the file as is
+            full = raw
+        if isinstance(full.get("text_config"), dict):
+            full = {**full, **full["text_config"]}
+        return full
+
+    @property
+    def n_layer(self) -> int:
+        return int(self.hparams["num_hidden_layers"])
+
+    @property
+    def n_head(self) -> int:
+        return int(self.hparams["num_attention_heads"])
+
+    @property
+    def n_kv(self) -> int:
+        return int(self.hparams.get("num_key_value_heads") or self.n_head)
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.hparams.get("head_dim") or self.hparams["hidden_size"] // self.n_head)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hparams["vocab_size"])
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return bool(self.hparams.get("tie_word_embeddings"))
+
+    def gguf_model_arch(self) -> gguf.MODEL_ARCH:
+        import gguf
+
+        return gguf.MODEL_ARCH[self.gguf_arch]
+
+    # -- tensors -------------------------------------------------------------------------------------------------
+    def canonical_name(self, hf_name: str) -> str | None:
+        """The text model's tensor name for a checkpoint tensor (``model.layers.0…``); None to leave it out."""
+        if self.skip_tensors is not None and self.skip_tensors.search(hf_name):
+            return None
+        if hf_name.endswith(("rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bias")):
+            return None
+        return hf_name.replace("language_model.", "") if "language_model." in hf_name else hf_name
+
+    def transform(self, name: str, data: np.ndarray, f32: bool) -> np.ndarray:
+        """A tensor on its way into the GGUF (`name` canonical). `f32` says the data is float32 (else raw storage)."""
+        if self.norm_shift and name.endswith("norm.weight"):
+            data = data + np.float32(self.norm_shift)
+        if self.permute_qk:
+            if name.endswith(("q_proj.weight", "q_proj.bias")):
+                data = permute(data, self.n_head)
+            elif name.endswith(("k_proj.weight", "k_proj.bias")):
+                data = permute(data, self.n_kv)
+        return data
+
+    def needs_f32(self, name: str) -> bool:
+        """Whether `transform` must see float32 data (arithmetic, not only a reordering of rows)."""
+        return bool(self.norm_shift) and name.endswith("norm.weight")
+
+    def embedding_rows(self, vocab_tokens: int) -> int | None:
+        """Rows of ``token_embd`` to keep (None: all). `vocab_tokens` is the size of the tokenizer's vocabulary."""
+        return None
+
+    # -- GGUF metadata --------------------------------------------------------------------------------------------
+    def write_metadata(self, w: gguf.GGUFWriter) -> None:
+        """Keys beyond the common ones (written by the converter) that llama.cpp's converter writes for this family."""
+
+    # -- the layer-by-layer transformers forward ------------------------------------------------------------------
+    def text_config(self, config: Any) -> Any:
+        """The transformers config of the text model inside `config` (itself for a plain causal LM)."""
+        return getattr(config, "text_config", None) or config
+
+    def fix_buffers(self, module_name: str, module: Any) -> None:
+        """Refill buffers of a module materialised from ``meta`` (not stored in the checkpoint)."""
+
+    # -- fixtures -----------------------------------------------------------------------------------------------
+    fixture_tokenizer: ClassVar[str] = "llama3"  # llama3 | qwen2 | spm | tekken | smollm | gpt2
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.hf_name}>"
+
+    @classmethod
+    def fixture_config(cls, common: dict[str, Any], **extra: Any) -> Any:
+        """A transformers config for a tiny checkpoint of this family (`common`: sizes and token ids)."""
+        raise NotImplementedError(cls.__name__)
+
+
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's rotate-half Q/K row order → llama.cpp's interleaved order (works on raw bf16 bits too)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))

@@ -1,0 +1,45 @@
+"""Llama (Llama-2/3/3.1, T-lite-0.1, Vikhr-Llama, Saiga-Llama, YandexGPT-5-Lite) and Mistral (7B, Nemo)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from quantkit.arch.base import Architecture
+from quantkit.arch.registry import register
+
+if TYPE_CHECKING:
+    import gguf
+
+
+@register
+class Llama(Architecture):
+    hf_names = ("LlamaForCausalLM",)
+    family = "llama"
+    gguf_arch = "LLAMA"
+    permute_qk = True
+    rope_freqs_tensor = True
+
+    def write_metadata(self, w: gguf.GGUFWriter) -> None:
+        w.add_vocab_size(self.vocab_size)
+        w.add_rope_dimension_count(self.head_dim)
+
+    @classmethod
+    def fixture_config(cls, common: dict[str, Any], **extra: Any) -> Any:
+        from transformers import LlamaConfig
+
+        return LlamaConfig(**{"rope_theta": 500000.0, "tie_word_embeddings": False, **common, **extra})
+
+
+@register
+class Mistral(Llama):
+    hf_names = ("MistralForCausalLM",)
+    family = "mistral"
+    fixture_tokenizer: ClassVar[str] = "spm"
+
+    @classmethod
+    def fixture_config(cls, common: dict[str, Any], **extra: Any) -> Any:
+        from transformers import MistralConfig
+
+        kw = {"rope_theta": 1000000.0, "tie_word_embeddings": False, "sliding_window": None,
+              "head_dim": common["hidden_size"] // common["num_attention_heads"], **common, **extra}
+        return MistralConfig(**kw)

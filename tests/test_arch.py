@@ -1,0 +1,149 @@
+"""The architecture registry and the tokenizers llama.cpp must recognise: every registered family converts to a
+GGUF that llama.cpp runs exactly like transformers, with the metadata llama.cpp's converter writes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from conftest import tokenizer_ckpt
+from test_cli import one_line_error, qk
+
+from quantkit.arch import Architecture, registered
+from quantkit.arch.qwen import Qwen2, Qwen3
+from quantkit.backends.base import JobContext
+from quantkit.backends.gguf.backend import GGUFBackend, GGUFOptions
+from quantkit.backends.gguf.convert import Converter
+from quantkit.backends.gguf.pretokenizer import by_structure, runtime_names
+from quantkit.backends.gguf.tokenizer import pre_tokenizer_for
+from quantkit.demo import FIXTURES
+from quantkit.errors import QuantkitError
+from quantkit.source import load_local
+from quantkit.verify import verify_gguf
+from quantkit.workspace import Workspace
+
+
+def _ckpt(path: Path):
+    return load_local(path, name=path.name, source=str(path))
+
+
+def _fields(path: Path) -> dict[str, object]:
+    reader = gguf.GGUFReader(path)
+    out: dict[str, object] = {}
+    for name, field in reader.fields.items():
+        if field.types and field.types[0] == gguf.GGUFValueType.STRING:
+            out[name] = bytes(field.parts[-1]).decode()
+        elif field.types and field.types[0] != gguf.GGUFValueType.ARRAY:
+            out[name] = field.parts[-1].tolist()[0]
+    out["_tensors"] = {t.name: t for t in reader.tensors}
+    return out
+
+
+def test_registry_covers_every_family_and_each_has_a_fixture() -> None:
+    names = set(registered())
+    assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM",
+            "Gemma3ForConditionalGeneration"} <= names
+    assert names <= {f.architecture for f in FIXTURES.values()}  # the fixtures cover every registered family
+    assert issubclass(Qwen3, Qwen2) and all(issubclass(c, Architecture) for c in registered().values())
+
+
+def test_qwen3_conversion(qwen3_ckpt: Path, tmp_path: Path) -> None:
+    """Q/K norms kept as F32, no attention biases, head_dim from the config (128, not hidden/heads = 64)."""
+    out = Converter(_ckpt(qwen3_ckpt)).write(tmp_path / "q3.gguf")[0]
+    f = _fields(out)
+    assert f["general.architecture"] == "qwen3" and f["tokenizer.ggml.pre"] == "qwen2"
+    assert f["qwen3.attention.key_length"] == 128 and f["qwen3.attention.value_length"] == 128
+    tensors = f["_tensors"]
+    assert tensors["blk.0.attn_q_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert tuple(tensors["blk.0.attn_q.weight"].shape) == (256, 4 * 128)
+    assert "blk.0.attn_q.bias" not in tensors
+
+
+def test_gemma3_conversion(gemma3_ckpt: Path, gemma3mm_ckpt: Path, tmp_path: Path,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    ck = _ckpt(gemma3_ckpt)
+    out = Converter(ck).write(tmp_path / "g3.gguf")[0]
+    f = _fields(out)
+    assert f["general.architecture"] == "gemma3" and f["gemma3.attention.sliding_window"] == 64
+    assert f["tokenizer.ggml.model"] == "llama" and f["tokenizer.ggml.add_space_prefix"] is False
+    # llama.cpp stores Gemma's norms as 1 + w
+    w = ck.tensors.read_f32("model.layers.0.input_layernorm.weight")
+    got = np.asarray(f["_tensors"]["blk.0.attn_norm.weight"].data)
+    assert np.array_equal(got, w + np.float32(1.0)) and not np.allclose(w, 0)
+    # the multimodal checkpoint: the same text model, the vision tower left out with one line saying so
+    mm = _ckpt(gemma3mm_ckpt)
+    assert any("vision_tower" in n for n in mm.tensors.names())
+    out_mm = Converter(mm).write(tmp_path / "g3mm.gguf")[0]
+    names = set(_fields(out_mm)["_tensors"])
+    assert names == set(_fields(out)["_tensors"]) and not any(n.startswith("v.") for n in names)
+    assert "vision tower" in capsys.readouterr().err
+
+
+def test_head_dim_metadata_when_config_omits_it(llama3_ckpt: Path, tmp_path: Path) -> None:
+    """An older Llama config.json without head_dim still gets attention.key_length/value_length, as llama.cpp's
+    converter writes them (it reads the config as transformers completes it)."""
+    folder = tmp_path / "nohd"
+    shutil.copytree(llama3_ckpt, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.pop("head_dim", None)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    f = _fields(Converter(_ckpt(folder)).write(tmp_path / "nohd.gguf")[0])
+    assert f["llama.attention.key_length"] == 64 and f["llama.rope.dimension_count"] == 64
+
+
+@pytest.mark.parametrize(("style", "name", "method"), [("smollm", "smollm", "structure"),
+                                                       ("gpt2", "gpt-2", "structure"),
+                                                       ("rewritten", "qwen2", "trial")])
+def test_pre_tokenizers_beyond_three_regexes(style: str, name: str, method: str, ckpt_root: Path,
+                                             tmp_path: Path) -> None:
+    """Digits + ByteLevel (SmolLM), GPT-2's ByteLevel, and a regex no table knows (found by trying llama.cpp):
+    each named right and tokenizing Russian text exactly like the original."""
+    folder = tokenizer_ckpt(ckpt_root, style)
+    ck = _ckpt(folder)
+    assert pre_tokenizer_for(folder, ck.arch) == (name, method)
+    out = Converter(ck).write(tmp_path / f"{style}.gguf")[0]
+    report = verify_gguf(ck, out, forward=False)
+    assert report["tokenizer_parity"] and report["tokens_compared"] > 500
+
+
+def test_structure_table() -> None:
+    raw = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}]}}
+    assert by_structure(raw) == "smollm"
+    assert by_structure({"pre_tokenizer": {"type": "Metaspace"}}) is None
+    assert "qwen2" in runtime_names() and len(runtime_names()) > 80
+
+
+def test_tokenizer_llama_cpp_cannot_run_is_refused(ckpt_root: Path, tmp_path: Path) -> None:
+    folder = tokenizer_ckpt(ckpt_root, "unrunnable")
+    with pytest.raises(QuantkitError, match=r"no pre-tokenizer llama.cpp knows reproduces this tokenizer") as err:
+        pre_tokenizer_for(folder, _ckpt(folder).arch)
+    assert f"tried {len(runtime_names())}" in err.value.message and "--pre-tokenizer" in (err.value.hint or "")
+    # through the CLI: one line, no traceback, nothing final-named
+    one_line_error(qk("gguf", str(folder), "--q8_0", "-w", str(tmp_path / "w"), "--no-imatrix"),
+                   "no pre-tokenizer llama.cpp knows")
+    assert not list((tmp_path / "w").rglob("*.gguf"))
+
+
+def test_exl2_refuses_gemma3_causal_lm_before_work(gemma3_ckpt: Path, tmp_path: Path) -> None:
+    """exllamav2 has Gemma3ForConditionalGeneration, not Gemma3ForCausalLM: said first, whatever the machine."""
+    one_line_error(qk("exl2", str(gemma3_ckpt), "-w", str(tmp_path / "w")), "Gemma3ForCausalLM")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture", ["qwen3_ckpt", "gemma3_ckpt", "yandexgpt_ckpt"])
+def test_imatrix_quantize_verify(fixture: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Russian imatrix, Q4_K_M with it, both files verified (load, tokenizer parity, BF16 vs transformers)."""
+    ck = _ckpt(request.getfixturevalue(fixture))
+    ws = Workspace(tmp_path / "ws")
+    ctx = JobContext(checkpoint=ck, workspace=ws, calib_samples=8, calib_seq_len=256)
+    arts = GGUFBackend().run(ctx, GGUFOptions(types=["Q4_K_M"]))
+    assert sorted(a.quant for a in arts) == ["BF16", "Q4_K_M"]
+    for a in arts:
+        assert ws.artifacts[ws.rel(a.path)]["verify"]["tokenizer_parity"] is True
+    bf16 = next(a for a in arts if a.quant == "BF16")
+    assert ws.artifacts[ws.rel(bf16.path)]["verify"]["kld_vs_transformers"] <= 0.001
