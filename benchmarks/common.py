@@ -40,10 +40,19 @@ BENCH_SPEC: dict[str, Any] = dict(family="llama3", vocab_size=16384, hidden=1024
                                   ffn=2816, train_steps=8)
 # Small checkpoints for the converter identity check (the tests' fixture sizes; instruct ones carry a template).
 SMALL_SPEC: dict[str, Any] = dict(vocab_size=2048, hidden=256, layers=2, heads=4, kv_heads=2, ffn=768, train_steps=0)
+# One small checkpoint per registered architecture (and the tokenizer variants llama.cpp names differently), for the
+# converter identity check; the Llama-3 one is the timed benchmark model. Instruct ones carry a chat template.
 SMALL_FAMILIES: dict[str, dict[str, Any]] = {
     "llama31": dict(family="llama31", instruct=True),
     "qwen2": dict(family="qwen2", instruct=True),
+    "qwen3": dict(family="qwen3", instruct=True),
     "mistral": dict(family="mistral", instruct=True),
+    "nemo": dict(family="nemo", instruct=True),
+    "yandexgpt": dict(family="yandexgpt", instruct=True, vocab_size=32000),
+    "gemma3": dict(family="gemma3", instruct=True, layers=6),
+    "gemma3mm": dict(family="gemma3mm", instruct=True, layers=6),
+    "smollm": dict(family="smollm"),
+    "gpt2": dict(family="gpt2"),
 }
 
 

@@ -1,7 +1,8 @@
 """quantkit's HF → GGUF converter against llama.cpp's ``convert_hf_to_gguf.py --outtype bf16``.
 
-1. Identity, per architecture (llama3 = the benchmark checkpoint; llama31, qwen2, mistral = small instruct
-   checkpoints): every tensor (name, type, shape, bytes) and every metadata key and value outside ``general.*``.
+1. Identity, for every architecture in quantkit's registry (llama3 = the benchmark checkpoint; a small checkpoint of
+   each other family and tokenizer style from ``common.SMALL_FAMILIES``): every tensor (name, type, shape, bytes) and
+   every metadata key and value outside ``general.*``. The run fails if a registered architecture has no checkpoint.
 2. Speed and memory on the Llama-3 benchmark checkpoint: both converters alternate in fresh processes; wall time
    and peak RSS side by side, with medians of per-round ratios.
 
@@ -18,7 +19,6 @@ Targets: tensors and metadata identical; quantkit ≤ 0.5× the reference's wall
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -58,11 +58,22 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def detected_pre(ckpt: Path) -> str:
     """The pre-tokenizer name quantkit writes for this checkpoint ("-" for SentencePiece)."""
-    from quantkit.backends.gguf.tokenizer import detect_pre_tokenizer
+    from quantkit.backends.gguf.tokenizer import pre_tokenizer_for, uses_sentencepiece
 
-    if (ckpt / "tokenizer.model").exists():
+    arch = common.load_checkpoint(ckpt).arch
+    if uses_sentencepiece(ckpt, arch):
         return "-"
-    return detect_pre_tokenizer(json.loads((ckpt / "tokenizer.json").read_text(encoding="utf-8")))
+    return pre_tokenizer_for(ckpt, arch)[0]
+
+
+def check_coverage(families: list[str]) -> list[str]:
+    """Registered architectures with no checkpoint among `families` (the identity check must cover them all)."""
+    from quantkit.arch import registered
+    from quantkit.demo import FIXTURES
+
+    covered = {FIXTURES["llama3" if f == "llama3" else common.SMALL_FAMILIES[f]["family"]].architecture
+               for f in families}
+    return [name for name in registered() if name not in covered]
 
 
 def run_reference(ckpt: Path, out: Path, pre: str) -> common.Run:
@@ -78,7 +89,10 @@ def run_quantkit(ckpt: Path, out: Path) -> common.Run:
 def identity(families: list[str]) -> bool:
     print("\n== identity: quantkit vs convert_hf_to_gguf.py --outtype bf16 (general.* ignored) ==")
     rows = []
-    ok_all = True
+    missing = check_coverage(families)
+    ok_all = not missing
+    if missing:
+        print(f"registered architectures without a checkpoint here: {', '.join(missing)}")
     details: list[str] = []
     for fam in families:
         ckpt = common.bench_checkpoint() if fam == "llama3" else common.small_checkpoint(fam)
@@ -89,14 +103,15 @@ def identity(families: list[str]) -> bool:
         res = common.compare_gguf(ours, ref, skip=("general.", "GGUF."))
         ok = not res["tensor_diffs"] and not res["meta_diffs"]
         ok_all &= ok
-        rows.append([fam, ckpt.name, pre if pre != "-" else "(SentencePiece, no patch)", res["tensors"],
+        arch = common.load_checkpoint(ckpt).architecture
+        rows.append([fam, arch, pre if pre != "-" else "(SentencePiece, no patch)", res["tensors"],
                      len(res["tensor_diffs"]), res["meta_keys"], len(res["meta_diffs"]),
                      "yes" if res["same_order"] else "no", verdict(ok)])
         for d in res["tensor_diffs"][:10] + res["meta_diffs"][:20]:
             details.append(f"  {fam}: {d}")
         common.clean(ours)
         common.clean(ref)
-    print(table(rows, ["arch", "checkpoint", "pre-tokenizer patched to", "tensors", "tensor diffs", "meta keys",
+    print(table(rows, ["fixture", "architecture", "pre-tokenizer patched to", "tensors", "tensor diffs", "meta keys",
                        "meta diffs", "same order", "identical"]))
     if details:
         print("differences:")
@@ -146,7 +161,7 @@ def timing(repeat: int) -> tuple[bool, bool]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--families", default="llama3,llama31,qwen2,mistral")
+    ap.add_argument("--families", default=",".join(["llama3", *common.SMALL_FAMILIES]))
     ap.add_argument("--skip-identity", action="store_true")
     ap.add_argument("--skip-timing", action="store_true")
     args = ap.parse_args()

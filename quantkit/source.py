@@ -214,6 +214,22 @@ def resolve(spec: str, *, revision: str | None = None, allow_download: bool = Tr
     )
 
 
+def architecture_of(spec: str) -> type[Architecture] | None:
+    """The registered architecture of what `spec` names, when that is known without downloading (an alias, a local
+    folder); None otherwise (an unknown architecture, or a Hub id not fetched yet)."""
+    known = find_known(spec)
+    if known is not None:
+        return lookup(known.architecture)
+    config = Path(spec).expanduser() / "config.json"
+    if config.is_file():
+        try:
+            name = (json.loads(config.read_text(encoding="utf-8")).get("architectures") or [""])[0]
+        except (json.JSONDecodeError, OSError):
+            return None
+        return lookup(name)
+    return None
+
+
 def _require(architecture: str | None, require: Requirement | None) -> None:
     """Refuse an architecture the registry does not know, or that `require` rejects (None: not known yet)."""
     if architecture is None:

@@ -147,3 +147,28 @@ def test_imatrix_quantize_verify(fixture: str, request: pytest.FixtureRequest, t
         assert ws.artifacts[ws.rel(a.path)]["verify"]["tokenizer_parity"] is True
     bf16 = next(a for a in arts if a.quant == "BF16")
     assert ws.artifacts[ws.rel(bf16.path)]["verify"]["kld_vs_transformers"] <= 0.001
+
+
+def test_qwen3_calibration_renders_finished_conversations(qwen3_ckpt: Path) -> None:
+    """Dialogues go through Qwen3's own thinking template as finished conversations: each answer with the empty
+    think block the template writes when thinking is off."""
+    from transformers import AutoTokenizer
+
+    from quantkit.calibration import load, render
+
+    tok = AutoTokenizer.from_pretrained(qwen3_ckpt)
+    doc = next(d for d in load("builtin:ru-mix").documents if d.messages)
+    text = render(doc, tok, chat=True)
+    assert text.startswith("<|im_start|>") and "<|im_start|>assistant\n<think>\n\n</think>\n\n" in text
+
+
+def test_pre_tokenizer_override(ckpt_root: Path, tmp_path: Path) -> None:
+    folder = tokenizer_ckpt(ckpt_root, "smollm")
+    ck = _ckpt(folder)
+    assert pre_tokenizer_for(folder, ck.arch, override="gpt-2") == ("gpt-2", "override")
+    with pytest.raises(QuantkitError, match="unknown --pre-tokenizer"):
+        pre_tokenizer_for(folder, ck.arch, override="klingon")
+    with pytest.raises(ValueError, match="no pre-tokenizer 'klingon'"):
+        GGUFOptions(pre_tokenizer="klingon")
+    out = Converter(ck, pre_tokenizer="gpt-2").write(tmp_path / "o.gguf")[0]
+    assert _fields(out)["tokenizer.ggml.pre"] == "gpt-2"

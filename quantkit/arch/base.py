@@ -48,7 +48,6 @@ class Architecture:
     # tensors that are not part of the text model (a vision tower, an audio encoder): left out, with one note
     skip_tensors: ClassVar[re.Pattern[str] | None] = None
     skip_note: ClassVar[str] = ""
-    default_chat_kwargs: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, folder: Path, config: dict[str, Any]) -> None:
         self.folder = Path(folder)

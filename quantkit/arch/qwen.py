@@ -27,12 +27,12 @@ class Qwen2(Architecture):
 @register
 class Qwen3(Qwen2):
     """Qwen2 without attention biases, with per-head RMS norms on Q and K and ``head_dim`` from the config (the 32B
-    has 64 heads × 128 = 8192 ≠ hidden 5120); its chat template thinks unless told not to."""
+    has 64 heads × 128 = 8192 ≠ hidden 5120). Its thinking chat template needs nothing here: calibration renders
+    finished conversations, which it writes with an empty think block."""
 
     hf_names = ("Qwen3ForCausalLM",)
     family = "qwen3"
     gguf_arch = "QWEN3"
-    default_chat_kwargs: ClassVar[dict[str, Any]] = {"enable_thinking": False}
 
     @classmethod
     def fixture_config(cls, common: dict[str, Any], **extra: Any) -> Any:
