@@ -427,6 +427,7 @@ def load_recipe(path: str | Path) -> Recipe:
         problems += _problems(exc, root, shown, schema)
     if spec is not None:
         problems += _semantic_problems(spec, root, shown, path.parent.resolve())
+    problems += _calibration_problems(data, root, shown, path.parent.resolve())
     if problems:
         raise RecipeError(sorted(problems, key=lambda p: (p.line or 0)))
     return Recipe(path.resolve(), spec)
@@ -574,29 +575,36 @@ def _semantic_problems(spec: Any, root: Any, shown: str, base: Path) -> list[Pro
                                f"two models are named '{name}' (also models[{names[name]}]): they would share a "
                                "workspace", "give one of them a different `name:`"))
         names.setdefault(name, i)
-    out += _calibration_problems(spec, root, shown, base)
     return out
 
 
-def _calibration_problems(spec: Any, root: Any, shown: str, base: Path) -> list[Problem]:
-    """Calibration files that are missing or unreadable, at the line that names them."""
+def _calibration_problems(data: dict[str, Any], root: Any, shown: str, base: Path) -> list[Problem]:
+    """Calibration files that are missing or unreadable, at the line that names them (from the raw YAML, so they
+    are reported together with schema problems)."""
     from quantkit.calibration import check
 
-    places = [(("defaults", "calibration"), spec.defaults.calibration)]
-    places += [(("models", i, "calibration"), e.calibration) for i, e in enumerate(spec.models) if e.calibration]
+    defaults = data.get("defaults") if isinstance(data.get("defaults"), dict) else {}
+    places = [(("defaults", "calibration"), defaults.get("calibration"))]
+    models = data.get("models") if isinstance(data.get("models"), list) else []
+    places += [(("models", i, "calibration"), m.get("calibration"))
+               for i, m in enumerate(models) if isinstance(m, dict)]
     out: list[Problem] = []
     for loc, value in places:
-        parsed = CalibrationSpec.parse(value)
+        if not isinstance(value, str):
+            continue
+        try:
+            parsed = CalibrationSpec.parse(value)
+        except QuantkitError:
+            continue  # the schema reports it
         if parsed.kind != "file":
             continue
-        path = Path(parsed.name) if Path(parsed.name).is_absolute() else base / parsed.name
+        relative = not Path(parsed.name).is_absolute()
         try:
-            check(str(path))
+            check(str(base / parsed.name if relative else parsed.name))
         except QuantkitError as exc:
             node, _, where, _ = _walk(root, loc)
-            line = node.start_mark.line + 1 if node is not None and loc[-1] in where else None
-            out.append(Problem(shown, line, where, exc.message, "calibration files are relative to the recipe's "
-                               "folder" if not Path(parsed.name).is_absolute() else exc.hint))
+            out.append(Problem(shown, node.start_mark.line + 1 if node is not None else None, where, exc.message,
+                               "calibration files are relative to the recipe's folder" if relative else exc.hint))
     return out
 
 
@@ -896,6 +904,7 @@ def _run_model(recipe: Recipe, entry: Any, fmts: list[str], keep_going: bool) ->
     """One model: backends that cannot run here are skipped (or fail, when required) before anything is fetched;
     then resolve, and each format in turn."""
     from quantkit.backends.base import JobContext
+    from quantkit.lock import holding
     from quantkit.source import resolve
     from quantkit.workspace import Workspace, record_model
 
@@ -942,31 +951,32 @@ def _run_model(recipe: Recipe, entry: Any, fmts: list[str], keep_going: bool) ->
     name = ckpt.name
     st = recipe.settings(entry)
     ws = Workspace(recipe.workspace_root() / safe_dir_name(name))
-    ws.lock()
-    before = _steps_snapshot(ws)
-    record_model(ws, ckpt)
-    ctx = JobContext(checkpoint=ckpt, workspace=ws, calibration=st["calibration"], calib_samples=st["calib_samples"],
-                     calib_seq_len=st["calib_seq_len"], seed=st["seed"], threads=st["threads"],
-                     command=f"quantkit run {recipe.path.name}")
-    for fmt, backend in backends.items():
-        if out.failed and not keep_going:
-            break
-        try:
-            made, published = _run_format(recipe, entry, fmt, backend, ctx, st)
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # noqa: BLE001 - one format's failure is reported, the rest may go on
-            msg = str(exc) if isinstance(exc, QuantkitError) else f"{type(exc).__name__}: {exc}"
-            console.console.print(f"[red]{name} {fmt} failed:[/] {msg}", highlight=False)
-            by_fmt[fmt] = [_row(name, fmt, status="failed", note=msg.splitlines()[0][:300] if msg else "")]
-            out.failed = True
-            continue
-        by_fmt[fmt] = made
-        out.work = out.work or published
-    not_run("an earlier step failed")
-    out.rows = rows()
-    out.work = out.work or _steps_snapshot(ws) != before
-    return out
+    with holding(ws.root, clean=True):  # one writer: another run on this workspace makes this refuse
+        before = _steps_snapshot(ws)
+        record_model(ws, ckpt)
+        ctx = JobContext(checkpoint=ckpt, workspace=ws, calibration=st["calibration"],
+                         calib_samples=st["calib_samples"], calib_seq_len=st["calib_seq_len"], seed=st["seed"],
+                         threads=st["threads"],
+                         command=f"quantkit run {recipe.path.name}")
+        for fmt, backend in backends.items():
+            if out.failed and not keep_going:
+                break
+            try:
+                made, published = _run_format(recipe, entry, fmt, backend, ctx, st)
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one format's failure is reported, the rest may go on
+                msg = str(exc) if isinstance(exc, QuantkitError) else f"{type(exc).__name__}: {exc}"
+                console.console.print(f"[red]{name} {fmt} failed:[/] {msg}", highlight=False)
+                by_fmt[fmt] = [_row(name, fmt, status="failed", note=msg.splitlines()[0][:300] if msg else "")]
+                out.failed = True
+                continue
+            by_fmt[fmt] = made
+            out.work = out.work or published
+        not_run("an earlier step failed")
+        out.rows = rows()
+        out.work = out.work or _steps_snapshot(ws) != before
+        return out
 
 
 def _steps_snapshot(ws: Any) -> str:
