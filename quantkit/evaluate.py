@@ -236,12 +236,21 @@ def evaluate_workspace(
     max_kld: float = DEFAULT_MAX_KLD,
     model: str | None = None,
 ) -> dict[str, Any]:
-    """Score every artifact of the workspace (or `only` these) against the bf16 reference; record and gate."""
+    """Score every artifact of the workspace (or `only` these) against the bf16 reference; record and gate.
+    The workspace is locked meanwhile (another run writing it makes this refuse)."""
+    from quantkit.lock import holding
+
+    with holding(ws.root):
+        return _evaluate(ws, only=only, eval_spec=eval_spec, n_ctx=n_ctx, chunks=chunks,
+                         max_ppl_increase=max_ppl_increase, max_kld=max_kld, model=model)
+
+
+def _evaluate(ws: Workspace, *, only: list[Path] | None, eval_spec: str, n_ctx: int, chunks: int | None,
+              max_ppl_increase: float, max_kld: float, model: str | None) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from quantkit.backends.base import backend_for
 
-    ws.lock()
     ckpt = workspace_checkpoint(ws, model)
     tok = AutoTokenizer.from_pretrained(ckpt.path)
     toks = eval_tokens(ckpt, eval_spec, n_ctx, chunks, tok)

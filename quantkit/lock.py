@@ -84,12 +84,13 @@ def acquire(root: Path, *, clean: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def holding(root: Path) -> Iterator[None]:
-    """The lock for the duration of the block, unless this process holds it already (then it is kept)."""
+def holding(root: Path, *, clean: bool = False) -> Iterator[None]:
+    """The lock for the duration of the block, unless this process holds it already (then it is kept);
+    `clean` removes what dead runs left, as `acquire` does."""
     if held(root):
         yield
         return
-    acquire(root, clean=False)
+    acquire(root, clean=clean)
     try:
         yield
     finally:

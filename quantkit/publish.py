@@ -288,16 +288,18 @@ def publish_format(ws: Workspace, fmt: str, *, repo: str | None = None, private:
     """Publish `fmt` to the Hub; returns {repo, url, files, branches, skipped, refused, ...}."""
     if dry_run:
         return plan_publish(ws, fmt, repo=repo, private=private, force=force)
+    from quantkit.lock import holding
+
     token = hub_token()
-    ws.lock()
-    lay = layout(ws, fmt, force=force)
-    with hub_errors(token, "checking the Hub token"):
-        api = _api(token)
-        who = _retrying(lambda: api.whoami(), "whoami")
-    user = str(who.get("name") or "")
-    target = _repo_id(repo, user, ws, fmt)
-    _check_role(who, target)
-    return publish_folder(ws, lay, api=api, repo=target, private=private, token=token)
+    with holding(ws.root):
+        lay = layout(ws, fmt, force=force)
+        with hub_errors(token, "checking the Hub token"):
+            api = _api(token)
+            who = _retrying(lambda: api.whoami(), "whoami")
+        user = str(who.get("name") or "")
+        target = _repo_id(repo, user, ws, fmt)
+        _check_role(who, target)
+        return publish_folder(ws, lay, api=api, repo=target, private=private, token=token)
 
 
 def publish_folder(ws: Workspace, lay: Layout, *, api: Any, repo: str, private: bool, token: str) -> dict[str, Any]:

@@ -476,3 +476,76 @@ def test_size_bound_is_an_upper_bound(llama3_ckpt: Path, qwen2_ckpt: Path, tmp_p
             assert bound >= real, (ckpt.name, q, bound, real)
             assert bound <= 1.35 * real, (ckpt.name, q, bound, real)  # and not too loose to be useful
     print(ratios)
+
+
+# -- 7. bad inputs: one line naming the problem and what to do, before any expensive step -----------------------------
+def test_bad_calibration_files(llama3_ckpt: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "list.jsonl").write_text('{"text": "привет"}\n["a", "b"]\n', encoding="utf-8")
+    (bad / "norole.jsonl").write_text('{"messages": [{"content": "привет"}]}\n', encoding="utf-8")
+    (bad / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
+    (bad / "folder.txt").mkdir()
+    ws = tmp_path / "w"
+    for name, needle in [("list.jsonl", "list.jsonl:2 is a JSON list, not an object"),
+                         ("norole.jsonl", "norole.jsonl:1: message 1 has no 'role' and 'content' strings"),
+                         ("corrupt.parquet", "corrupt.parquet is not a readable parquet file"),
+                         ("folder.txt", "folder.txt is a folder, not a file"),
+                         ("missing.txt", "missing.txt does not exist")]:
+        path = str(bad / name)
+        one_line_error(qk("gguf", str(llama3_ckpt), "--q4_k_m", "--calibration", path, "-w", str(ws)), needle)
+        one_line_error(qk("calib", "show", path), needle)
+    assert not list(ws.rglob("*.gguf"))
+
+
+def test_gguf_options_are_checked_before_conversion(llama3_ckpt: Path, tmp_path: Path) -> None:
+    ws = tmp_path / "w"
+    cases = [
+        (["--tensor-type", "attn_v"], ["bad --tensor-type 'attn_v'", "PATTERN=TYPE"]),
+        (["--tensor-type", "attn_v=q9_9"], ["--tensor-type", "unknown tensor type 'q9_9'", "q8_0"]),
+        (["--output-type", "bogus"], ["bad --output-type: unknown tensor type 'bogus'"]),
+        (["--embedding-type", "bogus"], ["bad --embedding-type: unknown tensor type 'bogus'"]),
+        (["--imatrix", str(tmp_path / "none.gguf")], ["none.gguf does not exist"]),
+        (["--types", ","], ["--types ',' names no quant type", "--types q4_k_m,q8_0"]),
+        (["--calib-sample", "4"], ["no such option: --calib-sample", "did you mean --calib-samples?"]),
+        (["--q4_z"], ["unknown quant type 'q4_z'", "Q4_K_M"]),
+    ]
+    for extra, needles in cases:
+        one_line_error(qk("gguf", str(llama3_ckpt), *extra, "-w", str(ws)), *needles)
+    assert not list(ws.rglob("*.gguf"))
+
+
+def test_usage_errors_are_one_line() -> None:
+    one_line_error(qk("gguf"), "Missing argument", "see quantkit gguf --help")
+    one_line_error(qk("eval", "--bogus"), "No such option: --bogus", "see quantkit eval --help")
+    one_line_error(qk("push", "x", "--private", "maybe"), "see quantkit push --help")
+
+
+def test_recipe_problems_point_at_lines(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("defaults:\n  calibration: data/missing.jsonl\nmodels:\n  - source: demo\n"
+                      "    gguf: {types: [Q4_K_M, Q9_X]}\n", encoding="utf-8")
+    run = qk("recipe", "validate", str(recipe))
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert any(f"{recipe}:2: defaults.calibration: calibration file" in line and "missing.jsonl does not exist"
+               in line for line in lines), run.stderr
+    assert any(f"{recipe}:5:" in line and "unknown quant type 'Q9_X'" in line for line in lines), run.stderr
+    assert len(lines) == 2, run.stderr
+
+
+def test_card_and_push_arguments(tmp_path: Path) -> None:
+    ws = build_workspace(tmp_path / "ws", gate_fail=False)
+    folder = tmp_path / "cards"
+    folder.mkdir()
+    run = qk("card", str(ws.root / "gguf"), "--output", str(folder))
+    assert run.returncode == 0, run.stderr
+    assert (folder / "README.md").read_text(encoding="utf-8").startswith("---")
+    one_line_error(qk("card", str(ws.root), "--format", "bogus"), "unknown format 'bogus'", "gguf")
+    assert "quantkit bogus" not in qk("card", str(ws.root), "--format", "bogus").stderr
+
+    ws.model["name"] = "Сайга Мистраль 7B (тест)"
+    ws.save()
+    plan = qk("push", str(ws.root / "gguf"), "--dry-run", "--json")
+    assert plan.returncode == 0, plan.stderr
+    assert json.loads(plan.stdout)["repo"] == "<your-username>/Sayga-Mistral-7B-test-GGUF"

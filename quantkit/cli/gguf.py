@@ -32,6 +32,8 @@ from quantkit.cli.options import (
 from quantkit.errors import QuantkitError
 
 CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
+# options field → its flag
+FLAGS = {"tensor_types": "--tensor-type", "imatrix_file": "--imatrix", "pre_tokenizer": "--pre-tokenizer"}
 
 
 _QUANT_FLAG = re.compile(r"^--(i?q\d|tq\d|bf16|f16|f32)", re.IGNORECASE)
@@ -74,6 +76,8 @@ def command(
     split_max_size: Annotated[str | None, typer.Option(
         "--split-max-size", help="Split files larger than this (e.g. 50G) in llama.cpp's split format.")] = None,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip loading and tokenizer checks.")] = False,
+    pre_tokenizer: Annotated[str | None, typer.Option(
+        "--pre-tokenizer", help="llama.cpp pre-tokenizer name for a BPE vocabulary (default: detected).")] = None,
     evaluate: EvalOpt = False,
     calibration: Calibration = DEFAULTS["calibration"],
     calib_samples: CalibSamples = DEFAULTS["calib_samples"],
@@ -105,10 +109,10 @@ def command(
     if no_imatrix and imatrix_file:
         raise QuantkitError("--no-imatrix and --imatrix contradict each other", "use one of them")
     options = build_options(
-        GGUFOptions, "see quantkit gguf --help", types=chosen or ["Q4_K_M"], outtype=outtype,
+        GGUFOptions, "see quantkit gguf --help", flags=FLAGS, types=chosen or ["Q4_K_M"], outtype=outtype,
         imatrix=not no_imatrix, imatrix_file=str(imatrix_file) if imatrix_file else None,
         tensor_types=tensor_type or [], output_type=output_type, embedding_type=embedding_type,
-        split_max_size=split_max_size, verify=not no_verify,
+        split_max_size=split_max_size, verify=not no_verify, pre_tokenizer=pre_tokenizer,
     )
     run_format("gguf", model, options, calibration=calibration, calib_samples=calib_samples,
                calib_seq_len=calib_seq_len, workspace=workspace, json_output=json_output, evaluate=evaluate,

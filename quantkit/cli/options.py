@@ -102,15 +102,19 @@ def handle_errors(func: F) -> F:
 M = TypeVar("M", bound=BaseModel)
 
 
-def build_options(model: type[M], hint: str, **values: Any) -> M:
-    """A backend's options from command-line values; the first invalid one becomes one clear `QuantkitError`."""
+def build_options(model: type[M], hint: str, *, flags: dict[str, str] | None = None, **values: Any) -> M:
+    """A backend's options from command-line values; the first invalid one becomes one clear `QuantkitError`.
+
+    `flags` names the command-line option of a field where it is not ``--<field>``."""
     try:
         return model(**{k: v for k, v in values.items() if v is not None})
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = "--" + str(err["loc"][0]).replace("_", "-") if err.get("loc") else "options"
+        name = str(err["loc"][0]) if err.get("loc") else ""
+        field = (flags or {}).get(name) or ("--" + name.replace("_", "-") if name else "options")
         msg = str(err.get("msg", exc)).removeprefix("Value error, ")
-        raise QuantkitError(f"bad {field}: {msg}", hint) from None
+        text = msg if field in msg else f"bad {field}: {msg}"
+        raise QuantkitError(text, None if text.endswith(")") else hint) from None
 
 
 def setup_output(quiet: bool, json_output: bool) -> None:
