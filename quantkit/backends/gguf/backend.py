@@ -201,14 +201,28 @@ class GGUFBackend:
                           "output": "gguf/imatrix.gguf", "estimated_size": None,
                           "done": ws.is_done("gguf.imatrix", fp_imatrix)})
         n = ckpt.n_params
+        converted = steps[0]["done"]
         for q in options.types:
             if q in NEEDS_IMATRIX and not use_imatrix:
                 raise QuantkitError(f"{q} needs an importance matrix", "drop --no-imatrix, or pass --imatrix FILE")
             fp_q = self._fp_quantize(fp_conv, q, options, imatrix_info)
             steps.append({"step": f"quantize → {q}", "output": f"gguf/{ckpt.name}-{q}.gguf",
-                          "estimated_size": int(n * APPROX_BPW.get(q, 8.5) / 8),
+                          "estimated_size": self._size_bound(ws, base, q, options) if converted
+                          else int(n * APPROX_BPW.get(q, 8.5) / 8),
                           "done": ws.is_done(f"gguf.quantize.{q}", fp_q)})
         return steps
+
+    @staticmethod
+    def _size_bound(ws: Workspace, base: Path, quant: str, options: GGUFOptions) -> int:
+        """The upper bound of a quantized file's size, read from the converted file (`sizes`)."""
+        from quantkit.backends.gguf.quantize import parse_ggml_type, parse_tensor_types
+        from quantkit.backends.gguf.sizes import quantized_size_bound
+
+        first = ws.abs(ws.steps["gguf.convert"]["outputs"][0]) if "gguf.convert" in ws.steps else base
+        return quantized_size_bound(
+            first, quant, overrides=parse_tensor_types(options.tensor_types),
+            output_type=parse_ggml_type(options.output_type) if options.output_type else None,
+            embedding_type=parse_ggml_type(options.embedding_type) if options.embedding_type else None)
 
     # -- run ---------------------------------------------------------------------------------------------
     def _fp_convert(self, ctx: JobContext, options: GGUFOptions) -> str:
@@ -333,8 +347,6 @@ class GGUFBackend:
         if ws.is_done(step, fp):
             console.info(f"[dim]skip[/] {quant}: {ws.steps[step]['outputs'][0]} is up to date")
             return ws.abs(ws.steps[step]["outputs"][0]), fp
-        from quantkit.backends.gguf.sizes import quantized_size_bound
-
         split = "-00001-of-" in base.name
         opts = QuantizeOptions(
             file_type=quant, imatrix=imatrix, tensor_types=parse_tensor_types(options.tensor_types),
@@ -342,8 +354,7 @@ class GGUFBackend:
             embedding_type=parse_ggml_type(options.embedding_type) if options.embedding_type else None,
             threads=ctx.threads, keep_split=split,
         )
-        opts.need = quantized_size_bound(base, quant, overrides=opts.tensor_types, output_type=opts.output_type,
-                                         embedding_type=opts.embedding_type)
+        opts.need = self._size_bound(ws, base, quant, options)
         check_disk(dst.parent, opts.need, dst.name)
         task = bar.add_task(f"quantize → {quant}", total=1)
         files = quantize(base, dst, opts, on_done=lambda: bar.advance(task))
