@@ -8,7 +8,8 @@
       calib_seq_len: 512
       eval: builtin:ru-eval         # false: no evaluation (and no quality gate)
       ctx: 512                      # evaluation context
-      gates: {max_ppl_increase: 0.05, max_kld: 0.05}
+      gates: {max_ppl_increase: 0.05, max_kld: 0.05}   # with drift: also max_drift: 0.1
+      drift: false                  # true: check that greedy answers to Russian prompts stay in Russian
       workspace: quants             # one folder per model under it (relative to the recipe; default ./quants)
       namespace: my-org             # Hub namespace (default: the token's user)
       private: false
@@ -97,6 +98,7 @@ class Gates(BaseModel):
 
     max_ppl_increase: float = Field(0.05, ge=0, description="largest relative PPL increase over bf16 (0.05 = 5%)")
     max_kld: float = Field(0.05, ge=0, description="largest mean KL-divergence from bf16")
+    max_drift: float = Field(0.1, ge=0, le=1, description="with drift: largest share of answers that left Russian")
 
 
 class Defaults(BaseModel):
@@ -113,6 +115,7 @@ class Defaults(BaseModel):
     eval: EvalSpec = Field(DEFAULT_EVAL, description="evaluation text (builtin:ru-eval), or false")
     ctx: int = Field(DEFAULT_CTX, ge=16, description="evaluation context in tokens")
     chunks: int | None = Field(None, ge=1, description="evaluate only this many chunks")
+    drift: bool = Field(False, description="also check that greedy answers to Russian prompts stay in Russian")
     gates: Gates = Field(default_factory=Gates, description="max_ppl_increase and max_kld")
     workspace: str | None = Field(None, description="folder that holds one workspace per model")
     namespace: str | None = Field(None, description="Hub user or organisation to publish under")
@@ -333,6 +336,7 @@ class Recipe:
             "eval": self._file_spec(d.eval) if d.eval else None,
             "ctx": d.ctx, "chunks": d.chunks,
             "max_ppl_increase": d.gates.max_ppl_increase, "max_kld": d.gates.max_kld,
+            "drift": d.drift, "max_drift": d.gates.max_drift,
             "publish": d.publish if publish.enabled is None else publish.enabled,
             "private": d.private if publish.private is None else publish.private,
             "namespace": d.namespace,
@@ -775,7 +779,9 @@ def plan(recipe: Recipe, *, only: list[str] | None = None, models: list[str] | N
                 steps += fmt_steps
                 if st["eval"]:
                     steps.append({"format": fmt, "step": f"evaluate on {st['eval']} (ctx {st['ctx']}); gate "
-                                  f"ΔPPL ≤ {st['max_ppl_increase']:.0%}, KLD ≤ {st['max_kld']:g}",
+                                  f"ΔPPL ≤ {st['max_ppl_increase']:.0%}, KLD ≤ {st['max_kld']:g}"
+                                  + (f"; drift check, ≤ {st['max_drift']:.0%} of answers leaving Russian"
+                                     if st.get("drift") else ""),
                                   "output": "manifest.json (eval, gate)", "estimated_size": None,
                                   "done": backend_done and ws is not None and _evaluated(ws, fmt_steps),
                                   **({"status": status} if status else {})})
@@ -1002,7 +1008,7 @@ def _run_format(recipe: Recipe, entry: Any, fmt: str, backend: Any, ctx: Any, st
 
         report = evaluate_workspace(ws, only=[a.path for a in artifacts], eval_spec=st["eval"], n_ctx=st["ctx"],
                                     chunks=st["chunks"], max_ppl_increase=st["max_ppl_increase"],
-                                    max_kld=st["max_kld"])
+                                    max_kld=st["max_kld"], drift=_drift_settings(st))
         for r in report.get("rows", []):
             row = rows.get(r.get("artifact"))
             if row is None:
@@ -1019,6 +1025,15 @@ def _run_format(recipe: Recipe, entry: Any, fmt: str, backend: Any, ctx: Any, st
     if st["publish"]:
         published = _publish(recipe, entry, fmt, ws, st, list(rows.values()))
     return list(rows.values()), published
+
+
+def _drift_settings(st: dict[str, Any]) -> Any:
+    """``drift: true`` in the recipe: the built-in prompts and defaults, gated by ``gates.max_drift``."""
+    if not st.get("drift"):
+        return None
+    from quantkit.generate import DriftSettings
+
+    return DriftSettings(max_drift=st["max_drift"])
 
 
 def _describe(opts: BaseModel) -> str:
