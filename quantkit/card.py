@@ -336,8 +336,10 @@ def _item_label(fmt: str, repo: str, key: str, entry: dict[str, Any], branch: st
 
 def _table(ws: Workspace, fmt: str, repo: str, arts: list[tuple[str, dict[str, Any]]]) -> str:
     first = "File" if fmt == "gguf" else "Branch"
-    head = f"| {first} | Type | Size | Bits/weight | PPL | ΔPPL | KLD | Top-1 | Recommendation |"
-    rows = [head, "|---|---|--:|--:|--:|--:|--:|--:|---|"]
+    kept = _has_drift(arts)
+    head = f"| {first} | Type | Size | Bits/weight | PPL | ΔPPL | KLD | Top-1 |{' Russian kept |' if kept else ''}" \
+        " Recommendation |"
+    rows = [head, "|---|---|--:|--:|--:|--:|--:|--:|" + ("--:|" if kept else "") + "---|"]
     where = branches(fmt, arts)
     for key, entry in arts:
         ev = entry.get("eval") or {}
@@ -356,9 +358,34 @@ def _table(ws: Workspace, fmt: str, repo: str, arts: list[tuple[str, dict[str, A
             _cell(delta * 100 if isinstance(delta, int | float) else None, "{:+.2f}%"),
             _cell(ev.get("kld_mean"), "{:.4f}"),
             _cell(ev.get("top1") * 100 if isinstance(ev.get("top1"), int | float) else None, "{:.1f}%"),
+            *([_kept_cell(entry)] if kept else []),
             rec,
         ]) + " |")
     return "\n".join(rows)
+
+
+def _has_drift(arts: list[tuple[str, dict[str, Any]]]) -> bool:
+    return any(isinstance(e.get("drift"), dict) for _, e in arts)
+
+
+def _kept_cell(entry: dict[str, Any]) -> str:
+    d = entry.get("drift")
+    if not isinstance(d, dict) or not isinstance(d.get("kept"), int | float):
+        return "—"
+    return f"{d['kept'] * 100:.0f}% ({d['prompts'] - d['left_russian']}/{d['prompts']})"
+
+
+def _drift_note(arts: list[tuple[str, dict[str, Any]]]) -> str | None:
+    """What "Russian kept" means, from the first drift result (`quantkit eval --drift`)."""
+    d = next((e["drift"] for _, e in arts if isinstance(e.get("drift"), dict)), None)
+    if d is None:
+        return None
+    prompts = "quantkit's built-in Russian prompts" if str(d.get("prompt_set", "")).startswith("builtin:") \
+        else "the publisher's own Russian prompts"
+    return (f"**Russian kept** is the share of {d['prompts']} answers to {prompts} (greedy, {d.get('new_tokens')} "
+            "new tokens) that stayed in Russian: an answer counts as having left Russian when it switches to another "
+            "script or language (three or more non-Cyrillic words in a row, or Chinese characters) beyond code, "
+            "numbers and terms the bf16 original's answer to the same prompt also used.")
 
 
 def _evals(arts: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -396,6 +423,9 @@ def _table_notes(arts: list[tuple[str, dict[str, Any]]]) -> str:
         "same most likely next token. For PPL, ΔPPL and KLD lower is better; they say how close a file stays to "
         "the original, not how good the original is.",
     ]
+    note = _drift_note(arts)
+    if note:
+        lines.append(note)
     gates = [e.get("gate") for _, e in arts if isinstance(e.get("gate"), dict)]
     bound = next((g for g in gates if g.get("max_ppl_increase") is not None or g.get("max_kld") is not None), None)
     if bound:
@@ -404,6 +434,8 @@ def _table_notes(arts: list[tuple[str, dict[str, Any]]]) -> str:
             limits.append(f"ΔPPL ≤ {bound['max_ppl_increase'] * 100:+.0f}%")
         if bound.get("max_kld") is not None:
             limits.append(f"KLD ≤ {bound['max_kld']:g}")
+        if bound.get("max_drift") is not None:
+            limits.append(f"at most {bound['max_drift'] * 100:.0f}% of answers leaving Russian")
         lines.append(f"Quality gate: {' and '.join(limits)}. "
                      + ("Files marked ✗ did not pass it: use them only when nothing larger fits."
                         if any(gate_failed(e) for _, e in arts) else "Every file here passed it."))
@@ -599,6 +631,21 @@ def _params(n: Any) -> str:
     return f"{n / 1e9:.1f}B parameters" if n >= 1e9 else f"{n / 1e6:.0f}M parameters"
 
 
+def _expert_coverage_lines(cals: list[dict[str, Any]]) -> list[str]:
+    """A mixture of experts: how well the calibration text reached every expert (said when some fell short)."""
+    cov = next((c["expert_coverage"] for c in cals if isinstance(c.get("expert_coverage"), dict)), None)
+    if not cov:
+        return []
+    line = (f"- **Experts:** the calibration text was routed to all {cov['experts']} experts (the fewest got "
+            f"{cov['fewest']} tokens, the median {cov['median']:g}).")
+    if cov.get("below"):
+        line = (f"- **Experts:** {cov['below']} of {cov['experts']} experts were routed fewer than "
+                f"{cov['min_tokens']} calibration tokens ({cov['unreached']} none); their importance estimates are "
+                "weak, so those experts are quantized closer to plain rounding. More calibration text "
+                "(`--calib-samples`) covers them.")
+    return [line]
+
+
 def _describe_calibration(cal: dict[str, Any]) -> str:
     spec = str(cal.get("spec") or "")
     if spec.startswith("file:"):
@@ -628,6 +675,8 @@ def _provenance(ws: Workspace, fmt: str, arts: list[tuple[str, dict[str, Any]]])
     lic = (f", licence `{model['license']}`; these files are under the same licence" if model.get("license")
            else "")
     lines = [f"- **Base model:** {_base_link(ws)}" + (f" ({about})" if about else "") + lic + "."]
+    if model.get("license_note"):
+        lines.append(f"- **Licence terms:** {model['license_note']}.")
     cals: list[dict[str, Any]] = []
     for _, e in arts:
         cal = e.get("calibration")
@@ -643,6 +692,7 @@ def _provenance(ws: Workspace, fmt: str, arts: list[tuple[str, dict[str, Any]]])
             ws.root / "gguf" / "imatrix.gguf").is_file() else ""
         lines.append("- **Importance matrix:** computed by quantkit on the calibration text above and applied to "
                      f"every quantized type.{extra}")
+        lines += _expert_coverage_lines(cals)
     if fmt == "exl2" and (ws.root / "exl2" / "measurement.json").is_file():
         lines.append("- **Measurement:** `measurement.json` on `main`; pass it to ExLlamaV2's `convert.py -m` to "
                      "make other bitrates without measuring again.")

@@ -184,13 +184,26 @@ def score(scorer: Any, toks: EvalTokens, ref: Reference, on_chunk: Any = None) -
     }
 
 
-def gate(result: dict[str, Any], max_ppl_increase: float, max_kld: float) -> dict[str, Any]:
+def gate(result: dict[str, Any], max_ppl_increase: float, max_kld: float, drift: dict[str, Any] | None = None,
+         max_drift: float | None = None) -> dict[str, Any]:
     reasons = []
     if result["delta_ppl"] > max_ppl_increase:
         reasons.append(f"PPL +{result['delta_ppl']:.1%} > +{max_ppl_increase:.1%}")
     if result["kld_mean"] > max_kld:
         reasons.append(f"KLD {result['kld_mean']:.4f} > {max_kld}")
-    return {"passed": not reasons, "reasons": reasons, "max_ppl_increase": max_ppl_increase, "max_kld": max_kld}
+    extra = _drift_gate(drift, max_drift, reasons) if drift is not None and max_drift is not None else {}
+    return {"passed": not reasons, "reasons": reasons, "max_ppl_increase": max_ppl_increase, "max_kld": max_kld,
+            **extra}
+
+
+def _drift_gate(drift: dict[str, Any], max_drift: float, reasons: list[str]) -> dict[str, Any]:
+    """`quantkit eval --drift --max-drift`: the share of answers that left Russian (where bf16's did not)."""
+    from quantkit.drift import drift_value
+
+    if drift_value(drift) > max_drift + 1e-9:
+        reasons.append(f"left Russian in {drift['left_russian']}/{drift['prompts']} answers "
+                       f"({drift_value(drift):.0%} > {max_drift:.0%})")
+    return {"max_drift": max_drift}
 
 
 def workspace_checkpoint(ws: Workspace, model: str | None = None) -> Checkpoint:
@@ -235,18 +248,20 @@ def evaluate_workspace(
     max_ppl_increase: float = DEFAULT_MAX_PPL_INCREASE,
     max_kld: float = DEFAULT_MAX_KLD,
     model: str | None = None,
+    drift: Any = None,
 ) -> dict[str, Any]:
     """Score every artifact of the workspace (or `only` these) against the bf16 reference; record and gate.
-    The workspace is locked meanwhile (another run writing it makes this refuse)."""
+    The workspace is locked meanwhile (another run writing it makes this refuse). `drift`
+    (`quantkit.generate.DriftSettings`) adds the language-drift check and its gate."""
     from quantkit.lock import holding
 
     with holding(ws.root):
         return _evaluate(ws, only=only, eval_spec=eval_spec, n_ctx=n_ctx, chunks=chunks,
-                         max_ppl_increase=max_ppl_increase, max_kld=max_kld, model=model)
+                         max_ppl_increase=max_ppl_increase, max_kld=max_kld, model=model, drift=drift)
 
 
 def _evaluate(ws: Workspace, *, only: list[Path] | None, eval_spec: str, n_ctx: int, chunks: int | None,
-              max_ppl_increase: float, max_kld: float, model: str | None) -> dict[str, Any]:
+              max_ppl_increase: float, max_kld: float, model: str | None, drift: Any = None) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from quantkit.backends.base import backend_for
@@ -254,6 +269,7 @@ def _evaluate(ws: Workspace, *, only: list[Path] | None, eval_spec: str, n_ctx: 
     ckpt = workspace_checkpoint(ws, model)
     tok = AutoTokenizer.from_pretrained(ckpt.path)
     toks = eval_tokens(ckpt, eval_spec, n_ctx, chunks, tok)
+    check = _drift_check(ws, ckpt, tok, drift)
     keys = [ws.rel(Path(p)) for p in only] if only else sorted(ws.artifacts)
     if not keys:
         raise QuantkitError(f"{ws.root} has no artifacts to evaluate", "quantize first (quantkit gguf ...)")
@@ -293,11 +309,36 @@ def _evaluate(ws: Workspace, *, only: list[Path] | None, eval_spec: str, n_ctx: 
                 finally:
                     scorer.close()
                 ws.record_step(step, efp, [path], **{k: result[k] for k in ("ppl", "kld_mean")})
-            verdict = gate(result, max_ppl_increase, max_kld)
+            drifted = _drift_one(check, bar, key, ws.artifacts.get(key, entry), backend) if check else None
+            verdict = gate(result, max_ppl_increase, max_kld, drifted, drift.max_drift if check else None)
             ws.update_artifact(key, eval=result, gate=verdict)
             rows.append({"artifact": key, "format": backend.name, "quant": entry.get("quant", "?"),
                          "size": entry.get("size"), "bpw": entry.get("bpw"), **result, "passed": verdict["passed"],
-                         "reasons": verdict["reasons"]})
+                         "reasons": verdict["reasons"], **({"drift": drifted} if drifted else {})})
     return {"model": ckpt.name, "workspace": str(ws.root), "eval_set": toks.spec, "ctx": n_ctx,
             "chunks": int(len(toks.chunks)), "tokens_fingerprint": toks.fingerprint, "reference_ppl": ref.ppl,
-            "kld_mode": ref.mode, "passed": all(r["passed"] for r in rows), "rows": rows}
+            "kld_mode": ref.mode, "passed": all(r["passed"] for r in rows), "rows": rows,
+            **({"drift": check.summary()} if check else {})}
+
+
+def _drift_check(ws: Workspace, ckpt: Checkpoint, tok: Any, drift: Any) -> Any:
+    """The language-drift check (`quantkit.generate`), set up before any expensive step (bad prompts fail here)."""
+    if drift is None:
+        return None
+    from quantkit.generate import DriftCheck
+
+    return DriftCheck(ws, ckpt, tok, drift)
+
+
+def _drift_one(check: Any, bar: Any, key: str, entry: dict[str, Any], backend: Any) -> dict[str, Any]:
+    n = len(check.prompts)
+    ref_task = None
+
+    def on_ref() -> None:
+        nonlocal ref_task
+        if ref_task is None:
+            ref_task = bar.add_task("bf16 answers", total=n)
+        bar.advance(ref_task)
+
+    task = bar.add_task(f"answers {Path(key).name}", total=n)
+    return check.artifact(key, entry, backend, on_prompt=lambda: bar.advance(task), on_reference=on_ref)

@@ -137,6 +137,39 @@ class LlamaScorer:
         ptr = L.llama_get_logits_ith(self.ctx, first)
         return np.ctypeslib.as_array(ptr, shape=(n - first, self.n_vocab)).copy()
 
+    def _decode(self, tokens: list[int], start: int) -> None:
+        """Append `tokens` at positions ``start ..`` to sequence 0, logits for the last one only."""
+        L = lib()
+        b = self.batch
+        b.n_tokens = len(tokens)
+        for i, tok in enumerate(tokens):
+            b.token[i] = tok
+            b.pos[i] = start + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = 1 if i == len(tokens) - 1 else 0
+        rc = L.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise QuantkitError(f"llama.cpp failed to decode with {self.name} (code {rc})",
+                                "QUANTKIT_DEBUG=1 shows llama.cpp's log")
+
+    def generate(self, prompt: list[int], max_new: int, stop: set[int]) -> list[int]:
+        """Greedy decoding with llama.cpp's KV cache: up to `max_new` tokens after `prompt`, the stop token included
+        (argmax of the float32 logits, first index on ties, like torch)."""
+        L = lib()
+        if len(prompt) + max_new > self.n_ctx:
+            raise ValueError(f"{len(prompt)} + {max_new} tokens do not fit the context of {self.n_ctx}")
+        L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
+        self._decode(list(prompt), 0)
+        out: list[int] = []
+        while True:
+            ptr = L.llama_get_logits_ith(self.ctx, -1)
+            tok = int(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax())
+            out.append(tok)
+            if tok in stop or len(out) == max_new:
+                return out
+            self._decode([tok], len(prompt) + len(out) - 1)
+
     def close(self) -> None:
         L = getattr(self, "_L", None)
         if L is not None and getattr(self, "ctx", None):
