@@ -315,3 +315,28 @@ def test_recipe_drift_setting(tmp_path: Path) -> None:
     path.write_text("defaults:\n  drift: maybe\nmodels:\n  - source: demo\n", encoding="utf-8")
     with pytest.raises(RecipeError, match="drift"):
         load_recipe(path)
+
+
+@pytest.mark.slow
+def test_gptq_answers_through_its_transformers_model(llama3_ckpt: Path, tmp_path: Path) -> None:
+    """A GPTQ folder generates through the transformers model its scorer loads (KV cache), on the CPU here."""
+    pytest.importorskip("gptqmodel")
+    import os
+
+    from quantkit.evaluate import evaluate_workspace
+    from quantkit.generate import DriftSettings
+    from quantkit.workspace import Workspace
+
+    ws = tmp_path / "ws"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    res = subprocess.run([*QK, "gptq", str(llama3_ckpt), "--bits", "4", "--group-size", "64", "--calib-samples", "8",
+                          "--calib-seq-len", "256", "-w", str(ws), "--json"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    prompts = _continuations(tmp_path / "cont.jsonl", 4)
+    report = evaluate_workspace(Workspace(ws), n_ctx=256, chunks=2,
+                                drift=DriftSettings(prompts=str(prompts), count=None, new_tokens=16))
+    (row,) = report["rows"]
+    d = row["drift"]
+    assert row["format"] == "gptq" and d["prompts"] == 4 and 4 <= d["generated_tokens"] <= 64
+    assert d["left_russian"] == 0 and 0 <= d["same_prefix"] <= 4 and d["seconds"] > 0
