@@ -56,9 +56,10 @@ class DiskFull(QuantkitError):
     """The disk under `folder` filled up (or would) while writing. The free space is measured when the message is
     read, that is after the partial files were removed."""
 
-    def __init__(self, folder: Path, need: int | None = None) -> None:
+    def __init__(self, folder: Path, need: int | None = None, written: int = 0) -> None:
         self.folder = Path(folder)
         self.need = need
+        self.written = written  # when `need` is unknown: what was written before the disk filled (a lower bound)
         super().__init__("disk full", "free some space or pass --workspace on a larger disk")
 
     @property
@@ -67,7 +68,8 @@ class DiskFull(QuantkitError):
 
     @property  # type: ignore[override]
     def message(self) -> str:
-        need_text = f"need about {human_size(self.need)}" if self.need else "need more space"
+        need_text = (f"need about {human_size(self.need)}" if self.need
+                     else f"need more than {human_size(self.written)}" if self.written else "need more space")
         return f"disk full at {self.folder}: {need_text}, free {human_size(self.free)}"
 
     @message.setter
@@ -99,8 +101,9 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def disk_guard(folder: Path, need: int | None = None) -> Iterator[None]:
-    """Turn a full disk, however it surfaces inside the block, into one `DiskFull` naming `folder` and `need`."""
+def disk_guard(folder: Path, need: int | None = None, written: list[Path] | None = None) -> Iterator[None]:
+    """Turn a full disk, however it surfaces inside the block, into one `DiskFull` naming `folder` and `need`
+    (or, when unknown, how much of `written` was on disk already)."""
     try:
         yield
     except DiskFull as exc:
@@ -109,8 +112,17 @@ def disk_guard(folder: Path, need: int | None = None) -> Iterator[None]:
         raise
     except OSError as exc:
         if is_disk_full(exc):
-            raise DiskFull(Path(folder), need) from exc
+            raise DiskFull(Path(folder), need, _bytes_in(written)) from exc
         raise
+
+
+def _bytes_in(paths: list[Path] | None) -> int:
+    total = 0
+    for p in paths or []:
+        with contextlib.suppress(OSError):
+            files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
+            total += sum(f.stat().st_size for f in files)
+    return total
 
 
 @contextlib.contextmanager
@@ -128,7 +140,7 @@ def atomic_path(path: str | os.PathLike[str], need: int | None = None) -> Iterat
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     try:
-        with removing_on_kill(tmp), disk_guard(final.parent, need):
+        with removing_on_kill(tmp), disk_guard(final.parent, need, [tmp]):
             yield tmp
             os.replace(tmp, final)
     except BaseException:
@@ -157,7 +169,7 @@ def staging_dir(dest: Path, need: int | None = None) -> Iterator[Staging]:
     work.mkdir(parents=True)
     stage = Staging(work)
     try:
-        with removing_on_kill(work), disk_guard(dest.parent, need):
+        with removing_on_kill(work), disk_guard(dest.parent, need, [work]):
             yield stage
             for f in sorted(work.iterdir()):
                 final = dest.parent / f.name
