@@ -92,8 +92,8 @@ def _texts(path: Path) -> list[tuple[str, str]]:
     if head[:4] == b"GGUF":
         from quantkit.backends.gguf.check import metadata_strings
 
-        try:
-            return [(f"metadata {k}", v) for k, v in metadata_strings(path)]
+        try:  # the vocabulary is searched for the token only (a piece like "/tmp" is nobody's path)
+            return [(f"metadata {k}", v) for k, v in metadata_strings(path, vocabulary=True)]
         except Exception:  # noqa: BLE001 - not a readable GGUF: scan its first megabyte as bytes
             return [("", path.open("rb").read(1 << 20).decode("utf-8", errors="replace"))]
     if path.suffix == ".safetensors" and len(head) == 8:
@@ -120,6 +120,8 @@ def scan_files(files: Iterable[tuple[str, Path]], *, token: str | None, paths: l
             if token and token in text:
                 raise QuantkitError(f"{at} contains your Hugging Face token; refusing to upload it",
                                     "remove the token from that file (and revoke the token if it was ever shared)")
+            if where.startswith("metadata tokenizer.ggml.") and where != "metadata tokenizer.ggml.pre":
+                continue
             for p in paths:
                 if _mentions(text, p):
                     raise QuantkitError(f"{at} mentions the local path {p}; refusing to publish it",

@@ -202,8 +202,14 @@ def check_disk(folder: Path, needed_bytes: int, what: str) -> None:
 
 # -- output checks ------------------------------------------------------------------------------------------------
 _hashes: dict[tuple[str, int, int, int], str] = {}
-# suffix → a check that raises `QuantkitError` when a file of that kind is incomplete (registered by formats)
-OUTPUT_CHECKS: dict[str, Callable[[Path], None]] = {}
+def _check_safetensors(path: Path) -> None:
+    from quantkit.safetensors_io import read_header
+
+    read_header(path)  # refuses a truncated file: every tensor must end inside it
+
+
+# suffix → a check that raises `QuantkitError` when a file of that kind is incomplete (formats add theirs)
+OUTPUT_CHECKS: dict[str, Callable[[Path], None]] = {".safetensors": _check_safetensors}
 
 
 def file_sha256(path: Path) -> str:
@@ -344,12 +350,15 @@ class Workspace:
             path = Path(p)
             if not path.exists():
                 raise QuantkitError(f"step {step}: its output {path} is missing", "run the same command again")
-            if path.is_file():
-                if path.stat().st_size == 0:
-                    raise QuantkitError(f"step {step}: its output {path.name} is empty", "run the same command again")
-                check = OUTPUT_CHECKS.get(path.suffix)
+            files = [path] if path.is_file() else sorted(
+                f for f in path.rglob("*") if f.is_file() and not any(
+                    part.startswith(".") for part in f.relative_to(path).parts))
+            for f in files:
+                if f.stat().st_size == 0 and (f == path or f.suffix in OUTPUT_CHECKS):
+                    raise QuantkitError(f"step {step}: its output {f.name} is empty", "run the same command again")
+                check = OUTPUT_CHECKS.get(f.suffix)
                 if check is not None:
-                    check(path)
+                    check(f)
             checks[self.rel(path)] = output_check(path)
         self.steps[step] = {
             "fingerprint": fp,

@@ -549,3 +549,39 @@ def test_card_and_push_arguments(tmp_path: Path) -> None:
     plan = qk("push", str(ws.root / "gguf"), "--dry-run", "--json")
     assert plan.returncode == 0, plan.stderr
     assert json.loads(plan.stdout)["repo"] == "<your-username>/Sayga-Mistral-7B-test-GGUF"
+
+
+def test_truncated_safetensors_in_a_folder_output_is_never_recorded(llama3_ckpt: Path, tmp_path: Path) -> None:
+    """A GPTQ/EXL2-style folder output is checked file by file before it is recorded."""
+    import shutil
+
+    ws = Workspace(tmp_path / "w")
+    out = ws.dir("gptq", "4bit-g128")
+    shutil.copy(llama3_ckpt / "config.json", out)
+    data = (llama3_ckpt / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(QuantkitError, match="truncated"):
+        ws.record_step("gptq:4bit-g128", "fp", [out])
+    (out / "model.safetensors").write_bytes(data)
+    ws.record_step("gptq:4bit-g128", "fp", [out])
+    assert ws.is_done("gptq:4bit-g128", "fp")
+    (out / "config.json").write_text("{}")
+    assert not ws.is_done("gptq:4bit-g128", "fp")
+
+
+def test_token_in_gguf_vocabulary_is_refused(tmp_path: Path, hub: FakeHub) -> None:  # noqa: F811
+    import gguf
+    import numpy as np
+
+    ws = build_workspace(tmp_path / "ws", gate_fail=False)
+    writer = gguf.GGUFWriter(ws.root / "gguf" / f"{MODEL}-Q8_0.gguf", "llama")
+    writer.add_token_list(["<s>", "/tmp", f"x{SECRET}"])
+    writer.add_tensor("token_embd.weight", np.zeros((3, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    run = push(hub, ws.root / "gguf", token=SECRET)
+    assert run.returncode == 2 and "contains your Hugging Face token" in error_line(run)
+    assert SECRET not in run.stderr + run.stdout
+    _no_upload(hub)

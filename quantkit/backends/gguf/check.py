@@ -37,14 +37,15 @@ def check_gguf(path: Path) -> None:
                                 "run the same command again")
 
 
-def metadata_strings(path: Path) -> list[tuple[str, str]]:
-    """(key, value) for every string (or list of strings) in a GGUF's metadata, tokenizer vocabulary aside."""
+def metadata_strings(path: Path, *, vocabulary: bool = False) -> list[tuple[str, str]]:
+    """(key, value) for every string (or list of strings) in a GGUF's metadata; the tokenizer's pieces and merges
+    only with `vocabulary`."""
     import gguf
 
     out: list[tuple[str, str]] = []
     reader = gguf.GGUFReader(path)
     for field in reader.fields.values():
-        if field.name.startswith("tokenizer.ggml.") and field.name != "tokenizer.ggml.pre":
+        if not vocabulary and field.name.startswith("tokenizer.ggml.") and field.name != "tokenizer.ggml.pre":
             continue  # token pieces, merges: not free text
         if not field.types or field.types[0] not in (gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY):
             continue
