@@ -63,8 +63,8 @@ from quantkit.workspace import fingerprint, safe_dir_name
 DEFAULT_WORKSPACE = "quants"
 DEFAULT_CTX = 512
 ESTIMATED = "estimated from known parameter count"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-_REPO = re.compile(r"^([A-Za-z0-9][\w.\-]*/)?[A-Za-z0-9][\w.\-]*$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$", re.ASCII)
+_REPO = re.compile(r"^([A-Za-z0-9][\w.\-]*/)?[A-Za-z0-9][\w.\-]*$", re.ASCII)  # the Hub takes ASCII only
 _RECIPE_KEYS = ("required",)  # keys a format section adds to the backend's options
 
 
@@ -351,8 +351,9 @@ class Recipe:
     def repo_for(self, entry: Any, fmt: str, name: str) -> str:
         """The repo to publish `fmt` of this model to: NAMESPACE/NAME, or a bare NAME (the token's user)."""
         from quantkit.card import format_info
+        from quantkit.hubname import hub_safe_name
 
-        repo = entry.publish.repos.get(fmt) or f"{name}-{format_info(fmt)[2]}"
+        repo = entry.publish.repos.get(fmt) or f"{hub_safe_name(name)}-{format_info(fmt)[2]}"
         if "/" in repo or not self.defaults.namespace:
             return repo
         return f"{self.defaults.namespace}/{repo}"
