@@ -47,8 +47,8 @@ MAX_WAIT = 60.0
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 SKIP_NAMES = frozenset({"job_new.json", "job.json", CARD_NAME})  # EXL2 progress files; our card replaces any README
 SKIP_DIRS = frozenset({"out_tensor", "__pycache__"})
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$", re.ASCII)  # the Hub takes ASCII names only
+_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*$", re.ASCII)
 
 T = TypeVar("T")
 

@@ -585,3 +585,13 @@ def test_token_in_gguf_vocabulary_is_refused(tmp_path: Path, hub: FakeHub) -> No
     assert run.returncode == 2 and "contains your Hugging Face token" in error_line(run)
     assert SECRET not in run.stderr + run.stdout
     _no_upload(hub)
+
+
+def test_hub_names_are_ascii() -> None:
+    from quantkit.hubname import hub_safe_name
+    from quantkit.publish import _repo_id
+
+    assert hub_safe_name("Сайга Мистраль 7B (тест)") == "Sayga-Mistral-7B-test"
+    assert hub_safe_name("Щука/ёж") == "Shchuka-ezh"
+    with pytest.raises(QuantkitError, match="not a Hub repo id"):
+        _repo_id("me/Сайга", "me", None, "gguf")  # type: ignore[arg-type]
