@@ -95,13 +95,6 @@ class GGUFOptions(BaseModel):
             _as_value_error(parse_ggml_type, value)
         return value
 
-    @field_validator("imatrix_file")
-    @classmethod
-    def _imatrix_file(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).expanduser().is_file():
-            raise ValueError(f"the imatrix file {value} does not exist")
-        return value
-
     @field_validator("split_max_size")
     @classmethod
     def _split(cls, value: str | int | None) -> str | int | None:
