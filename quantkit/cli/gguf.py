@@ -108,6 +108,8 @@ def command(
         chosen += listed
     if no_imatrix and imatrix_file:
         raise QuantkitError("--no-imatrix and --imatrix contradict each other", "use one of them")
+    if imatrix_file and not imatrix_file.expanduser().is_file():
+        raise QuantkitError(f"the imatrix file {imatrix_file} does not exist", "check --imatrix")
     options = build_options(
         GGUFOptions, "see quantkit gguf --help", flags=FLAGS, types=chosen or ["Q4_K_M"], outtype=outtype,
         imatrix=not no_imatrix, imatrix_file=str(imatrix_file) if imatrix_file else None,
