@@ -6,9 +6,10 @@ same token ids), and these functions compare them.
 - `script_shares`: letters by script (Cyrillic / Latin / CJK / other) outside code.
 - `left_russian`: an answer "left Russian" when, outside code (fenced blocks, `inline`, identifiers), it holds a run
   of ``MIN_RUN`` or more consecutive non-Cyrillic words, or ``MIN_CJK`` or more CJK / kana / hangul characters, that
-  the bf16 answer to the same prompt did not also use. Numbers, names and Latin terms (``NumPy``, ``Python``,
-  ``SQL``) are single words in a Russian sentence and so never make a run; a term the bf16 answer also used is
-  covered whatever its length.
+  the bf16 answer to the same prompt did not also use; or when such words hold ``MIN_FOREIGN_LETTERS`` or more
+  letters and outnumber its Cyrillic letters (``EEEEEEEE…``: one long foreign word). Numbers, names and Latin terms
+  (``NumPy``, ``Python``, ``SQL``) are single words in a Russian sentence and so never make a run; a term the bf16
+  answer also used is covered whatever its length.
 - `common_prefix`: how many generated tokens two answers share from the start.
 - `summarize`: the per-artifact figures (``kept`` is the share of prompts whose answer did not leave Russian) and
   the worst examples side by side.
@@ -26,6 +27,7 @@ from quantkit.errors import QuantkitError
 
 MIN_RUN = 3  # consecutive foreign words that make an answer leave Russian
 MIN_CJK = 2  # CJK / kana / hangul characters that do
+MIN_FOREIGN_LETTERS = 12  # or this many letters in foreign words, outnumbering the Cyrillic ones
 PREFIX_TOKENS = 16  # "identical for the first N tokens"
 DEFAULT_PROMPTS = 24
 DEFAULT_NEW_TOKENS = 48
@@ -116,11 +118,15 @@ def left_russian(text: str, reference: str | None = None) -> str | None:
     run: list[str] = []
     longest: list[str] = []
     cjk: list[str] = []
+    foreign = cyrillic = 0
     for word in _words(text):
         kind = _foreign(word)
         if kind == "cjk":
             cjk += [ch for ch in word if script_of(ch) == "cjk" and ch not in allowed]
+        if kind is None:
+            cyrillic += sum(script_of(ch) == "cyrillic" for ch in word)
         if kind is not None and word.lower() not in allowed:
+            foreign += sum(ch.isalpha() for ch in word)
             run.append(word)
             if len(run) > len(longest):
                 longest = list(run)
@@ -130,6 +136,8 @@ def left_russian(text: str, reference: str | None = None) -> str | None:
         return f"{len(cjk)} CJK characters ({''.join(cjk[:12])})"
     if len(longest) >= MIN_RUN:
         return f"{len(longest)} foreign words in a row ({' '.join(longest[:8])})"
+    if foreign >= MIN_FOREIGN_LETTERS and foreign > cyrillic:
+        return f"{foreign} letters in foreign words, {cyrillic} Cyrillic ({' '.join(longest)[:40]})"
     return None
 
 

@@ -59,6 +59,9 @@ def test_left_russian_flags_switches_not_terms_or_code() -> None:
     assert drift.left_russian(RU_TO_CHINESE, reference=RU_TO_CHINESE) is None
     assert drift.left_russian("Ответ: 好的", reference="Ответ: да") is not None
     assert drift.left_russian("Один 好 символ") is None  # a single stray character is not a switch
+    assert "letters in foreign words" in (drift.left_russian("EEEEEEEEEEEEEEEEEEEEEEEE") or "")
+    assert "letters in foreign words" in (drift.left_russian("Ответ: Hallo, Wohnungsbaugesellschaft") or "")
+    assert drift.left_russian("Строка 000000 0 0 0 ,,,,") is None
 
 
 def test_prefix_and_summary() -> None:
