@@ -211,13 +211,17 @@ def test_bf16_gguf_answers_like_bf16_and_drift_is_cached(drift_ws: tuple[object,
     import quantkit.generate as gen
 
     def boom(*_a: object, **_k: object) -> None:
-        raise AssertionError("bf16 model loaded again")
+        raise AssertionError("answers generated again")
+
+    from quantkit.backends.gguf import llamacpp
 
     saved, gen.load_hf = gen.load_hf, boom
+    saved_gen, llamacpp.LlamaScorer.generate = llamacpp.LlamaScorer.generate, boom  # type: ignore[method-assign]
     try:
         again = evaluate_workspace(ws2, n_ctx=256, chunks=2, drift=settings)
     finally:
         gen.load_hf = saved
+        llamacpp.LlamaScorer.generate = saved_gen  # type: ignore[method-assign]
     assert Workspace(ws.root).steps["eval.drift-reference"] == ref_step
     assert [r["drift"]["kept"] for r in again["rows"]] == [r["drift"]["kept"] for r in report["rows"]]
 
