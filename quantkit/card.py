@@ -385,7 +385,8 @@ def _drift_note(arts: list[tuple[str, dict[str, Any]]]) -> str | None:
     return (f"**Russian kept** is the share of {d['prompts']} answers to {prompts} (greedy, {d.get('new_tokens')} "
             "new tokens) that stayed in Russian: an answer counts as having left Russian when it switches to another "
             "script or language (three or more non-Cyrillic words in a row, or Chinese characters) beyond code, "
-            "numbers and terms the bf16 original's answer to the same prompt also used.")
+            "numbers and terms the bf16 original's answer to the same prompt also used (a prompt the original "
+            "itself answered in another language does not count against a file).")
 
 
 def _evals(arts: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -477,8 +478,31 @@ def _usage(ws: Workspace, fmt: str, repo: str, arts: list[tuple[str, dict[str, A
         return _usage_exl2(ws, repo, branch, instruct)
     if fmt == "gptq":
         others = sorted(b for b in branches(fmt, arts).values() if b != branch)
-        return _usage_gptq(repo, branch, instruct, others)
+        text = _usage_gptq(repo, branch, instruct, others)
+        return _moe_gptq_note(repo, branch) + text if _routed_experts(ws) else text
     return f"Download with `hf download {repo}` and load it with a runtime that reads {fmt}."
+
+
+def _routed_experts(ws: Workspace) -> bool:
+    from quantkit.arch import lookup
+
+    cls = lookup(str(ws.model.get("architecture") or ""))
+    return bool(cls and cls.routed_experts)
+
+
+def _moe_gptq_note(repo: str, branch: str) -> str:
+    """transformers 5 fuses a mixture of experts' weights and cannot load per-expert GPTQ weights into them."""
+    rev = f', revision="{branch}"' if branch != "main" else ""
+    return f"""**GPTQModel** (a mixture of experts: transformers 5 fuses the experts and would leave the quantized ones
+unloaded; GPTQModel keeps one module per expert, and so do vLLM and SGLang):
+
+```python
+from gptqmodel import GPTQModel
+
+model = GPTQModel.load("{repo}"{rev})
+```
+
+"""
 
 
 _PROMPT = "Расскажи в двух предложениях, чем знаменит Байкал."

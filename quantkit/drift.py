@@ -11,8 +11,9 @@ same token ids), and these functions compare them.
   (``NumPy``, ``Python``, ``SQL``) are single words in a Russian sentence and so never make a run; a term the bf16
   answer also used is covered whatever its length.
 - `common_prefix`: how many generated tokens two answers share from the start.
-- `summarize`: the per-artifact figures (``kept`` is the share of prompts whose answer did not leave Russian) and
-  the worst examples side by side.
+- `summarize`: the per-artifact figures (``kept`` is the share of prompts whose answer did not leave Russian; a
+  prompt whose bf16 answer itself left Russian counts as kept, and ``left_russian_bf16`` says how many there were)
+  and the worst examples side by side.
 """
 
 from __future__ import annotations
@@ -171,8 +172,9 @@ def summarize(prompts: list[str], ref: list[dict[str, Any]], out: list[dict[str,
             letters[k] += v
         for k, v in letter_counts(r["text"]).items():
             ref_letters[k] += v
-        why = left_russian(a["text"], r["text"])
-        ref_left += left_russian(r["text"]) is not None
+        ref_gone = left_russian(r["text"]) is not None
+        ref_left += ref_gone
+        why = None if ref_gone else left_russian(a["text"], r["text"])  # bf16 itself left Russian: not the quant's
         left += why is not None
         cp = common_prefix(r["ids"], a["ids"])
         prefixes.append(cp)

@@ -82,6 +82,9 @@ def test_prefix_and_summary() -> None:
     assert drift.drift_value(s) == 0.5
     with pytest.raises(ValueError):
         drift.summarize(prompts, ref, out[:2])
+    # where bf16 itself left Russian, the quant's answer is not held against it
+    gone = drift.summarize(["a"], [{"text": RU_TO_ENGLISH, "ids": [1]}], [{"text": RU_TO_CHINESE, "ids": [2]}])
+    assert gone["left_russian_bf16"] == 1 and gone["left_russian"] == 0 and gone["kept"] == 1.0
 
 
 # -- the built-in prompts -------------------------------------------------------------------------------------

@@ -111,6 +111,10 @@ def show_drift(report: dict[str, Any]) -> None:
     out.print(f"Russian kept: {info['count']} prompts from {info['prompts']}, greedy, {info['new_tokens']} new tokens"
               f" ({'chat template' if info['instruct'] else 'plain text'}{dtype}); "
               f"same@N: answers identical to bf16's for the first {PREFIX} tokens.")
+    first = next((r["drift"] for r in report["rows"] if r.get("drift")), None)
+    if first and first.get("left_russian_bf16"):
+        out.print(f"bf16 itself left Russian in {first['left_russian_bf16']}/{first['prompts']} answers: those prompts "
+                  "count as kept for every artifact.")
     for r in report["rows"]:
         d = r.get("drift") or {}
         secs = f"{d['seconds']:.1f} s for {d['generated_tokens']} tokens" if d.get("seconds") is not None else ""
