@@ -51,6 +51,8 @@ SMALL_FAMILIES: dict[str, dict[str, Any]] = {
     "yandexgpt": dict(family="yandexgpt", instruct=True, vocab_size=32000),
     "gemma3": dict(family="gemma3", instruct=True, layers=6),
     "gemma3mm": dict(family="gemma3mm", instruct=True, layers=6),
+    "gigachat3": dict(family="gigachat3", instruct=True, layers=4, kv_heads=4),
+    "gigachat3-noq": dict(family="gigachat3-noq", instruct=True, layers=26, kv_heads=4),
     "smollm": dict(family="smollm"),
     "gpt2": dict(family="gpt2"),
 }

@@ -158,12 +158,34 @@ def timing(repeat: int) -> tuple[bool, bool]:
     return wall_ratio <= TIME_TARGET, mem_ratio <= MEM_TARGET
 
 
+def moe_memory(repeat: int) -> bool:
+    """Peak memory of both converters on the mixture-of-experts fixture (26 layers, experts stacked per layer)."""
+    ckpt = common.small_checkpoint("gigachat3-noq")
+    pre = detected_pre(ckpt)
+    ours, ref = OUT / "moe-quantkit.gguf", OUT / "moe-reference.gguf"
+    runs = common.alternate({
+        "quantkit": lambda i: run_quantkit(ckpt, ours),
+        "convert_hf_to_gguf.py": lambda i: run_reference(ckpt, ref, pre),
+    }, repeat)
+    common.clean(ours)
+    common.clean(ref)
+    q, r = runs["quantkit"], runs["convert_hf_to_gguf.py"]
+    med = statistics.median
+    mem_ratio = common.median_ratio([x.peak_rss for x in q], [x.peak_rss for x in r])
+    print(f"\n== mixture of experts ({ckpt.name}), {repeat} alternating rounds ==")
+    print(table([["wall time, median (s)", f"{med(x.wall_s for x in q):.2f}", f"{med(x.wall_s for x in r):.2f}"],
+                 ["peak RSS, median (MiB)", f"{mib(med(x.peak_rss for x in q)):.0f}",
+                  f"{mib(med(x.peak_rss for x in r)):.0f}"]], ["", "quantkit", "convert_hf_to_gguf.py"]))
+    return mem_ratio <= MEM_TARGET
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--families", default=",".join(["llama3", *common.SMALL_FAMILIES]))
     ap.add_argument("--skip-identity", action="store_true")
     ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--moe-memory", action="store_true", help="also compare peak memory on the MoE fixture")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     print(f"machine: {common.machine()}; reference: {common.llama_cpp_dir() / 'convert_hf_to_gguf.py'}")
@@ -174,6 +196,8 @@ def main() -> int:
         wall_ok, mem_ok = timing(args.repeat)
         results += [(f"wall time ≤ {TIME_TARGET}× reference", wall_ok), (f"peak memory ≤ {MEM_TARGET}× reference",
                                                                            mem_ok)]
+    if args.moe_memory:
+        results.append((f"MoE peak memory ≤ {MEM_TARGET}× reference", moe_memory(args.repeat)))
     print_summary(results)
     return 0
 

@@ -264,9 +264,11 @@ def builtin_documents(name: str, chat: bool = False) -> list[str]:
 # -- token rows ------------------------------------------------------------------------------------------
 
 def render(doc: Document, tokenizer: Any, chat: bool) -> str:
-    """A document as the text the model will see: dialogue in the chat template for instruct models."""
+    """A document as the text the model will see: dialogue in the chat template for instruct models, rendered as a
+    finished conversation (Qwen3's thinking template then writes each answer with an empty think block; thinking
+    stays off: ``enable_thinking`` is ignored by templates that do not use it)."""
     if doc.messages is not None and chat and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(doc.messages, tokenize=False)
+        return tokenizer.apply_chat_template(doc.messages, tokenize=False, enable_thinking=False)
     return doc.plain()
 
 

@@ -87,6 +87,10 @@ FIXTURES: dict[str, Fixture] = {
     "yandexgpt": Fixture("LlamaForCausalLM", "spm"),  # a SentencePiece Llama (build it with a large vocab_size)
     "gemma3": Fixture("Gemma3ForCausalLM", "gemma", trimmed_vocab=64),
     "gemma3mm": Fixture("Gemma3ForConditionalGeneration", "gemma", trimmed_vocab=64),
+    # GigaChat 3 style: MLA (with and without query compression), 2 dense layers then routed + shared experts
+    "gigachat3": Fixture("DeepseekV3ForCausalLM", "llama3"),
+    # no query compression: llama.cpp allows it only with 26 or 27 layers (GigaChat3-10B has 26); build it so
+    "gigachat3-noq": Fixture("DeepseekV3ForCausalLM", "llama3", {"q_lora_rank": None, "n_routed_experts": 4}),
     "smollm": Fixture("LlamaForCausalLM", "smollm"),  # Digits + ByteLevel, no Split regex
     "gpt2": Fixture("LlamaForCausalLM", "gpt2"),  # GPT-2's ByteLevel regex
     # on Llama: transformers 5's AutoTokenizer would give a qwen2 checkpoint Qwen2's pre-tokenizer, whatever its file
@@ -362,6 +366,9 @@ def _randomize_small_weights(model: Any) -> None:
                 param.normal_(0.0, 0.5)
             elif name.endswith("norm.weight") and "vision" not in name:
                 param.add_(torch.randn_like(param) * 0.1)
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # a trained router's bias steers expert choice
+                buf.normal_(0.0, 0.05)
 
 
 def _train(model: Any, tok: Any, texts: list[str], steps: int, seed: int, seq: int = 128, batch: int = 8) -> None:

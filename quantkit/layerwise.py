@@ -58,15 +58,17 @@ class LayerwiseModel:
         module = module.to_empty(device=self.device)
         names = self.ckpt.canonical_names
         state = {}
-        for name, _ in module.named_parameters():
+        for name in module.state_dict():  # parameters and persistent buffers (a router's score correction)
             full = prefix + name
             if full not in names:
                 if full == "lm_head.weight":
                     full = "model.embed_tokens.weight"  # tied embeddings
+                elif (fused := self.arch.fused_parameter(full, self.ckpt.read_f32)) is not None:
+                    state[name] = torch.from_numpy(fused).to(self.dtype)
+                    continue
                 else:
                     raise KeyError(full)
-            arr = self.ckpt.read_f32(full)
-            state[name] = torch.from_numpy(arr).to(self.dtype)
+            state[name] = torch.from_numpy(self.ckpt.read_f32(full)).to(self.dtype)
         module.load_state_dict(state, strict=False, assign=False)
         self.arch.fix_buffers(prefix.removeprefix(self.prefix).rstrip("."), module)
         return module

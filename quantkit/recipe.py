@@ -896,15 +896,16 @@ def _row(model: str, fmt: str, *, quant: str = "-", status: str, note: str = "",
             **extra}
 
 
-def _unavailable(fmt: str) -> tuple[Any, str | None]:
-    """The backend and why it cannot run here (None when it can)."""
+def _unavailable(fmt: str, arch: Any = None) -> tuple[Any, str | None]:
+    """The backend and why it cannot run here or on this architecture (None when it can)."""
     from quantkit.backends.base import get_backend
 
     try:
         backend = get_backend(fmt)
     except ImportError as exc:
         return None, f"cannot load the {fmt} backend: {exc}"
-    return backend, backend.check()
+    supports = getattr(backend, "supports", None)
+    return backend, (supports(arch) if arch is not None and supports else None) or backend.check()
 
 
 def _run_model(recipe: Recipe, entry: Any, fmts: list[str], keep_going: bool) -> _Outcome:
@@ -912,15 +913,16 @@ def _run_model(recipe: Recipe, entry: Any, fmts: list[str], keep_going: bool) ->
     then resolve, and each format in turn."""
     from quantkit.backends.base import JobContext
     from quantkit.lock import holding
-    from quantkit.source import resolve
+    from quantkit.source import architecture_of, resolve
     from quantkit.workspace import Workspace, record_model
 
     out = _Outcome()
     name = recipe.model_name(entry)
     by_fmt: dict[str, list[dict[str, Any]]] = {}
     backends: dict[str, Any] = {}
+    arch = architecture_of(recipe.source_spec(entry))
     for fmt in fmts:
-        backend, reason = _unavailable(fmt)
+        backend, reason = _unavailable(fmt, arch)
         if reason is None:
             backends[fmt] = backend
         elif recipe.required(entry, fmt):

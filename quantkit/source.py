@@ -155,6 +155,7 @@ class Checkpoint:
             "dtype": self.dtype,
             "instruct": self.instruct,
             "license": self.license,
+            "license_note": self.known.license_note if self.known and self.known.license_note else None,
             "params": self.n_params,
             "fingerprint": self.fingerprint,
         }

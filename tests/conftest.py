@@ -122,3 +122,16 @@ def yandexgpt_ckpt(ckpt_root: Path) -> Path:
 def tokenizer_ckpt(root: Path, style: str) -> Path:
     """An untrained Llama whose tokenizer has one of the pre-tokenizer styles of `quantkit.demo.FIXTURES`."""
     return _build(root, f"tiny-tok-{style}", style, train_steps=0)
+
+
+@pytest.fixture(scope="session")
+def gigachat3_ckpt(ckpt_root: Path) -> Path:
+    """GigaChat 3 style DeepseekV3ForCausalLM: MLA with query compression, 2 dense layers then 8 routed experts
+    (2 per token, 2 groups, sigmoid scores with a correction bias) and a shared expert."""
+    return _build(ckpt_root, "tiny-gigachat3", "gigachat3", instruct=True, layers=4, kv_heads=4, train_steps=30)
+
+
+@pytest.fixture(scope="session")
+def gigachat3_noq_ckpt(ckpt_root: Path) -> Path:
+    """MLA without query compression, as GigaChat3-10B has it: llama.cpp allows that only with 26 layers (or 27)."""
+    return _build(ckpt_root, "tiny-gigachat3-noq", "gigachat3-noq", instruct=True, layers=26, kv_heads=4)

@@ -172,3 +172,71 @@ def test_pre_tokenizer_override(ckpt_root: Path, tmp_path: Path) -> None:
         GGUFOptions(pre_tokenizer="klingon")
     out = Converter(ck, pre_tokenizer="gpt-2").write(tmp_path / "o.gguf")[0]
     assert _fields(out)["tokenizer.ggml.pre"] == "gpt-2"
+
+
+# Sparse config.json files as the Hub has them (older transformers wrote fewer keys): T-lite-0.1 (no head_dim),
+# Mistral-Nemo, Qwen2.5-7B, T-pro 2 (Qwen3-32B), saiga_gemma3_12b's text_config, a Gemma3ForCausalLM, GigaChat 3.
+SPARSE_CONFIGS: dict[str, dict[str, object]] = {
+    "LlamaForCausalLM": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+                         "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+                         "rope_theta": 500000.0, "vocab_size": 128256, "max_position_embeddings": 8192,
+                         "rms_norm_eps": 1e-5},
+    "MistralForCausalLM": {"model_type": "mistral", "hidden_size": 5120, "num_attention_heads": 32,
+                           "num_key_value_heads": 8, "head_dim": 128, "num_hidden_layers": 40,
+                           "intermediate_size": 14336, "vocab_size": 131072, "rope_theta": 1000000.0,
+                           "max_position_embeddings": 1024000, "sliding_window": None, "rms_norm_eps": 1e-5},
+    "Qwen2ForCausalLM": {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
+                         "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
+                         "rope_theta": 1000000.0, "rope_scaling": None, "vocab_size": 152064,
+                         "max_position_embeddings": 32768, "sliding_window": 131072, "use_sliding_window": False,
+                         "tie_word_embeddings": False},
+    "Qwen3ForCausalLM": {"model_type": "qwen3", "hidden_size": 5120, "intermediate_size": 25600,
+                         "num_attention_heads": 64, "num_hidden_layers": 64, "num_key_value_heads": 8,
+                         "head_dim": 128, "rope_theta": 1000000.0, "rope_scaling": None, "vocab_size": 151936,
+                         "max_position_embeddings": 40960},
+    "Gemma3ForConditionalGeneration": {"model_type": "gemma3", "text_config": {
+        "model_type": "gemma3_text", "hidden_size": 3840, "intermediate_size": 15360, "num_attention_heads": 16,
+        "num_hidden_layers": 48, "num_key_value_heads": 8, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        "sliding_window": 1024, "vocab_size": 262208}},
+    "Gemma3ForCausalLM": {"model_type": "gemma3_text", "hidden_size": 1152, "intermediate_size": 6912,
+                          "num_attention_heads": 4, "num_hidden_layers": 26, "num_key_value_heads": 1,
+                          "rope_local_base_freq": 10000, "rope_theta": 1000000, "sliding_window": 512,
+                          "sliding_window_pattern": 6, "rope_scaling": None, "vocab_size": 262144,
+                          "query_pre_attn_scalar": 256, "max_position_embeddings": 32768},
+    "DeepseekV3ForCausalLM": {"model_type": "deepseek_v3", "hidden_size": 1536, "intermediate_size": 8960,
+                              "moe_intermediate_size": 1280, "num_hidden_layers": 26, "num_attention_heads": 32,
+                              "num_key_value_heads": 32, "n_routed_experts": 64, "n_shared_experts": 1,
+                              "num_experts_per_tok": 4, "first_k_dense_replace": 1, "q_lora_rank": None,
+                              "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+                              "v_head_dim": 128, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0,
+                              "norm_topk_prob": True, "scoring_func": "sigmoid", "vocab_size": 128256,
+                              "max_position_embeddings": 262144, "rope_theta": 100000.0,
+                              "rope_scaling": {"type": "yarn", "factor": 64.0, "original_max_position_embeddings": 4096,
+                                               "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+                                               "mscale_all_dim": 1.0}},
+}
+
+
+def _metadata(arch: Architecture, tmp: Path) -> dict[str, object]:
+    from quantkit.backends.gguf.convert import write_common_metadata
+
+    w = gguf.GGUFWriter(tmp / "m.gguf", gguf.MODEL_ARCH_NAMES[arch.gguf_model_arch()])
+    write_common_metadata(w, arch.hparams, gguf.LlamaFileType.MOSTLY_BF16)
+    arch.write_metadata(w)
+    return {k: v.value for kv in w.kv_data for k, v in kv.items()}
+
+
+@pytest.mark.parametrize("name", sorted(SPARSE_CONFIGS))
+def test_config_completion_matches_transformers(name: str, tmp_path: Path) -> None:
+    """quantkit completes a sparse config.json without importing transformers; the metadata it writes equals what
+    transformers' AutoConfig (what llama.cpp's converter reads) gives, key for key."""
+    from transformers import AutoConfig
+
+    assert set(SPARSE_CONFIGS) == set(registered())  # every registered family is covered
+    config = {"architectures": [name], **SPARSE_CONFIGS[name]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ours = registered()[name](tmp_path, config)
+    oracle = registered()[name](tmp_path, config)
+    full = AutoConfig.from_pretrained(tmp_path).to_dict()
+    oracle.__dict__["hparams"] = {**full, **full.get("text_config", {})}
+    assert _metadata(ours, tmp_path) == _metadata(oracle, tmp_path)

@@ -19,7 +19,7 @@ from quantkit.verify import verify_gguf
 from quantkit.workspace import Workspace
 
 FAMILIES = ["llama3_ckpt", "llama31_ckpt", "qwen2_ckpt", "mistral_ckpt", "nemo_ckpt", "qwen3_ckpt", "gemma3_ckpt",
-            "gemma3mm_ckpt", "yandexgpt_ckpt"]  # one fixture per registered architecture (and variants)
+            "gemma3mm_ckpt", "yandexgpt_ckpt", "gigachat3_ckpt", "gigachat3_noq_ckpt"]  # every registered family
 
 
 def _ckpt(path: Path):

@@ -295,16 +295,24 @@ def test_per_column_groups_load_on_cpu(llama3_ckpt: Path, tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fixture", ["qwen3_ckpt", "gemma3_ckpt"])
+@pytest.mark.parametrize("fixture", ["qwen3_ckpt", "gemma3_ckpt", "gigachat3_ckpt"])
 def test_new_families(fixture: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    """Qwen3 (q/k norms, head_dim ≠ hidden/heads) and Gemma3ForCausalLM through GPTQModel, scored against bf16."""
+    """Qwen3 (q/k norms, head_dim ≠ hidden/heads), Gemma3ForCausalLM and a GigaChat-3-style MoE (MLA, routed
+    experts) through GPTQModel, scored against bf16."""
     ckpt_dir = request.getfixturevalue(fixture)
     ws = Workspace(tmp_path / "ws")
     ctx = JobContext(checkpoint=resolve(str(ckpt_dir)), workspace=ws, calib_samples=16, calib_seq_len=256)
     (art,) = GPTQBackend().run(ctx, GPTQOptions(group_size=64))
     tensors = read_header(art.path / "model.safetensors")[0]
-    assert "model.layers.0.self_attn.q_proj.qweight" in tensors and "model.layers.0.mlp.down_proj.qweight" in tensors
-    assert "model.layers.0.self_attn.q_norm.weight" in tensors  # the per-head norms stay 16-bit
+    assert "model.layers.0.mlp.down_proj.qweight" in tensors
+    if fixture == "gigachat3_ckpt":
+        assert "model.layers.2.mlp.experts.7.up_proj.qweight" in tensors
+        # GPTQModel drops the routers' score-correction buffer; quantkit puts it back, or routing would change
+        assert "model.layers.2.mlp.gate.e_score_correction_bias" in tensors
+        assert "model.layers.0.self_attn.kv_b_proj.qweight" in tensors
+    else:
+        assert "model.layers.0.self_attn.q_proj.qweight" in tensors
+        assert "model.layers.0.self_attn.q_norm.weight" in tensors  # the per-head norms stay 16-bit
     assert_quality(compare(ckpt_dir, art.path))
 
 

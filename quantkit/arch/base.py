@@ -41,6 +41,7 @@ class Architecture:
     space_prefix: ClassVar[str] = "tokenizer_config"  # tokenizer_config | spm_false | never
     gptq: ClassVar[bool] = True  # GPTQModel 7.6 quantizes it
     gptq_note: ClassVar[str] = ""
+    routed_experts: ClassVar[bool] = False  # a mixture of experts (transformers 5 fuses the experts' weights)
     exl2: ClassVar[bool] = True  # exllamav2 0.3.2 loads it
     exl2_note: ClassVar[str] = ""
     # Linear layers GPTQ quantizes, as canonical tensor names (``model.layers.N.…``)
@@ -63,20 +64,26 @@ class Architecture:
         return f"{'/'.join(cls.hf_names)} ({cls.family})"
 
     # -- hyper-parameters ---------------------------------------------------------------------------------------
+    # The defaults transformers' config class of the family fills in for keys a config.json may leave out (those
+    # that reach the GGUF metadata); `tests/test_arch.py` checks the result against transformers' AutoConfig.
+    config_defaults: ClassVar[dict[str, Any]] = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0}
+
     @cached_property
     def hparams(self) -> dict[str, Any]:
-        """``config.json`` as transformers completes it (defaults filled in, like ``head_dim``), ``text_config`` merged
-        into the top level: the dict llama.cpp's converter reads its metadata from."""
+        """``config.json`` completed the way transformers' config class completes it (defaults filled in, like
+        ``head_dim``), ``text_config`` merged into the top level: the values llama.cpp's converter reads. Done from
+        the family's defaults, without importing transformers (and torch): conversion needs neither."""
         raw = dict(self.config)
-        try:
-            from transformers import AutoConfig
-
-            full = AutoConfig.from_pretrained(self.folder).to_dict()
-        except Exception:  # noqa: BLE001 - an unknown model_type or a transformers too old: use the file as is
-            full = raw
-        if isinstance(full.get("text_config"), dict):
-            full = {**full, **full["text_config"]}
+        if isinstance(raw.get("text_config"), dict):
+            raw = {**raw, **raw["text_config"]}
+        full = {**self.config_defaults, **raw}
+        if full.get("num_key_value_heads") is None and full.get("num_attention_heads") is not None:
+            full["num_key_value_heads"] = full["num_attention_heads"]
+        self.complete(full)
         return full
+
+    def complete(self, hp: dict[str, Any]) -> None:
+        """Values the family's config class derives from others (in place)."""
 
     @property
     def n_layer(self) -> int:
@@ -131,9 +138,38 @@ class Architecture:
         """Whether `transform` must see float32 data (arithmetic, not only a reordering of rows)."""
         return bool(self.norm_shift) and name.endswith("norm.weight")
 
+    def gguf_key(self, name: str) -> str:
+        """The name to look up in gguf's tensor map (llama.cpp's converter renames a few tensors first)."""
+        return name
+
+    def merge_key(self, name: str) -> tuple[str, str, int, int] | None:
+        """For a tensor that is one slice of a stacked GGUF tensor (an expert's matrix): (its group, the stacked
+        tensor's canonical name, its index, tensors in the group); None for an ordinary tensor."""
+        return None
+
+    def expert_sources(self, stacked: str) -> list[str]:
+        """The canonical names a stacked tensor is made of, in order."""
+        raise NotImplementedError(stacked)
+
+    def split_shapes(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]] | None:
+        """For a tensor llama.cpp stores as several: each part's canonical name and shape; None otherwise."""
+        return None
+
+    def split(self, name: str, data: np.ndarray) -> list[np.ndarray]:
+        """The parts of a tensor `split_shapes` names, in the same order."""
+        raise NotImplementedError(name)
+
+    def fused_parameter(self, name: str, read: Any) -> np.ndarray | None:
+        """A parameter the transformers model holds fused (3-D experts) that the checkpoint stores in pieces,
+        built with `read(canonical_name) -> float32 array`; None for an ordinary parameter."""
+        return None
+
     def embedding_rows(self, vocab_tokens: int) -> int | None:
         """Rows of ``token_embd`` to keep (None: all). `vocab_tokens` is the size of the tokenizer's vocabulary."""
         return None
+
+    def check_gguf(self) -> None:
+        """Raise a `QuantkitError` when llama.cpp cannot run this checkpoint although the family is registered."""
 
     # -- GGUF metadata --------------------------------------------------------------------------------------------
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
@@ -157,6 +193,12 @@ class Architecture:
     def fixture_config(cls, common: dict[str, Any], **extra: Any) -> Any:
         """A transformers config for a tiny checkpoint of this family (`common`: sizes and token ids)."""
         raise NotImplementedError(cls.__name__)
+
+
+def overwrite(w: gguf.GGUFWriter, key: str) -> None:
+    """Drop a key already written, so that the family's own value replaces the common one."""
+    for kv in w.kv_data:
+        kv.pop(key, None)
 
 
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -11,16 +11,11 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from quantkit.arch.base import Architecture
+from quantkit.arch.base import Architecture, overwrite
 from quantkit.arch.registry import register
 
 if TYPE_CHECKING:
     import gguf
-
-
-def _overwrite(w: gguf.GGUFWriter, key: str) -> None:
-    for kv in w.kv_data:
-        kv.pop(key, None)
 
 
 @register
@@ -31,6 +26,12 @@ class Gemma3(Architecture):
     norm_shift = 1.0
     space_prefix = "spm_false"
     fixture_tokenizer: ClassVar[str] = "spm"
+    config_defaults: ClassVar[dict[str, Any]] = {
+        "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "rms_norm_eps": 1e-6,
+        "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0, "max_position_embeddings": 131072,
+        "sliding_window": 4096, "query_pre_attn_scalar": 256, "final_logit_softcapping": None,
+        "tie_word_embeddings": True}
     exl2 = False
     exl2_note = "exllamav2 0.3.2 loads Gemma 3 only as Gemma3ForConditionalGeneration, not Gemma3ForCausalLM"
 
@@ -43,7 +44,7 @@ class Gemma3(Architecture):
         rope = rope.get("full_attention", rope)
         for key in ("context_length", "attention.head_count", "attention.layer_norm_rms_epsilon",
                     "attention.key_length", "attention.value_length", "rope.freq_base", "attention.head_count_kv"):
-            _overwrite(w, f"{w.arch}.{key}")
+            overwrite(w, f"{w.arch}.{key}")
         w.add_context_length(h.get("max_position_embeddings", 131072))
         w.add_head_count(h.get("num_attention_heads", 8))
         w.add_layer_norm_rms_eps(h.get("rms_norm_eps", 1e-6))

@@ -18,6 +18,12 @@ class Llama(Architecture):
     gguf_arch = "LLAMA"
     permute_qk = True
     rope_freqs_tensor = True
+    config_defaults: ClassVar[dict[str, Any]] = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+                                                 "max_position_embeddings": 2048, "tie_word_embeddings": False}
+
+    def complete(self, hp: dict[str, Any]) -> None:
+        if hp.get("head_dim") is None:
+            hp["head_dim"] = hp["hidden_size"] // hp["num_attention_heads"]
 
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
         w.add_vocab_size(self.vocab_size)
@@ -34,6 +40,8 @@ class Llama(Architecture):
 class Mistral(Llama):
     hf_names = ("MistralForCausalLM",)
     family = "mistral"
+    config_defaults: ClassVar[dict[str, Any]] = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+                                                 "max_position_embeddings": 131072, "tie_word_embeddings": False}
     fixture_tokenizer: ClassVar[str] = "spm"
 
     @classmethod

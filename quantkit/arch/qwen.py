@@ -15,6 +15,8 @@ class Qwen2(Architecture):
     gguf_arch = "QWEN2"
     space_prefix = "never"
     fixture_tokenizer: ClassVar[str] = "qwen2"
+    config_defaults: ClassVar[dict[str, Any]] = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+                                                 "max_position_embeddings": 32768, "tie_word_embeddings": False}
 
     @classmethod
     def fixture_config(cls, common: dict[str, Any], **extra: Any) -> Any:
@@ -33,6 +35,7 @@ class Qwen3(Qwen2):
     hf_names = ("Qwen3ForCausalLM",)
     family = "qwen3"
     gguf_arch = "QWEN3"
+    config_defaults: ClassVar[dict[str, Any]] = {**Qwen2.config_defaults, "head_dim": 128}
 
     @classmethod
     def fixture_config(cls, common: dict[str, Any], **extra: Any) -> Any:

@@ -21,7 +21,7 @@ def register(cls: type[Architecture]) -> type[Architecture]:
     return cls
 
 
-FAMILY_MODULES = ("llama", "qwen", "gemma")  # registration happens at import, in this order
+FAMILY_MODULES = ("llama", "qwen", "gemma", "deepseek")  # registration happens at import, in this order
 
 
 def _load_all() -> None:

@@ -379,6 +379,12 @@ class GPTQBackend:
         for name in COPIED_FILES:
             if (src / name).exists():
                 shutil.copy2(src / name, folder / name)
+        from quantkit.backends.gptq_restore import restore
+
+        restored = restore(ckpt, folder)
+        if restored:
+            console.info(f"gptq: put back {len(restored)} unquantized tensor(s) GPTQModel left out "
+                         f"(e.g. {restored[0]})")
 
     @staticmethod
     def _losses(csv_path: Path) -> dict[str, Any]:
@@ -386,9 +392,19 @@ class GPTQBackend:
             return {}
         import csv
 
+        losses: list[float] = []
+        fallbacks = 0
         with open(csv_path, encoding="utf-8") as fh:
-            losses = [float(r["loss"]) for r in csv.DictReader(fh) if r.get("loss")]
-        return {"layers_quantized": len(losses), "max_loss": max(losses)} if losses else {}
+            for row in csv.DictReader(fh):
+                # "0.0012", or "fallback(rtn): 0.0018" for a module GPTQModel rounded (too few calibration tokens
+                # reached it: a rarely routed expert)
+                found = re.search(r"[-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?", row.get("loss") or "")
+                if found:
+                    losses.append(float(found.group()))
+                    fallbacks += "fallback" in (row.get("loss") or "")
+        if not losses:
+            return {}
+        return {"layers_quantized": len(losses), "max_loss": max(losses), "rtn_fallbacks": fallbacks}
 
     def _artifact(self, ws: Workspace, out: Path, opts: GPTQOptions, ctx: JobContext, calib: dict[str, Any],
                   fp: str) -> Artifact:
@@ -442,6 +458,16 @@ def _hub_env_kept() -> Iterator[None]:
                 os.environ[key] = value
 
 
+def _has_routed_experts(path: Path) -> bool:
+    """transformers 5 holds routed experts fused in 3-D tensors and cannot load GPTQ's per-expert weights into them
+    (it would leave the experts randomly initialised); GPTQModel's own loader keeps one module per expert."""
+    from quantkit.arch import lookup
+
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    cls = lookup((config.get("architectures") or [""])[0])
+    return bool(cls and cls.routed_experts)
+
+
 class TransformersScorer:
     """Next-token logits from a Hugging Face model folder (bf16, or GPTQ through optimum + GPTQModel kernels);
     CUDA when available, else CPU. GPTQModel's console output is sent to stderr."""
@@ -458,7 +484,7 @@ class TransformersScorer:
 
     def _load(self, path: Path) -> Any:
         quantized = GPTQBackend().owns(path)
-        if quantized and importlib.util.find_spec("optimum") is None:
+        if quantized and (importlib.util.find_spec("optimum") is None or _has_routed_experts(path)):
             from gptqmodel import GPTQModel  # transformers needs optimum for GPTQ; GPTQModel loads it alone
 
             return GPTQModel.load(str(path), device=self.device).model.eval()

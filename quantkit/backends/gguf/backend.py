@@ -16,7 +16,7 @@ from quantkit.backends.base import Artifact, JobContext
 from quantkit.errors import QuantkitError
 from quantkit.workspace import OUTPUT_CHECKS, Workspace, disk_guard, fingerprint
 
-CONVERTER_VERSION = 1  # bump when the converter's output changes, so finished conversions are redone
+CONVERTER_VERSION = 2  # bump when the converter's output changes, so finished conversions are redone
 
 
 def _check_gguf(path: Path) -> None:
@@ -54,6 +54,16 @@ class GGUFOptions(BaseModel):
     embedding_type: str | None = None
     split_max_size: str | int | None = None
     verify: bool = True
+    pre_tokenizer: str | None = Field(None, description="llama.cpp pre-tokenizer name (default: detected)")
+
+    @field_validator("pre_tokenizer")
+    @classmethod
+    def _pre_tokenizer(cls, value: str | None) -> str | None:
+        from quantkit.backends.gguf.pretokenizer import runtime_names
+
+        if value is not None and value not in runtime_names():
+            raise ValueError(f"llama.cpp has no pre-tokenizer '{value}'; e.g. {', '.join(runtime_names()[:6])}")
+        return value
 
     @field_validator("types")
     @classmethod
@@ -220,7 +230,7 @@ class GGUFBackend:
     # -- run ---------------------------------------------------------------------------------------------
     def _fp_convert(self, ctx: JobContext, options: GGUFOptions) -> str:
         return fingerprint("convert", CONVERTER_VERSION, ctx.checkpoint.fingerprint, options.outtype,
-                           parse_size(options.split_max_size))
+                           parse_size(options.split_max_size), options.pre_tokenizer)
 
     def run(self, ctx: JobContext, options: GGUFOptions) -> list[Artifact]:
         from quantkit.backends.gguf.quantize import NEEDS_IMATRIX, RECOMMENDS_IMATRIX
@@ -273,7 +283,7 @@ class GGUFBackend:
         if ws.is_done("gguf.convert", fp):
             console.info(f"[dim]skip[/] conversion: {ws.steps['gguf.convert']['outputs'][0]} is up to date")
             return ws.abs(ws.steps["gguf.convert"]["outputs"][0]), fp
-        conv = Converter(ckpt, options.outtype)
+        conv = Converter(ckpt, options.outtype, pre_tokenizer=options.pre_tokenizer)
         planned = conv.plan()
         task = bar.add_task(f"convert → {quant}", total=len(planned))
         dst = self.file_for(ws, ckpt.name, quant)
@@ -305,7 +315,13 @@ class GGUFBackend:
 
     def _imatrix(self, ctx: JobContext, options: GGUFOptions, bar: Any) -> tuple[dict[str, np.ndarray],
                                                                                   dict[str, Any]]:
-        from quantkit.backends.gguf.imatrix import compute_imatrix, read_imatrix, write_imatrix
+        from quantkit.backends.gguf.imatrix import (
+            MIN_EXPERT_TOKENS,
+            compute_imatrix,
+            expert_coverage,
+            read_imatrix,
+            write_imatrix,
+        )
 
         ws = ctx.workspace
         if options.imatrix_file:
@@ -319,13 +335,20 @@ class GGUFBackend:
         out = ws.root / "gguf" / "imatrix.gguf"
         if ws.is_done("gguf.imatrix", fp):
             console.info("[dim]skip[/] importance matrix: gguf/imatrix.gguf is up to date")
+            coverage = ws.steps["gguf.imatrix"].get("info", {}).get("expert_coverage")
         else:
-            task = bar.add_task(f"imatrix ({rows.size:,} tokens)", total=int(ckpt.config["num_hidden_layers"]))
+            task = bar.add_task(f"imatrix ({rows.size:,} tokens)", total=ckpt.arch.n_layer)
             bos = tok.bos_token_id if _adds_bos(tok) else None
             sums, counts = compute_imatrix(ckpt, rows, bos=bos, on_layer=lambda i: bar.advance(task))
             write_imatrix(out, sums, counts, datasets=[public_spec(info["spec"])], chunk_size=int(rows.shape[1]))
-            ws.record_step("gguf.imatrix", fp, [out], **info)
-        return read_imatrix(out), {**info, "imatrix_fingerprint": fp}
+            coverage = expert_coverage(counts, MIN_EXPERT_TOKENS) or None
+            ws.record_step("gguf.imatrix", fp, [out], **info, **({"expert_coverage": coverage} if coverage else {}))
+        if coverage and coverage["below"]:
+            console.warn(f"importance matrix: {coverage['below']} of {coverage['experts']} experts got fewer than "
+                         f"{coverage['min_tokens']} calibration tokens ({coverage['unreached']} none); "
+                         "raise --calib-samples to cover them")
+        extra = {"expert_coverage": coverage} if coverage else {}
+        return read_imatrix(out), {**info, **extra, "imatrix_fingerprint": fp}
 
     def _quantize(self, ctx: JobContext, options: GGUFOptions, base: Path, fp_base: str, quant: str,
                   imatrix: dict[str, np.ndarray] | None, imatrix_info: dict[str, Any] | None,

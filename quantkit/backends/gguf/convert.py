@@ -34,12 +34,19 @@ OUTTYPES = {
 _SCORE_FUNCS = {"sigmoid": "SIGMOID", "softmax": "SOFTMAX"}
 
 
+# Tensors llama.cpp's converter always keeps in F32 (besides 1-D tensors and norms), as llama-quantize expects.
+_F32_TENSORS = {gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP, gguf.MODEL_TENSOR.POS_EMBD,
+                gguf.MODEL_TENSOR.TOKEN_TYPES}
+
+
 @dataclass
 class PlannedTensor:
     name: str  # GGUF name
     shape: tuple[int, ...]
     qtype: gguf.GGMLQuantizationType
     load: Callable[[], np.ndarray]  # returns the data already in the output storage type
+    # a stacked tensor (experts) is written in slices, one source tensor at a time: peak memory is one slice
+    chunks: Callable[[], Iterator[np.ndarray]] | None = None
 
 
 def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
@@ -157,6 +164,7 @@ class Converter:
             raise QuantkitError(f"unknown --outtype {outtype}", f"choose one of {', '.join(OUTTYPES)}")
         self.ckpt = ckpt
         self.arch = ckpt.arch
+        self.arch.check_gguf()
         self.hp = self.arch.hparams
         self.gguf_arch = self.arch.gguf_model_arch()
         self.ftype, self.qtype = OUTTYPES[outtype]
@@ -191,21 +199,78 @@ class Converter:
                                      factors.shape, gguf.GGMLQuantizationType.F32, lambda f=factors: f))
         names = self.ckpt.canonical_names
         tied = self.arch.tied_embeddings and "model.embed_tokens.weight" in names
+        groups: dict[str, list[str]] = {}
         for name, hf_name in names.items():
             if name == "lm_head.weight" and tied:
                 continue
-            new = self.tmap.get_name(name, try_suffixes=(".weight", ".bias"))
-            if new is None:
-                raise QuantkitError(f"cannot map tensor {hf_name} to a GGUF name",
-                                    f"the checkpoint has tensors that {self.arch.hf_name} does not use")
+            if (key := self.arch.merge_key(name)) is not None:
+                group, stacked, _, size = key
+                members = groups.setdefault(group, [])
+                members.append(stacked)
+                if len(members) == size:  # like llama.cpp: a layer's stacks follow its last expert tensor
+                    out += [self._planned_stack(st) for st in sorted(set(members))]
+                    del groups[group]
+                continue
             shape = self.src.tensors[hf_name].shape
+            if (parts := self.arch.split_shapes(name, shape)) is not None:
+                for i, (part, part_shape) in enumerate(parts):
+                    new, qtype = self._target(part, part_shape, hf_name)
+                    out.append(PlannedTensor(new, part_shape, qtype, self._split_loader(name, hf_name, i, qtype)))
+                continue
+            new, qtype = self._target(name, shape, hf_name)
             if new == "token_embd.weight" and (rows := self.arch.embedding_rows(self._vocab_tokens())) is not None:
                 shape = (min(rows, shape[0]), *shape[1:])
-            qtype = self.qtype
-            if len(shape) <= 1 or new.endswith("_norm.weight"):
-                qtype = gguf.GGMLQuantizationType.F32
             out.append(PlannedTensor(new, shape, qtype, self._loader(name, hf_name, shape, qtype)))
+        if groups:
+            missing = ", ".join(sorted(groups))
+            raise QuantkitError(f"incomplete expert tensors in {missing}",
+                                "the checkpoint is missing some experts' weights: download it again")
         return out
+
+    def _target(self, name: str, shape: tuple[int, ...], hf_name: str) -> tuple[str, gguf.GGMLQuantizationType]:
+        """The GGUF name and storage type of a (canonical) tensor, by llama.cpp's converter's rules."""
+        found = self.tmap.get_type_and_name(self.arch.gguf_key(name), try_suffixes=(".weight", ".bias"))
+        if found is None:
+            raise QuantkitError(f"cannot map tensor {hf_name} to a GGUF name",
+                                f"the checkpoint has tensors that {self.arch.hf_name} does not use")
+        kind, new = found
+        if len(shape) <= 1 or new.endswith("_norm.weight") or kind in _F32_TENSORS or not new.endswith(".weight"):
+            return new, gguf.GGMLQuantizationType.F32
+        return new, self.qtype
+
+    def _planned_stack(self, stacked: str) -> PlannedTensor:
+        sources = self.arch.expert_sources(stacked)
+        hf = [self.ckpt.canonical_names[s] for s in sources]
+        first = self.src.tensors[hf[0]]
+        shape = (len(hf), *first.shape)
+        new, qtype = self._target(stacked, shape, hf[0])
+
+        def chunks() -> Iterator[np.ndarray]:
+            for name, hf_name in zip(sources, hf, strict=True):
+                yield self._convert(name, self.src.tensors[hf_name].dtype, self.src.read(hf_name), qtype)
+
+        return PlannedTensor(new, shape, qtype, lambda: np.concatenate([c.reshape(-1) for c in chunks()]), chunks)
+
+    def _split_loader(self, name: str, hf_name: str, part: int,
+                      qtype: gguf.GGMLQuantizationType) -> Callable[[], np.ndarray]:
+        def load() -> np.ndarray:
+            dtype = self.src.tensors[hf_name].dtype
+            return self._convert(name, dtype, self.arch.split(name, self.src.read(hf_name))[part], qtype)
+
+        return load
+
+    def _convert(self, name: str, dtype: str, data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+        """Source data (raw storage) → the output storage type, through the architecture's transform."""
+        as_f32 = self.arch.needs_f32(name)
+        if as_f32:
+            data = to_f32(data, dtype)
+        data = self.arch.transform(name, data, as_f32)
+        if not as_f32 and qtype == gguf.GGMLQuantizationType.BF16 and dtype == "BF16":
+            return np.ascontiguousarray(data)  # bit-exact copy, no float round trip
+        f32 = data if as_f32 else to_f32(data, dtype)
+        if qtype == gguf.GGMLQuantizationType.F32:
+            return np.ascontiguousarray(f32, dtype=np.float32)
+        return gguf.quants.quantize(np.ascontiguousarray(f32, dtype=np.float32), qtype)
 
     def _vocab_tokens(self) -> int:
         return vocab_token_count(self.ckpt.path, self.arch)
@@ -217,16 +282,7 @@ class Converter:
             data = self.src.read(hf_name)
             if shape != info.shape:
                 data = data[: shape[0]]
-            as_f32 = self.arch.needs_f32(name)
-            if as_f32:
-                data = to_f32(data, info.dtype)
-            data = self.arch.transform(name, data, as_f32)
-            if not as_f32 and qtype == gguf.GGMLQuantizationType.BF16 and info.dtype == "BF16":
-                return np.ascontiguousarray(data)  # bit-exact copy, no float round trip
-            f32 = data if as_f32 else to_f32(data, info.dtype)
-            if qtype == gguf.GGMLQuantizationType.F32:
-                return np.ascontiguousarray(f32, dtype=np.float32)
-            return gguf.quants.quantize(np.ascontiguousarray(f32, dtype=np.float32), qtype)
+            return self._convert(name, info.dtype, data, qtype)
 
         return load
 
@@ -260,13 +316,39 @@ class Converter:
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             for t in planned:
-                data = t.load()
-                writer.write_tensor_data(data)
+                if t.chunks is not None:
+                    nbytes = _write_chunks(writer, t.chunks(),
+                                           int(np.prod(t.shape, dtype=np.int64)) * self._storage(t.qtype)[1])
+                else:
+                    data = t.load()
+                    writer.write_tensor_data(data)
+                    nbytes = data.nbytes
+                    del data
                 if on_tensor:
-                    on_tensor(t.name, data.nbytes)
-                del data
+                    on_tensor(t.name, nbytes)
             writer.close()
         return stage.files
+
+
+def _write_chunks(writer: gguf.GGUFWriter, chunks: Iterator[np.ndarray], nbytes: int) -> int:
+    """`GGUFWriter.write_tensor_data` for a tensor given in consecutive slices (gguf 0.19's writer, one slice in
+    memory at a time): the same padding before and after, the same bookkeeping of which file and tensor is next."""
+    assert writer.fout is not None
+    file_id = next(i for i, tensors in enumerate(writer.tensors) if tensors)
+    fout = writer.fout[file_id]
+    info = writer.tensors[file_id].pop(next(iter(writer.tensors[file_id])))
+    assert info.nbytes == nbytes
+    writer.write_padding(fout, fout.tell())
+    written = 0
+    for chunk in chunks:
+        chunk.tofile(fout)
+        written += chunk.nbytes
+    if written != nbytes:
+        raise QuantkitError(f"a stacked tensor came out {written} bytes instead of {nbytes}",
+                            "the checkpoint's experts differ in shape; report it with the model id")
+    writer.write_padding(fout, nbytes)
+    writer.state = gguf.gguf_writer.WriterState.WEIGHTS
+    return written
 
 
 def gguf_tensor_bytes(ckpt: Checkpoint, outtype: str = "bf16") -> int:

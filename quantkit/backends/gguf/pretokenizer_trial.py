@@ -35,7 +35,7 @@ def _write_vocab_file(path: Path, folder: Path, arch: Architecture) -> int:
     import gguf
 
     from quantkit.backends.gguf.convert import write_common_metadata
-    from quantkit.backends.gguf.tokenizer import bpe_vocab
+    from quantkit.backends.gguf.tokenizer import bpe_vocab, state_unset_flags
 
     w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch.gguf_model_arch()])
     w.add_type(gguf.GGUFType.MODEL)
@@ -46,8 +46,7 @@ def _write_vocab_file(path: Path, folder: Path, arch: Architecture) -> int:
     w.add_token_list(tokens)
     w.add_token_types(types)
     special = gguf.SpecialVocab(folder, load_merges=True)
-    for kind in ("bos", "eos"):
-        special.add_special_token.setdefault(kind, False)
+    state_unset_flags(folder, special)
     special.add_to_gguf(w, quiet=True)
     w.add_tokenizer_pre("default")  # last key
     w.write_header_to_file(path)

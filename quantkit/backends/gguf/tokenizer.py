@@ -163,6 +163,17 @@ def _spm_vocab(folder: Path, vocab_size: int) -> tuple[list[bytes], list[float],
     return tokens, scores, types
 
 
+def state_unset_flags(folder: Path, special: gguf.SpecialVocab) -> None:
+    """llama.cpp's converter (its vendored gguf-py) states add_bos/add_eos as false when the tokenizer's
+    post-processor includes a ByteLevel step and nothing set them; PyPI gguf 0.19 leaves them out. llama.cpp reads a
+    missing flag as false, so tokenization is the same either way, but the files would differ."""
+    raw = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    post = raw.get("post_processor") or {}
+    if any(p.get("type") == "ByteLevel" for p in post.get("processors", [post])):
+        for kind in ("bos", "eos"):
+            special.add_special_token.setdefault(kind, False)
+
+
 def add_vocab(writer: gguf.GGUFWriter, folder: Path, arch: Architecture, *, pre: str | None = None) -> VocabInfo:
     """Write every tokenizer key llama.cpp needs, following the architecture's policy; returns what was written.
     `pre` overrides the pre-tokenizer name of a byte-level BPE vocabulary."""
@@ -190,10 +201,7 @@ def add_vocab(writer: gguf.GGUFWriter, folder: Path, arch: Architecture, *, pre:
         writer.add_token_list(btokens)
         writer.add_token_types(btypes)
         special = gguf.SpecialVocab(folder, load_merges=True)
-        # llama.cpp's converter states both flags for byte-level BPE; PyPI gguf 0.19 only writes the ones it
-        # finds set, and llama.cpp reads a missing flag as false, so write the false ones explicitly.
-        for kind in ("bos", "eos"):
-            special.add_special_token.setdefault(kind, False)
+        state_unset_flags(folder, special)
         info = VocabInfo("gpt2", name, len(btokens), method)
     else:
         raise QuantkitError(f"{folder} has neither tokenizer.json nor tokenizer.model",
