@@ -131,17 +131,16 @@ def tool_versions() -> dict[str, str]:
 
 
 def gguf_stats(path: Path) -> tuple[int, float]:
-    """Bytes on disk (all split parts) and bits per weight over every tensor."""
-    import gguf
-
+    """Bytes on disk (all split parts) and bits per weight over every tensor (from the tensor table alone)."""
     from quantkit.backends.gguf.convert import iter_parts
+    from quantkit.backends.gguf.ggufinfo import read_info
 
     size = 0
     bits = 0
     elements = 0
     for part in iter_parts(path):
         size += part.stat().st_size
-        reader = gguf.GGUFReader(part)
+        reader = read_info(part)
         for t in reader.tensors:
             bits += int(t.n_bytes) * 8
             elements += int(t.n_elements)

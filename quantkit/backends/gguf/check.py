@@ -15,7 +15,7 @@ MAGIC = b"GGUF"
 
 def check_gguf(path: Path) -> None:
     """Raise a `QuantkitError` when `path` is not a complete GGUF file."""
-    import gguf
+    from quantkit.backends.gguf.ggufinfo import read_info
 
     path = Path(path)
     size = path.stat().st_size
@@ -23,7 +23,7 @@ def check_gguf(path: Path) -> None:
         if fh.read(4) != MAGIC:
             raise QuantkitError(f"{path.name} is not a GGUF file ({size} bytes)", "run the same command again")
     try:
-        reader = gguf.GGUFReader(path)
+        reader = read_info(path)  # the tensor table only: a 152k-token vocabulary is skipped, not decoded
     except Exception as exc:  # noqa: BLE001 - gguf raises ValueError, IndexError, struct errors... for broken files
         raise QuantkitError(f"{path.name} is an incomplete GGUF file ({size} bytes): {type(exc).__name__}",
                             "run the same command again") from exc

@@ -90,10 +90,11 @@ def quantized_size_bound(src: Path, ftype: str, *, overrides: list[tuple[str, in
                          output_type: int | None = None, embedding_type: int | None = None) -> int:
     """Upper bound of the bytes llama.cpp writes when quantizing `src` (every split part) to `ftype`."""
     from quantkit.backends.gguf.convert import iter_parts
+    from quantkit.backends.gguf.ggufinfo import read_info
 
     total = 0
     for part in iter_parts(Path(src)):
-        reader = gguf.GGUFReader(part)
+        reader = read_info(part)
         names = {t.name for t in reader.tensors}
         moe = any(".ffn_gate_exps." in n or "ffn_gate_inp" in n for n in names)
         tied = "output.weight" not in names
