@@ -655,6 +655,27 @@ def _params(n: Any) -> str:
     return f"{n / 1e9:.1f}B parameters" if n >= 1e9 else f"{n / 1e6:.0f}M parameters"
 
 
+def _mix_lines(arts: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Size-targeted files: which type each group of tensors got (the full list ships as .tensor-types.txt)."""
+    out: list[str] = []
+    for key, e in arts:
+        mix = e.get("mix")
+        if not isinstance(mix, dict) or not mix:
+            continue
+        name = Path(key).name
+        out.append(f"- **`{name}`** was built for a target of {e.get('target')}: one type per tensor, chosen to "
+                   "minimise the importance-weighted error on the Russian calibration text under that size "
+                   f"(`{Path(key).stem}.tensor-types.txt` holds it for `llama-quantize --tensor-type-file`).")
+        out.append("")
+        out.append("  | tensors | types |")
+        out.append("  |---|---|")
+        for group in sorted(mix):
+            types = ", ".join(f"{t} × {n}" for t, n in sorted(mix[group].items()))
+            out.append(f"  | `{group}` | {types} |")
+        out.append("")
+    return out
+
+
 def _expert_coverage_lines(cals: list[dict[str, Any]]) -> list[str]:
     """A mixture of experts: how well the calibration text reached every expert (said when some fell short)."""
     cov = next((c["expert_coverage"] for c in cals if isinstance(c.get("expert_coverage"), dict)), None)
@@ -717,6 +738,7 @@ def _provenance(ws: Workspace, fmt: str, arts: list[tuple[str, dict[str, Any]]])
         lines.append("- **Importance matrix:** computed by quantkit on the calibration text above and applied to "
                      f"every quantized type.{extra}")
         lines += _expert_coverage_lines(cals)
+    lines += _mix_lines(arts)
     if fmt == "exl2" and (ws.root / "exl2" / "measurement.json").is_file():
         lines.append("- **Measurement:** `measurement.json` on `main`; pass it to ExLlamaV2's `convert.py -m` to "
                      "make other bitrates without measuring again.")

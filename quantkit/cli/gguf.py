@@ -33,7 +33,8 @@ from quantkit.errors import QuantkitError
 
 CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
 # options field → its flag
-FLAGS = {"tensor_types": "--tensor-type", "imatrix_file": "--imatrix", "pre_tokenizer": "--pre-tokenizer"}
+FLAGS = {"tensor_types": "--tensor-type", "imatrix_file": "--imatrix", "pre_tokenizer": "--pre-tokenizer",
+         "target_sizes": "--target-size", "target_bpw": "--target-bpw"}
 
 
 _QUANT_FLAG = re.compile(r"^--(i?q\d|tq\d|bf16|f16|f32)", re.IGNORECASE)
@@ -78,6 +79,10 @@ def command(
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip loading and tokenizer checks.")] = False,
     pre_tokenizer: Annotated[str | None, typer.Option(
         "--pre-tokenizer", help="llama.cpp pre-tokenizer name for a BPE vocabulary (default: detected).")] = None,
+    target_size: Annotated[list[str] | None, typer.Option(
+        "--target-size", help="Also write the best per-tensor mix under this size (e.g. 4.5G; repeatable).")] = None,
+    target_bpw: Annotated[list[float] | None, typer.Option(
+        "--target-bpw", help="Also write the best per-tensor mix at this many bits per weight (repeatable).")] = None,
     evaluate: EvalOpt = False,
     calibration: Calibration = DEFAULTS["calibration"],
     calib_samples: CalibSamples = DEFAULTS["calib_samples"],
@@ -115,6 +120,7 @@ def command(
         imatrix=not no_imatrix, imatrix_file=str(imatrix_file) if imatrix_file else None,
         tensor_types=tensor_type or [], output_type=output_type, embedding_type=embedding_type,
         split_max_size=split_max_size, verify=not no_verify, pre_tokenizer=pre_tokenizer,
+        target_sizes=target_size or [], target_bpw=target_bpw or [],
     )
     run_format("gguf", model, options, calibration=calibration, calib_samples=calib_samples,
                calib_seq_len=calib_seq_len, workspace=workspace, json_output=json_output, evaluate=evaluate,

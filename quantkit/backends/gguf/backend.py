@@ -55,6 +55,29 @@ class GGUFOptions(BaseModel):
     split_max_size: str | int | None = None
     verify: bool = True
     pre_tokenizer: str | None = Field(None, description="llama.cpp pre-tokenizer name (default: detected)")
+    target_sizes: list[str] = Field(default_factory=list, description="size-targeted files, e.g. 4.5G")
+    target_bpw: list[float] = Field(default_factory=list, description="size-targeted files in bits per weight")
+
+    @field_validator("target_sizes")
+    @classmethod
+    def _target_sizes(cls, value: list[str]) -> list[str]:
+        from quantkit.backends.gguf.target import parse_size
+
+        for v in value:
+            _as_value_error(parse_size, str(v))
+        return [str(v) for v in value]
+
+    @field_validator("target_bpw")
+    @classmethod
+    def _target_bpw(cls, value: list[float]) -> list[float]:
+        if any(not 1.5 <= v <= 16 for v in value):
+            raise ValueError("--target-bpw must be between 1.5 and 16 bits per weight")
+        return value
+
+    @property
+    def targets(self) -> list[str]:
+        """Every size target, as written for steps and names: ``4.5G``, ``4.8bpw``."""
+        return [*self.target_sizes, *(f"{v:g}bpw" for v in self.target_bpw)]
 
     @field_validator("pre_tokenizer")
     @classmethod
@@ -212,7 +235,22 @@ class GGUFBackend:
                           "estimated_size": self._size_bound(ws, base, q, options) if converted
                           else int(n * APPROX_BPW.get(q, 8.5) / 8),
                           "done": ws.is_done(f"gguf.quantize.{q}", fp_q)})
+        if options.targets:
+            steps.append({"step": "measure each tensor's damage per type (one quantization per candidate)",
+                          "output": "gguf/target-measure.json", "estimated_size": 0,
+                          "done": "gguf.target.measure" in ws.steps})
+        for t in options.targets:
+            size = None if t.endswith("bpw") else self._target_budget(t)
+            steps.append({"step": f"quantize → best mix under {t}", "output": f"gguf/{ckpt.name}-<bpw>bpw.gguf",
+                          "estimated_size": size or int(n * float(t[:-3]) / 8),
+                          "done": f"gguf.target.{t}" in ws.steps})
         return steps
+
+    @staticmethod
+    def _target_budget(target: str) -> int:
+        from quantkit.backends.gguf.target import parse_size
+
+        return parse_size(target)
 
     @staticmethod
     def _size_bound(ws: Workspace, base: Path, quant: str, options: GGUFOptions) -> int:
@@ -254,9 +292,32 @@ class GGUFBackend:
                     continue
                 path, fp = self._quantize(ctx, options, base, fp_base, q, imatrix_data, imatrix_info, bar)
                 artifacts.append(self._artifact(ws, path, q, fp, ctx, tools, imatrix_info))
+            artifacts += self._targets(ctx, options, base, fp_base, imatrix_data, imatrix_info, tools, bar)
         if options.verify:
             self._verify(ctx, artifacts)
         return artifacts
+
+    def _targets(self, ctx: JobContext, options: GGUFOptions, base: Path, fp_base: str, imatrix: Any,
+                 imatrix_info: dict[str, Any] | None, tools: dict[str, str], bar: Any) -> list[Artifact]:
+        """Size-targeted files (`quantkit.backends.gguf.targeted`): one measurement, one file per target."""
+        if not options.targets:
+            return []
+        from quantkit.backends.gguf import targeted
+
+        ws = ctx.workspace
+        table, measure_fp = targeted.measured_table(ws, base, fp_base, imatrix,
+                                                    (imatrix_info or {}).get("imatrix_fingerprint"), ctx.threads, bar)
+        out = []
+        for target in options.targets:
+            path, fp, plan = targeted.write_target(ws, ctx.checkpoint.name, base, target, table, measure_fp, imatrix,
+                                                   ctx.threads, bar)
+            art = self._artifact(ws, path, path.stem.rsplit("-", 1)[-1], fp, ctx, tools, imatrix_info)
+            types_file = path.with_suffix(".tensor-types.txt")  # published beside the file
+            art.files = [*(art.files or [path]), types_file]
+            ws.update_artifact(ws.rel(path), target=target, mix=plan.groups, files=[ws.rel(f) for f in art.files])
+            art.info.update(target=target, mix=plan.groups)
+            out.append(art)
+        return out
 
     def _artifact(self, ws: Workspace, path: Path, quant: str, fp: str, ctx: JobContext, tools: dict[str, str],
                   imatrix_info: dict[str, Any] | None) -> Artifact:

@@ -1,0 +1,100 @@
+"""The GGUF backend's size-targeted steps: measure once per workspace, allocate and write one file per target.
+
+See `quantkit.backends.gguf.target` for the method. The measurement (one quantization of the whole model per
+candidate type, and the damage table) is cached in ``gguf/target-measure.json``; every target then costs one
+allocation and one quantization.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantkit import console
+from quantkit.backends.gguf import target as tg
+from quantkit.backends.gguf.quantize import QuantizeOptions, quantize
+from quantkit.errors import QuantkitError
+from quantkit.workspace import Workspace, fingerprint, write_json_atomic
+
+METHOD_VERSION = 1  # bump when measurement or allocation change, so finished targets are redone
+
+
+def budget_for(target: str, bf16: Path) -> int:
+    """A ``--target-size`` (``4.5G``) or ``--target-bpw`` (``4.8bpw``) as a file size in bytes."""
+    text = target.strip().lower()
+    if text.endswith("bpw"):
+        try:
+            bpw = float(text[:-3])
+        except ValueError:
+            raise QuantkitError(f"bad --target-bpw '{target}'", "write it like 4.8") from None
+        info = tg.read_info(bf16)
+        return int(bpw * tg.n_weights(bf16) / 8) + info.data_start
+    return tg.parse_size(target)
+
+
+def _table_to_json(table: dict[str, dict[Any, tg.Piece]]) -> dict[str, Any]:
+    return {name: {q.name: [p.qtype.name, p.nbytes, p.damage] for q, p in opts.items()} for name, opts in table.items()}
+
+
+def _table_from_json(data: dict[str, Any]) -> dict[str, dict[Any, tg.Piece]]:
+    return {name: {tg.Q[q]: tg.Piece(tg.Q[v[0]], int(v[1]), float(v[2])) for q, v in opts.items()}
+            for name, opts in data.items()}
+
+
+def measured_table(ws: Workspace, base: Path, fp_base: str, imatrix: dict[str, np.ndarray] | None,
+                   imatrix_fp: str | None, threads: int, bar: Any) -> tuple[dict[str, dict[Any, tg.Piece]], str]:
+    """The damage table of every tensor × candidate type, computed once per (checkpoint, imatrix)."""
+    fp = fingerprint("target-measure", METHOD_VERSION, fp_base, imatrix_fp, [q.name for q in tg.CANDIDATES])
+    path = ws.root / "gguf" / "target-measure.json"
+    if ws.is_done("gguf.target.measure", fp) and path.exists():
+        return _table_from_json(json.loads(path.read_text(encoding="utf-8"))), fp
+    stage = ws.root / "gguf" / ".target-pieces"
+    stage.mkdir(parents=True, exist_ok=True)
+    task = bar.add_task("measure tensor sensitivity", total=len(tg.CANDIDATES))
+
+    def quantize_all(qtype: Any, out: Path) -> Path:
+        opts = QuantizeOptions(file_type="Q8_0", imatrix=imatrix, tensor_types=[(".*", int(qtype))],
+                               output_type=int(qtype), embedding_type=int(qtype), threads=threads)
+        return quantize(base, out, opts)[0]
+
+    try:
+        table = tg.measure(base, stage, imatrix, quantize_all, on_type=lambda q: bar.advance(task))
+    finally:
+        for leftover in stage.glob("*"):
+            leftover.unlink()
+        stage.rmdir()
+    write_json_atomic(path, _table_to_json(table))
+    ws.record_step("gguf.target.measure", fp, [path], candidates=[q.name for q in tg.CANDIDATES])
+    return table, fp
+
+
+def write_target(ws: Workspace, name: str, base: Path, target: str, table: dict[str, dict[Any, tg.Piece]],
+                 measure_fp: str, imatrix: dict[str, np.ndarray] | None, threads: int,
+                 bar: Any) -> tuple[Path, str, tg.Plan]:
+    """Allocate for one target and write ``<Model>-<bpw>bpw.gguf`` and its ``.tensor-types.txt``."""
+    budget = budget_for(target, base)
+    fixed = tg.fixed_bytes(base, set(table))
+    plan = tg.allocate(table, budget, fixed, tg.n_weights(base))
+    step = f"gguf.target.{target}"
+    fp = fingerprint("target", measure_fp, target, METHOD_VERSION)
+    if ws.is_done(step, fp):
+        console.info(f"[dim]skip[/] target {target}: {ws.steps[step]['outputs'][0]} is up to date")
+        return ws.abs(ws.steps[step]["outputs"][0]), fp, plan
+    dst = ws.root / "gguf" / f"{name}-{plan.bpw:.2f}bpw.gguf"
+    task = bar.add_task(f"quantize → {target} ({plan.bpw:.2f} bpw)", total=1)
+    opts = QuantizeOptions(file_type="Q8_0", imatrix=imatrix, tensor_types=plan.tensor_types(), threads=threads,
+                           need=plan.nbytes + (1 << 20))
+    files = quantize(base, dst, opts, on_done=lambda: bar.advance(task))
+    size = sum(f.stat().st_size for f in files)
+    if size > budget:
+        for f in files:
+            f.unlink()
+        raise QuantkitError(f"the {target} mix came out {size:,} bytes, over its target {budget:,}",
+                            "report it with the model id; a slightly smaller target works around it")
+    types_file = dst.with_suffix(".tensor-types.txt")
+    types_file.write_text(plan.type_file(), encoding="utf-8")
+    ws.record_step(step, fp, [files[0]], target=target, budget=budget, predicted=plan.nbytes, groups=plan.groups)
+    return files[0], fp, plan
