@@ -45,10 +45,11 @@ def exit_code(exc: BaseException) -> int:
 
 
 def _in_native_callback(frame: FrameType | None) -> bool:
-    """True when `frame` runs inside a ctypes callback of llama-cpp-python (called from llama.cpp's C code)."""
+    """True when `frame` runs inside a ctypes callback called from llama.cpp's C code (llama-cpp-python's, or
+    quantkit's log callback)."""
     depth = 0
     while frame is not None and depth < 40:
-        if str(frame.f_globals.get("__name__", "")).startswith("llama_cpp"):
+        if str(frame.f_globals.get("__name__", "")).startswith(("llama_cpp", "quantkit.backends.gguf.llamalog")):
             return True
         frame = frame.f_back
         depth += 1

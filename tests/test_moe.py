@@ -132,3 +132,21 @@ def test_quantize_evaluate_and_llama_quantize_parity(gigachat3_ckpt: Path, tmp_p
 
 def test_exl2_refused_in_one_line(gigachat3_ckpt: Path, tmp_path: Path) -> None:
     one_line_error(qk("exl2", str(gigachat3_ckpt), "-w", str(tmp_path / "w")), "exllamav2 0.3.2 has no DeepSeek")
+
+
+def test_llama_cpp_log_is_quiet_unless_asked(gigachat3_ckpt: Path, tmp_path: Path) -> None:
+    """llama.cpp logs a line per fallback tensor while quantizing; quantkit keeps it off the terminal and shows it
+    with QUANTKIT_DEBUG=1."""
+    import os
+    import subprocess
+    import sys
+
+    bf16 = Converter(_ckpt(gigachat3_ckpt)).write(tmp_path / "g.gguf")[0]
+    code = ("import sys; from pathlib import Path; from quantkit.backends.gguf.quantize import QuantizeOptions, "
+            "quantize; quantize(Path(sys.argv[1]), Path(sys.argv[2]), QuantizeOptions(file_type='Q4_K_M'))")
+    for debug, expect in (("0", False), ("1", True)):
+        env = {**os.environ, "QUANTKIT_DEBUG": debug}
+        proc = subprocess.run([sys.executable, "-c", code, str(bf16), str(tmp_path / f"q{debug}.gguf")], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-1000:]
+        assert ("falling back" in proc.stderr) is expect

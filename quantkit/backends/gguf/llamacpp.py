@@ -31,9 +31,9 @@ def lib() -> Any:
     with _lock:
         if not _ready:
             llama_cpp.llama_backend_init()
-            from llama_cpp import _logger
+            from quantkit.backends.gguf import llamalog
 
-            _logger.set_verbose(os.environ.get("QUANTKIT_DEBUG") == "1")
+            llamalog.install(llama_cpp)  # llama.cpp's log: quiet, remembered, shown with QUANTKIT_DEBUG=1
             _ready = True
     return llama_cpp
 
