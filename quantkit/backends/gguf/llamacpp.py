@@ -60,7 +60,10 @@ class LlamaModel:
             raise QuantkitError(f"{self.path} does not exist", "check the path")
         self.ptr = L.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:
-            raise QuantkitError(f"llama.cpp could not load {self.path.name}",
+            from quantkit.backends.gguf.llamalog import last_error
+
+            said = last_error()
+            raise QuantkitError(f"llama.cpp could not load {self.path.name}" + (f": {said}" if said else ""),
                                 "the file is corrupt or not a GGUF model (QUANTKIT_DEBUG=1 shows llama.cpp's log)")
         self.vocab = L.llama_model_get_vocab(self.ptr)
         self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))

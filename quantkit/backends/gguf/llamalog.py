@@ -1,9 +1,9 @@
 """llama.cpp's own log, routed through quantkit: kept quiet, remembered, shown with QUANTKIT_DEBUG=1.
 
 llama.cpp logs every tensor while quantizing (fallback types, overrides) and warns about control-looking tokens while
-loading a vocabulary. llama-cpp-python's callback is not the one in effect after ``llama_backend_init`` here (the
-lines reached the terminal), so quantkit registers its own: nothing is printed unless ``QUANTKIT_DEBUG=1``; the last
-lines are kept so that an error can say what llama.cpp said.
+loading a vocabulary. llama-cpp-python's callback maps an older numbering of the levels and prints warnings as
+errors (the lines reached the terminal), so quantkit registers its own: nothing is printed unless
+``QUANTKIT_DEBUG=1``; the last lines are kept so that an error can say what llama.cpp said.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import os
 import sys
 from typing import Any
 
-_LEVELS = {1: "info", 2: "warn", 3: "error", 4: "debug"}
+# ggml_log_level in the llama.cpp llama-cpp-python 0.3.36 vendors (llama-cpp-python's own mapping is older and
+# wrong: it reads WARN as ERROR, which is why the per-tensor warnings reached the terminal)
+DEBUG, INFO, WARN, ERROR, CONT = 1, 2, 3, 4, 5
 _recent: collections.deque[tuple[int, str]] = collections.deque(maxlen=200)
 _callback: Any = None  # the ctypes callback object must outlive every call into llama.cpp
 _last_level = 1
@@ -30,7 +32,7 @@ def install(llama_cpp: Any) -> None:
     @llama_cpp.llama_log_callback
     def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         global _last_level
-        level = _last_level if level == 5 else level  # 5: continuation of the previous line
+        level = _last_level if level == CONT else level
         _last_level = level
         line = text.decode("utf-8", errors="replace")
         _recent.append((level, line))
@@ -42,11 +44,11 @@ def install(llama_cpp: Any) -> None:
 
 
 def last_error() -> str | None:
-    """The last error (or warning) line llama.cpp logged, for a one-line message."""
-    for wanted in (3, 2):
+    """The last error (or warning) line llama.cpp logged, for a one-line message (prefix up to ': ' dropped)."""
+    for wanted in (ERROR, WARN):
         for level, line in reversed(_recent):
-            if level == wanted and line.strip():
-                return line.strip()
+            if level == wanted and line.strip() and "failed to load model" not in line:
+                return line.strip().split("error loading model: ", 1)[-1]
     return None
 
 
