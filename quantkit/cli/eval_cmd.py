@@ -121,7 +121,7 @@ def show_drift(report: dict[str, Any]) -> None:
         if secs:
             out.print(f"  {r['artifact']}: Cyrillic {_pct(d.get('cyrillic'))} of letters (bf16 "
                       f"{_pct(d.get('cyrillic_bf16'))}), mean common prefix {d['mean_common_prefix']} tokens; {secs}")
-        for ex in d.get("examples", [])[:3] if d.get("left_russian") else []:
+        for ex in [e for e in d.get("examples", []) if e.get("left_russian")][:3]:
             out.print(f"    prompt: {_short(ex['prompt'])}\n      bf16: {_short(ex['bf16'])}\n      "
                       f"{Path(r['artifact']).name}: {_short(ex['answer'])}\n      → {ex['left_russian']}",
                       markup=False, highlight=False)
