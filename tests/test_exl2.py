@@ -226,7 +226,7 @@ def test_output_config_is_fixed_too(tmp_path: Path, llama31_ckpt: Path) -> None:
 def _fake_exl2_folder(folder: Path, bits: float) -> None:
     """What a finished conversion leaves (the converter itself needs CUDA)."""
     folder.mkdir(parents=True)
-    (folder / "output.safetensors").write_bytes(b"\0" * 64)
+    (folder / "output.safetensors").write_bytes((8).to_bytes(8, "little") + b"{}      ")  # a valid, empty file
     (folder / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "exl2", "bits": bits}}))
 
 
@@ -365,7 +365,7 @@ if job["om"]:
         json.dump({"measurement": {}, "last_module_idx": 3}, open(f, "w"))
 else:
     os.makedirs(job["cf"], exist_ok=True)
-    open(os.path.join(job["cf"], "output.safetensors"), "wb").write(b"\0" * 128)
+    open(os.path.join(job["cf"], "output.safetensors"), "wb").write((8).to_bytes(8, "little") + b"{}      ")
     for f in os.listdir(job["in_dir"]):
         if not f.endswith(".safetensors"):
             shutil.copy(os.path.join(job["in_dir"], f), os.path.join(job["cf"], f))
