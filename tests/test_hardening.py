@@ -237,6 +237,20 @@ def test_signal_during_llama_cpp_quantization(big_ckpt: Path, tmp_path_factory: 
     assert "gguf.quantize.IQ4_XS" not in manifest(ws)["steps"]
 
 
+def test_sigint_during_conversion(big_ckpt: Path, tmp_path: Path) -> None:
+    ws = tmp_path / "w"
+    run = start("gguf", str(big_ckpt), "--q8_0", "--no-imatrix", "--no-verify", "-w", str(ws))
+    wait_for(lambda: [f for f in (ws / "gguf").glob(".*BF16*.partial/*") if f.stat().st_size > 20 << 20]
+             if (ws / "gguf").exists() else [], proc=run)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 130, err
+    assert last_line(err) == ["interrupted: finished steps are kept, unfinished files removed; run the same command "
+                              "to resume"], err
+    assert not list((ws / "gguf").iterdir())
+    assert "gguf.convert" not in manifest(ws)["steps"]
+
+
 # -- 3. secrets and machine paths, checked after the card is written ------------------------------------------------
 def _no_upload(hub: FakeHub) -> None:
     assert not [r for r in hub.requests if r.method == "PUT" or "/commit/" in r.path or "/preupload/" in r.path]
