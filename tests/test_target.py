@@ -83,3 +83,24 @@ def test_targeted_file_beats_stock_types(llama3_ckpt: Path, tmp_path: Path) -> N
         ours = {t.name: np.asarray(t.data).tobytes() for t in gguf.GGUFReader(same.path).tensors}
         theirs = {t.name: np.asarray(t.data).tobytes() for t in gguf.GGUFReader(ref).tensors}
         assert ours == theirs
+
+
+@pytest.mark.slow
+def test_mix_is_reusable_with_tensor_type_file(llama3_ckpt: Path, tmp_path: Path) -> None:
+    """`quantkit gguf --tensor-type-file` takes a targeted file's mix and rebuilds the same tensors."""
+    from test_cli import qk
+
+    ck = load_local(llama3_ckpt, name="m", source=str(llama3_ckpt))
+    ws = Workspace(tmp_path / "ws")
+    ctx = JobContext(checkpoint=ck, workspace=ws, calib_samples=8, calib_seq_len=256)
+    (mix,) = [a for a in GGUFBackend().run(ctx, GGUFOptions(types=["Q8_0"], target_bpw=[5.0], verify=False))
+              if a.info.get("target")]
+    assert mix.path.name.endswith("bpw.gguf") and mix.bpw <= 5.0
+    proc = qk("gguf", str(llama3_ckpt), "-w", str(ws.root), "--types", "q6_k", "--no-verify", "--calib-samples", "8",
+              "--calib-seq-len", "256", "--tensor-type-file", str(mix.path.with_suffix(".tensor-types.txt")))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (again,) = (ws.root / "gguf").glob("*-Q6_K.gguf")
+    ours = {t.name: np.asarray(t.data).tobytes() for t in gguf.GGUFReader(mix.path).tensors}
+    assert ours == {t.name: np.asarray(t.data).tobytes() for t in gguf.GGUFReader(again).tensors}
+    one_line = qk("gguf", str(llama3_ckpt), "-w", str(tmp_path / "w2"), "--tensor-type-file", str(tmp_path / "none"))
+    assert one_line.returncode != 0 and "cannot read --tensor-type-file" in one_line.stderr

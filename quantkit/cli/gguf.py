@@ -61,6 +61,21 @@ def _flag_types(extra: list[str], options: list[str]) -> list[str]:
     return out
 
 
+def _type_file_lines(path: Path | None) -> list[str]:
+    """The PATTERN=TYPE lines of a --tensor-type-file (blank lines and # comments skipped)."""
+    if path is None:
+        return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise QuantkitError(f"cannot read --tensor-type-file {path}: {type(exc).__name__}",
+                            "pass a text file with one PATTERN=TYPE a line") from exc
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not lines:
+        raise QuantkitError(f"--tensor-type-file {path} holds no PATTERN=TYPE line", "e.g. attn_v=q8_0")
+    return lines
+
+
 @handle_errors
 def command(
     ctx: typer.Context,
@@ -72,6 +87,9 @@ def command(
     no_imatrix: Annotated[bool, typer.Option("--no-imatrix", help="Quantize without an importance matrix.")] = False,
     tensor_type: Annotated[list[str] | None, typer.Option(
         "--tensor-type", help="PATTERN=TYPE per-tensor override (repeatable), e.g. attn_v=q8_0.")] = None,
+    tensor_type_file: Annotated[Path | None, typer.Option(
+        "--tensor-type-file", help="PATTERN=TYPE overrides, one a line (llama-quantize's format; a targeted "
+        "file's .tensor-types.txt).")] = None,
     output_type: Annotated[str | None, typer.Option("--output-type", help="Type of output.weight.")] = None,
     embedding_type: Annotated[str | None, typer.Option("--embedding-type", help="Type of token_embd.")] = None,
     split_max_size: Annotated[str | None, typer.Option(
@@ -118,7 +136,8 @@ def command(
     options = build_options(
         GGUFOptions, "see quantkit gguf --help", flags=FLAGS, types=chosen or ["Q4_K_M"], outtype=outtype,
         imatrix=not no_imatrix, imatrix_file=str(imatrix_file) if imatrix_file else None,
-        tensor_types=tensor_type or [], output_type=output_type, embedding_type=embedding_type,
+        tensor_types=[*(tensor_type or []), *_type_file_lines(tensor_type_file)], output_type=output_type,
+        embedding_type=embedding_type,
         split_max_size=split_max_size, verify=not no_verify, pre_tokenizer=pre_tokenizer,
         target_sizes=target_size or [], target_bpw=target_bpw or [],
     )
