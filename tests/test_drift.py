@@ -219,20 +219,20 @@ def test_bf16_gguf_answers_like_bf16_and_drift_is_cached(drift_ws: tuple[object,
     from quantkit.backends.gguf import llamacpp
 
     saved, gen.load_hf = gen.load_hf, boom
-    saved_gen, llamacpp.LlamaScorer.generate = llamacpp.LlamaScorer.generate, boom  # type: ignore[method-assign]
+    saved_gen, llamacpp.LlamaScorer.generate_many = llamacpp.LlamaScorer.generate_many, boom  # type: ignore
     try:
         again = evaluate_workspace(ws2, n_ctx=256, chunks=2, drift=settings)
     finally:
         gen.load_hf = saved
-        llamacpp.LlamaScorer.generate = saved_gen  # type: ignore[method-assign]
+        llamacpp.LlamaScorer.generate_many = saved_gen  # type: ignore[method-assign]
     assert Workspace(ws.root).steps["eval.drift-reference"] == ref_step
     assert [r["drift"]["kept"] for r in again["rows"]] == [r["drift"]["kept"] for r in report["rows"]]
 
 
 @pytest.mark.slow
 def test_generation_paths_agree(drift_ws: tuple[object, Path], llama3_ckpt: Path) -> None:
-    """llama.cpp's KV-cache loop, the universal loop through chunk_logits (EXL2 and third-party formats) and
-    transformers' KV-cache loop (bf16, GPTQ) give the same greedy tokens on the BF16 file."""
+    """llama.cpp's batched and one-at-a-time KV-cache loops, the universal loop through chunk_logits (EXL2 and
+    third-party formats) and transformers' KV-cache loop (bf16, GPTQ) give the same greedy tokens on the BF16 file."""
     from transformers import AutoTokenizer
 
     from quantkit.backends.gguf.llamacpp import LlamaScorer
@@ -248,9 +248,10 @@ def test_generation_paths_agree(drift_ws: tuple[object, Path], llama3_ckpt: Path
     model, dtype = load_hf(ck)
     try:
         assert generator_for(scorer) == scorer.generate
-        for p in ids:
+        batched = scorer.generate_many(ids, 20, stop, group=2)
+        for p, many in zip(ids, batched, strict=True):
             fast = scorer.generate(p, 20, stop)
-            assert fast == scorer_greedy(scorer, p, 20, stop) == hf_greedy(model, p, 20, stop)
+            assert many == fast == scorer_greedy(scorer, p, 20, stop) == hf_greedy(model, p, 20, stop)
             assert len(fast) == 20 or fast[-1] in stop
     finally:
         scorer.close()
@@ -287,17 +288,16 @@ def test_gate_fails_an_artifact_that_left_russian(drift_ws: tuple[object, Path],
     ws, prompts = drift_ws
     copy = tmp_path / "ws"
     shutil.copytree(ws.root, copy)
-    real = llamacpp.LlamaScorer.generate
-    english: dict[str, list[int]] = {}
+    real = llamacpp.LlamaScorer.generate_many
 
-    def generate(self: llamacpp.LlamaScorer, prompt: list[int], max_new: int, stop: set[int]) -> list[int]:
+    def generate_many(self: llamacpp.LlamaScorer, prompts: list[list[int]], max_new: int, stop: set[int]
+                      ) -> list[list[int]]:
         if "Q2_K" not in self.name:
-            return real(self, prompt, max_new, stop)
-        if not english:
-            english["ids"] = self.model.tokenize(" Then bring the water to a boil and print the result")
-        return english["ids"][:max_new]
+            return real(self, prompts, max_new, stop)
+        english = self.model.tokenize(" Then bring the water to a boil and print the result")
+        return [english[:max_new] for _ in prompts]
 
-    monkeypatch.setattr(llamacpp.LlamaScorer, "generate", generate)
+    monkeypatch.setattr(llamacpp.LlamaScorer, "generate_many", generate_many)
     result = CliRunner().invoke(app, ["eval", str(copy), "--ctx", "256", "--chunks", "2", "--drift-prompts",
                                       str(prompts), "--drift-tokens", "24", "--max-drift", "0.2", "--json"])
     assert result.exit_code == 2, result.output

@@ -113,6 +113,7 @@ class LlamaScorer:
         cp.n_threads_batch = n_threads
         cp.flash_attn_type = 1 if flash_attn else 0
         cp.no_perf = True
+        self.ctx_threads, self.flash_attn = n_threads, cp.flash_attn_type
         self.ctx = L.llama_init_from_model(self.model.ptr, cp)
         if not self.ctx:
             raise QuantkitError(f"llama.cpp could not create a context for {self.name}", "try a smaller --ctx")
@@ -172,6 +173,65 @@ class LlamaScorer:
             if tok in stop or len(out) == max_new:
                 return out
             self._decode([tok], len(prompt) + len(out) - 1)
+
+    def generate_many(self, prompts: list[list[int]], max_new: int, stop: set[int], *, group: int = 32
+                      ) -> list[list[int]]:
+        """Greedy answers to many prompts, up to `group` sequences decoded together (one token of each per
+        llama.cpp batch, each in its own KV cache): on a CPU the weights are read once per step for all of them.
+        Same loop as `generate`; the batched matrix products may round differently on near-ties."""
+        L = lib()
+        out: list[list[int]] = []
+        for start in range(0, len(prompts), group):
+            part = prompts[start : start + group]
+            seq_ctx = max(len(p) for p in part) + max_new
+            cp = L.llama_context_default_params()
+            cp.n_seq_max = len(part)
+            cp.kv_unified = False
+            cp.n_ctx = seq_ctx * len(part)
+            cp.n_batch = cp.n_ubatch = max(seq_ctx, len(part))
+            cp.n_threads = cp.n_threads_batch = self.ctx_threads
+            cp.flash_attn_type = self.flash_attn
+            cp.no_perf = True
+            ctx = L.llama_init_from_model(self.model.ptr, cp)
+            if not ctx:
+                raise QuantkitError(f"llama.cpp could not create a context for {self.name}",
+                                    "use fewer --drift-tokens or shorter prompts")
+            batch = L.llama_batch_init(cp.n_batch, 0, 1)
+            try:
+                out += self._generate_group(ctx, batch, part, max_new, stop)
+            finally:
+                L.llama_batch_free(batch)
+                L.llama_free(ctx)
+        return out
+
+    def _generate_group(self, ctx: Any, b: Any, prompts: list[list[int]], max_new: int, stop: set[int]
+                        ) -> list[list[int]]:
+        L = lib()
+
+        def decode(items: list[tuple[int, int, int, bool]]) -> None:  # (token, pos, seq, logits)
+            b.n_tokens = len(items)
+            for i, (tok, pos, seq, want) in enumerate(items):
+                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, 1 if want else 0
+                b.seq_id[i][0] = seq
+            rc = L.llama_decode(ctx, b)
+            if rc != 0:
+                raise QuantkitError(f"llama.cpp failed to decode with {self.name} (code {rc})",
+                                    "QUANTKIT_DEBUG=1 shows llama.cpp's log")
+
+        def argmax(i: int) -> int:
+            return int(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(self.n_vocab,)).argmax())
+
+        outs: list[list[int]] = []
+        for s, p in enumerate(prompts):
+            decode([(t, i, s, i == len(p) - 1) for i, t in enumerate(p)])
+            outs.append([argmax(len(p) - 1)])
+        while True:
+            live = [s for s, o in enumerate(outs) if o[-1] not in stop and len(o) < max_new]
+            if not live:
+                return outs
+            decode([(outs[s][-1], len(prompts[s]) + len(outs[s]) - 1, s, True) for s in live])
+            for i, s in enumerate(live):
+                outs[s].append(argmax(i))
 
     def close(self) -> None:
         L = getattr(self, "_L", None)
