@@ -337,4 +337,10 @@ def load_local(folder: Path, *, name: str, source: str, hub_id: str | None = Non
             "quantkit starts from unquantized weights: use the original bf16 checkpoint",
         )
     ckpt.dtypes = dtypes
+    missing = ckpt.arch.missing_tensors(set(ckpt.canonical_names))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise QuantkitError(f"incomplete checkpoint {folder.name}: {ckpt.architecture} needs {', '.join(missing[:3])}"
+                            f"{more}, which its safetensors do not hold",
+                            "download the checkpoint again (all shards), or check config.json's num_hidden_layers")
     return ckpt

@@ -258,3 +258,15 @@ def test_real_tokenizers_are_named_by_llama_cpp_hash(module: str, rel: str, name
     shutil.copy(Path(spec.origin).parent / rel, tmp_path / "tokenizer.json")
     assert by_hash(tmp_path) == name
     assert by_structure(json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))) == name
+
+
+def test_checkpoint_missing_tensors_the_architecture_needs(qwen3_ckpt: Path, tmp_path: Path) -> None:
+    """A checkpoint whose safetensors lack a layer (config says more layers than the weights hold) is refused in
+    one line before any work."""
+    folder = tmp_path / "short"
+    shutil.copytree(qwen3_ckpt, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (folder / "config.json").write_text(json.dumps(cfg))
+    one_line_error(qk("gguf", str(folder), "-w", str(tmp_path / "w")), "incomplete checkpoint short",
+                   "model.layers.2.*")

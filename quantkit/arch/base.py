@@ -168,6 +168,17 @@ class Architecture:
         """Rows of ``token_embd`` to keep (None: all). `vocab_tokens` is the size of the tokenizer's vocabulary."""
         return None
 
+    def missing_tensors(self, names: set[str]) -> list[str]:
+        """What the text model needs that the checkpoint (its canonical tensor names) lacks: the embeddings, the
+        final norm, the output head unless tied, and every layer."""
+        needed = ["model.embed_tokens.weight", "model.norm.weight"]
+        if not self.tied_embeddings:
+            needed.append("lm_head.weight")
+        missing = [n for n in needed if n not in names]
+        layers = {int(n.split(".")[2]) for n in names if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
+        missing += [f"model.layers.{i}.*" for i in range(self.n_layer) if i not in layers]
+        return missing
+
     def check_gguf(self) -> None:
         """Raise a `QuantkitError` when llama.cpp cannot run this checkpoint although the family is registered."""
 
