@@ -236,7 +236,7 @@ def test_generation_paths_agree(drift_ws: tuple[object, Path], llama3_ckpt: Path
     from transformers import AutoTokenizer
 
     from quantkit.backends.gguf.llamacpp import LlamaScorer
-    from quantkit.generate import generator_for, hf_greedy, load_hf, render, scorer_greedy, stop_ids
+    from quantkit.generate import generator_for, hf_greedy, hf_greedy_many, load_hf, render, scorer_greedy, stop_ids
     from quantkit.source import load_local
 
     ws, prompts = drift_ws
@@ -249,9 +249,10 @@ def test_generation_paths_agree(drift_ws: tuple[object, Path], llama3_ckpt: Path
     try:
         assert generator_for(scorer) == scorer.generate
         batched = scorer.generate_many(ids, 20, stop, group=2)
-        for p, many in zip(ids, batched, strict=True):
+        hf_batched = hf_greedy_many(model, ids, 20, stop, group=2)
+        for p, many, hf_many in zip(ids, batched, hf_batched, strict=True):
             fast = scorer.generate(p, 20, stop)
-            assert many == fast == scorer_greedy(scorer, p, 20, stop) == hf_greedy(model, p, 20, stop)
+            assert many == fast == scorer_greedy(scorer, p, 20, stop) == hf_greedy(model, p, 20, stop) == hf_many
             assert len(fast) == 20 or fast[-1] in stop
     finally:
         scorer.close()
@@ -300,7 +301,9 @@ def test_gate_fails_an_artifact_that_left_russian(drift_ws: tuple[object, Path],
     monkeypatch.setattr(llamacpp.LlamaScorer, "generate_many", generate_many)
     result = CliRunner().invoke(app, ["eval", str(copy), "--ctx", "256", "--chunks", "2", "--drift-prompts",
                                       str(prompts), "--drift-tokens", "24", "--max-drift", "0.2", "--json"])
-    assert result.exit_code == 2, result.output
+    from quantkit import errors
+
+    assert result.exit_code == getattr(errors, "EXIT_GATE", 2), result.output  # the gate's own exit code
     report = json.loads(result.stdout[result.stdout.index("{"):])
     rows = {r["quant"]: r for r in report["rows"]}
     assert rows["Q2_K"]["drift"]["left_russian"] == 10 and rows["Q2_K"]["drift"]["kept"] == 0.0
