@@ -245,6 +245,12 @@ class DriftCheck:
         self.ids = render(self.prompts, tokenizer, ckpt.instruct)
         self.stop = stop_ids(ckpt, tokenizer)
         self.n_ctx = -(-(max(len(i) for i in self.ids) + settings.new_tokens + 1) // 64) * 64
+        limit = (ckpt.config.get("text_config") or ckpt.config).get("max_position_embeddings")
+        longest = max(len(i) for i in self.ids)
+        if isinstance(limit, int) and longest + settings.new_tokens > limit:
+            raise QuantkitError(f"drift prompts {self.spec}: the longest prompt has {longest:,} tokens; with "
+                                f"{settings.new_tokens} new tokens that exceeds {ckpt.name}'s context of {limit:,}",
+                                "shorten the prompt or use fewer --drift-tokens")
         digest = hashlib.sha256(json.dumps([self.ids, sorted(self.stop)]).encode()).hexdigest()[:16]
         self.fp = fingerprint("drift-reference", 2, ckpt.fingerprint, digest, settings.new_tokens)
         self._ref: list[dict[str, Any]] | None = None

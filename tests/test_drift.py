@@ -330,6 +330,21 @@ def test_recipe_drift_setting(tmp_path: Path) -> None:
         load_recipe(path)
 
 
+def test_prompt_longer_than_the_context(llama3_ckpt: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from quantkit.generate import DriftCheck, DriftSettings
+    from quantkit.source import load_local
+    from quantkit.workspace import Workspace
+
+    ck = load_local(llama3_ckpt, name="tiny-llama3", source=str(llama3_ckpt))
+    long = tmp_path / "long.txt"
+    long.write_text("Расскажи подробно: " + "очень " * 5000 + "\n", encoding="utf-8")
+    with pytest.raises(QuantkitError, match="exceeds tiny-llama3's context"):
+        DriftCheck(Workspace(tmp_path / "ws"), ck, AutoTokenizer.from_pretrained(ck.path),
+                   DriftSettings(prompts=str(long)))
+
+
 @pytest.mark.slow
 def test_gptq_answers_through_its_transformers_model(llama3_ckpt: Path, tmp_path: Path) -> None:
     """A GPTQ folder generates through the transformers model its scorer loads (KV cache), on the CPU here."""
