@@ -7,6 +7,11 @@
    Russian importance matrix (mean squared input of each column, per expert for stacked experts), i.e. the expected
    squared error of the layer's output per token. Tensors without imatrix data (token embeddings, the output head)
    weigh every column 1.
+   The weight-space damage does not say how much each kind of tensor moves the model's output (an error in the
+   output head reaches the logits directly; one in a middle layer is damped or amplified on its way), so each group
+   of tensors (``attn_q``, ``ffn_down``, ``output``, …) gets a factor measured end to end: llama.cpp's KL-divergence
+   from the BF16 file on calibration text when only that group is at the lowest candidate type (the rest Q8_0),
+   per unit of damage. Damage × factor is in KLD units, comparable across groups.
 2. **Allocate.** Every tensor starts at its cheapest candidate; upgrades along each tensor's lower convex hull of
    (bytes, damage) are taken in order of damage removed per byte added while they fit the budget (a greedy
    multiple-choice knapsack), then a last pass takes any single upgrade that still fits.
@@ -158,6 +163,25 @@ def _hull(options: list[Piece]) -> list[Piece]:
                 break
         hull.append(p)
     return hull
+
+
+def scaled(table: dict[str, dict[Q, Piece]], factors: dict[str, float]) -> dict[str, dict[Q, Piece]]:
+    """The table with every tensor's damage multiplied by its group's end-to-end factor."""
+    return {name: {q: Piece(p.qtype, p.nbytes, p.damage * factors.get(group_of(name), 1.0)) for q, p in opts.items()}
+            for name, opts in table.items()}
+
+
+def group_probe(table: dict[str, dict[Q, Piece]], group: str) -> tuple[list[tuple[str, int]], float]:
+    """The overrides that put one group at the lowest candidate and the rest at the highest, and the group's damage
+    difference between the two (what the probe's KL-divergence is divided by)."""
+    overrides, damage = [], 0.0
+    for name, opts in sorted(table.items()):
+        low, high = min(opts.values(), key=lambda p: p.nbytes), max(opts.values(), key=lambda p: p.nbytes)
+        pick = low if group_of(name) == group else high
+        overrides.append((f"^{re.escape(name)}$", int(pick.qtype)))
+        if group_of(name) == group:
+            damage += low.damage - high.damage
+    return overrides, damage
 
 
 def allocate(table: dict[str, dict[Q, Piece]], budget: int, fixed_bytes: int, n_weights: int) -> Plan:

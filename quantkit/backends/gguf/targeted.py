@@ -8,6 +8,7 @@ allocation and one quantization.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from quantkit.backends.gguf.quantize import QuantizeOptions, quantize
 from quantkit.errors import QuantkitError
 from quantkit.workspace import Workspace, fingerprint, write_json_atomic
 
-METHOD_VERSION = 1  # bump when measurement or allocation change, so finished targets are redone
+METHOD_VERSION = 2  # bump when measurement or allocation change, so finished targets are redone
 
 
 def budget_for(target: str, bf16: Path) -> int:
@@ -46,29 +47,92 @@ def _table_from_json(data: dict[str, Any]) -> dict[str, dict[Any, tg.Piece]]:
 
 def measured_table(ws: Workspace, base: Path, fp_base: str, imatrix: dict[str, np.ndarray] | None,
                    imatrix_fp: str | None, threads: int, bar: Any) -> tuple[dict[str, dict[Any, tg.Piece]], str]:
-    """The damage table of every tensor × candidate type, computed once per (checkpoint, imatrix)."""
+    """The damage table of every tensor × candidate type, scaled by each group's end-to-end factor; computed once
+    per (checkpoint, imatrix)."""
     fp = fingerprint("target-measure", METHOD_VERSION, fp_base, imatrix_fp, [q.name for q in tg.CANDIDATES])
     path = ws.root / "gguf" / "target-measure.json"
     if ws.is_done("gguf.target.measure", fp) and path.exists():
-        return _table_from_json(json.loads(path.read_text(encoding="utf-8"))), fp
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        return tg.scaled(_table_from_json(saved["table"]), saved["factors"]), fp
     stage = ws.root / "gguf" / ".target-pieces"
     stage.mkdir(parents=True, exist_ok=True)
     task = bar.add_task("measure tensor sensitivity", total=len(tg.CANDIDATES))
 
-    def quantize_all(qtype: Any, out: Path) -> Path:
-        opts = QuantizeOptions(file_type="Q8_0", imatrix=imatrix, tensor_types=[(".*", int(qtype))],
-                               output_type=int(qtype), embedding_type=int(qtype), threads=threads)
+    def quantize_with(overrides: list[tuple[str, int]], out: Path, **kw: Any) -> Path:
+        opts = QuantizeOptions(file_type="Q8_0", imatrix=imatrix, tensor_types=overrides, threads=threads, **kw)
         return quantize(base, out, opts)[0]
+
+    def quantize_all(qtype: Any, out: Path) -> Path:
+        return quantize_with([(".*", int(qtype))], out, output_type=int(qtype), embedding_type=int(qtype))
 
     try:
         table = tg.measure(base, stage, imatrix, quantize_all, on_type=lambda q: bar.advance(task))
+        factors = group_factors(base, table, stage, quantize_with, bar)
     finally:
         for leftover in stage.glob("*"):
             leftover.unlink()
         stage.rmdir()
-    write_json_atomic(path, _table_to_json(table))
-    ws.record_step("gguf.target.measure", fp, [path], candidates=[q.name for q in tg.CANDIDATES])
-    return table, fp
+    write_json_atomic(path, {"table": _table_to_json(table), "factors": factors})
+    ws.record_step("gguf.target.measure", fp, [path], candidates=[q.name for q in tg.CANDIDATES], factors=factors)
+    return tg.scaled(table, factors), fp
+
+
+PROBE_CHUNKS = 2  # 512-token chunks of calibration text per probe (KLD over their second halves)
+
+
+def probe_tokens(base: Path) -> np.ndarray:
+    """Calibration text (never the eval text) tokenized by the file's own vocabulary: PROBE_CHUNKS × 512 tokens."""
+    from quantkit.backends.gguf.llamacpp import LlamaModel
+    from quantkit.calibration import load
+
+    model = LlamaModel(base, vocab_only=True)
+    try:
+        ids: list[int] = []
+        for doc in load("builtin:ru-mix").documents:
+            ids += model.tokenize(doc.plain() + "\n\n")
+            if len(ids) >= PROBE_CHUNKS * 512:
+                break
+    finally:
+        model.close()
+    return np.asarray(ids[: PROBE_CHUNKS * 512], dtype=np.int32).reshape(-1, 512)
+
+
+def _log_probs(path: Path, chunks: np.ndarray) -> list[np.ndarray]:
+    from quantkit.backends.gguf.llamacpp import LlamaScorer
+    from quantkit.evaluate import log_softmax
+
+    scorer = LlamaScorer(path, n_ctx=512)
+    try:
+        return [log_softmax(scorer.chunk_logits(c, 256), np.float64) for c in chunks]
+    finally:
+        scorer.close()
+
+
+def group_factors(base: Path, table: dict[str, dict[Any, tg.Piece]], stage: Path, quantize_with: Any,
+                  bar: Any) -> dict[str, float]:
+    """Per tensor group: KL-divergence from BF16 per unit of weight-space damage, measured with the group alone at
+    the lowest candidate type (one quantization and one short llama.cpp scoring per group)."""
+    groups = sorted({tg.group_of(name) for name in table})
+    task = bar.add_task("measure each tensor group's effect on the output", total=len(groups) + 1)
+    chunks = probe_tokens(base)
+    ref = _log_probs(base, chunks)
+    bar.advance(task)
+
+    def kld(path: Path) -> float:
+        got = _log_probs(path, chunks)
+        return float(np.mean([(np.exp(a) * (a - b)).sum(-1).mean() for a, b in zip(ref, got, strict=True)]))
+
+    high = [(f"^{re.escape(name)}$", int(max(opts.values(), key=lambda p: p.nbytes).qtype))
+            for name, opts in table.items()]
+    floor = kld(quantize_with(high, stage / "probe-high.gguf"))
+    factors: dict[str, float] = {}
+    for group in groups:
+        overrides, damage = tg.group_probe(table, group)
+        path = quantize_with(overrides, stage / f"probe-{group}.gguf")
+        factors[group] = max(kld(path) - floor, 1e-12) / max(damage, 1e-30)
+        path.unlink()
+        bar.advance(task)
+    return factors
 
 
 def write_target(ws: Workspace, name: str, base: Path, target: str, table: dict[str, dict[Any, tg.Piece]],
