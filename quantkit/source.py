@@ -130,7 +130,10 @@ class Checkpoint:
 
     @cached_property
     def fingerprint(self) -> str:
-        """Hash of config, tokenizer files and every safetensors header and size (not the whole weights)."""
+        """Hash of config, tokenizer files, every safetensors header and size, and what identifies each file's
+        weights (its Hub blob hash, or a cached content hash: `quantkit.fingerprint`)."""
+        from quantkit.fingerprint import weights_identity
+
         h = hashlib.sha256()
         h.update((self.path / "config.json").read_bytes())
         for name in TOKENIZER_FILES:
@@ -142,6 +145,7 @@ class Checkpoint:
             h.update(file.name.encode())
             h.update(str(file.stat().st_size).encode())
             h.update(self.tensors.headers[file.name])
+            h.update(weights_identity(file).encode())
         return h.hexdigest()[:16]
 
     def summary(self) -> dict[str, Any]:
