@@ -8,7 +8,6 @@ everywhere.
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,9 @@ def gpu_offload() -> bool:
 
 
 def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    from quantkit.threads import threads
+
+    return threads()  # --threads (QUANTKIT_THREADS), else every core
 
 
 class LlamaModel:
