@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+EXIT_ERROR = 2  # bad input, a failed step: every QuantkitError
+EXIT_GATE = 3  # an artifact failed the quality gate (eval, --eval, push, run): the one code for it, everywhere
+
 
 class QuantkitError(Exception):
     """A problem the user can fix: `message` says what is wrong, `hint` what to do."""
 
-    exit_code = 2
+    exit_code = EXIT_ERROR
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -24,4 +27,4 @@ class MissingDependency(QuantkitError):
 class GateFailed(QuantkitError):
     """An artifact is past a quality bound."""
 
-    exit_code = 3
+    exit_code = EXIT_GATE

@@ -11,7 +11,7 @@ import pytest
 
 from quantkit.backends.base import JobContext
 from quantkit.backends.gguf.backend import GGUFBackend, GGUFOptions
-from quantkit.errors import QuantkitError
+from quantkit.errors import EXIT_GATE, QuantkitError
 from quantkit.evaluate import evaluate_workspace
 from quantkit.source import load_local
 from quantkit.workspace import Workspace
@@ -52,7 +52,7 @@ def test_ladder_orders_and_bf16_matches(ladder: Workspace) -> None:
 def test_gate_fails_and_cli_exits_nonzero(ladder: Workspace) -> None:
     proc = subprocess.run([*QK, "eval", str(ladder.root), "--ctx", "256", "--chunks", "12", "--max-kld", "1e-6",
                            "--json"], capture_output=True, text=True)
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == EXIT_GATE, proc.stderr  # the one exit code of a failed gate
     report = json.loads(proc.stdout)
     failing = {r["quant"] for r in report["rows"] if not r["passed"]}
     assert "Q2_K" in failing and "BF16" not in failing

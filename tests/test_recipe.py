@@ -20,6 +20,7 @@ from hub_server import USER, WRITE_TOKEN, FakeHub
 from typer.testing import CliRunner
 
 from quantkit.cli.app import app
+from quantkit.errors import EXIT_GATE
 from quantkit.recipe import ESTIMATED, RecipeError, load_recipe
 from quantkit.workspace import Workspace
 
@@ -289,7 +290,7 @@ def test_gate_keeps_failing_artifacts_off_the_hub(tmp_path: Path, llama3_ckpt: P
     link_checkpoint(tmp_path, llama3_ckpt)
     recipe = write_recipe(tmp_path, types=["Q4_K_M"], publish=True, max_kld=1e-9, verify=False)
     run = quantkit("run", str(recipe), "--json", "--only", "gguf", cwd=tmp_path, hub=hub)
-    assert run.returncode == 3, run.stderr[-3000:]
+    assert run.returncode == EXIT_GATE, run.stderr[-3000:]
     q4 = rows(run.stdout)[("gguf", "Q4_K_M")]
     assert q4["status"] == "failed gate" and q4["url"] is None and "KLD" in q4["note"]
     assert q4["repo"] == "not published (failed the gate)"

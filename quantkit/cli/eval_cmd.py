@@ -12,7 +12,7 @@ from quantkit import console
 from quantkit.cli.options import JsonOpt, QuietOpt, handle_errors, setup_output
 from quantkit.drift import DEFAULT_MAX_DRIFT, DEFAULT_NEW_TOKENS, DEFAULT_PROMPTS
 from quantkit.drift import PREFIX_TOKENS as PREFIX
-from quantkit.errors import QuantkitError
+from quantkit.errors import GateFailed, QuantkitError
 from quantkit.evaluate import DEFAULT_CTX, DEFAULT_MAX_KLD, DEFAULT_MAX_PPL_INCREASE, evaluate_workspace
 from quantkit.workspace import MANIFEST, Workspace, human_size
 
@@ -76,9 +76,9 @@ def command(
         show(report)
     if not report["passed"]:
         failing = [r["artifact"] for r in report["rows"] if not r["passed"]]
-        raise QuantkitError(f"{len(failing)} artifact(s) failed the quality gate: {', '.join(failing)}",
-                            "use a larger type, or relax --max-ppl-increase / --max-kld"
-                            + (" / --max-drift" if settings else ""))
+        raise GateFailed(f"{len(failing)} artifact(s) failed the quality gate: {', '.join(failing)}",
+                         "use a larger type, or relax --max-ppl-increase / --max-kld"
+                         + (" / --max-drift" if settings else ""))
 
 
 def drift_settings(on: bool, prompts: Path | None, count: int, tokens: int, max_drift: float) -> Any:
