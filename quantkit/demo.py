@@ -401,12 +401,17 @@ DEMO_SPEC = dict(family="llama3", instruct=False, vocab_size=4096, hidden=256, l
                  ffn=768, train_steps=150)
 
 
-def ensure_demo_model() -> Path:
-    """The built-in demo model (a small trained Llama-3-style Russian model), built once and cached."""
-    key = json.dumps(DEMO_SPEC, sort_keys=True)
+def demo_folder() -> Path:
+    """Where the demo model is (or will be) cached; nothing is built or created."""
     import hashlib
 
-    folder = cache_root() / f"demo-{hashlib.sha256((key + __version__).encode()).hexdigest()[:10]}"
+    key = json.dumps(DEMO_SPEC, sort_keys=True)
+    return cache_root() / f"demo-{hashlib.sha256((key + __version__).encode()).hexdigest()[:10]}"
+
+
+def ensure_demo_model() -> Path:
+    """The built-in demo model (a small trained Llama-3-style Russian model), built once and cached."""
+    folder = demo_folder()
     if (folder / "config.json").exists():
         return folder
     from quantkit import console

@@ -34,7 +34,6 @@ import difflib
 import functools
 import json
 import re
-import tempfile
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -684,14 +683,11 @@ def _resolve_for_plan(spec: str) -> tuple[Any, str | None]:
         return None, exc.message
 
 
-def _workspace_for_plan(root: Path, name: str, stack: Any) -> Any:
-    """The model's workspace if it exists; otherwise an empty temporary one, so a plan creates no folders."""
+def _workspace_for_plan(root: Path, name: str) -> Any:
+    """The model's workspace, opened read-only: a plan reads what is done and creates or writes nothing."""
     from quantkit.workspace import Workspace
 
-    real = root / safe_dir_name(name)
-    if (real / "manifest.json").exists():
-        return Workspace(real)
-    return Workspace(stack.enter_context(tempfile.TemporaryDirectory(prefix="quantkit-plan-")))
+    return Workspace(root / safe_dir_name(name), read_only=True)
 
 
 def _select(recipe: Recipe, only: list[str] | None, models: list[str] | None) -> list[tuple[Any, list[str]]]:
@@ -726,9 +722,16 @@ def plan(recipe: Recipe, *, only: list[str] | None = None, models: list[str] | N
          resolve_models: bool = True) -> dict[str, Any]:
     """What `run_recipe` would do, without doing anything: per model and format, the steps with their outputs,
     estimated sizes, target repos and whether they are done. Models that cannot be reached offline are planned
-    from their known parameter count. With ``resolve_models=False`` nothing is looked up (for `validate`)."""
-    import contextlib
+    from their known parameter count. With ``resolve_models=False`` nothing is looked up (for `validate`).
+    Nothing is written: workspaces are opened read-only, and weight hashes are not cached."""
+    from quantkit.fingerprint import reading_only
 
+    with reading_only():
+        return _plan(recipe, only=only, models=models, resolve_models=resolve_models)
+
+
+def _plan(recipe: Recipe, *, only: list[str] | None, models: list[str] | None, resolve_models: bool
+          ) -> dict[str, Any]:
     from quantkit.backends.base import JobContext, get_backend
 
     out_models: list[dict[str, Any]] = []
@@ -753,47 +756,47 @@ def plan(recipe: Recipe, *, only: list[str] | None = None, models: list[str] | N
         steps.append({"format": None, "step": f"resolve {entry.source}",
                       "output": str(ckpt.path) if here else (known.hub_id if known else spec),
                       "estimated_size": None if here else (2 * n_params if n_params else None), "done": here})
-        with contextlib.ExitStack() as stack:
-            ws = _workspace_for_plan(root, name, stack) if here else None
-            if here:
-                ckpt.name = name
-            ctx = JobContext(checkpoint=ckpt, workspace=ws, calibration=st["calibration"],
-                             calib_samples=st["calib_samples"], calib_seq_len=st["calib_seq_len"], seed=st["seed"],
-                             threads=st["threads"]) if here else None
-            steps.append({"format": None, "step": f"calibrate: {st['calibration']} → {st['calib_samples']}×"
-                          f"{st['calib_seq_len']} token rows" + (" (chat template)" if here and ckpt.instruct
-                                                                 else ""),
-                          "output": None, "estimated_size": None, "done": None})
-            for fmt in fmts:
-                fmt_steps, reason, problem = _plan_format(recipe, entry, fmt, ctx, n_params, st, name, get_backend,
-                                                          check=resolve_models)
-                required = recipe.required(entry, fmt)
-                status = None if reason is None else ("fails: required" if required else "skip")
-                if problem is not None:
-                    status = "fails"
-                repo = recipe.repo_for(entry, fmt, name) if st["publish"] else None
-                backend_done = bool(fmt_steps) and all(s.get("done") for s in fmt_steps)
-                for s in fmt_steps:
-                    s["format"] = fmt
-                    if status:
-                        s["status"] = status
-                steps += fmt_steps
-                if st["eval"]:
-                    steps.append({"format": fmt, "step": f"evaluate on {st['eval']} (ctx {st['ctx']}); gate "
-                                  f"ΔPPL ≤ {st['max_ppl_increase']:.0%}, KLD ≤ {st['max_kld']:g}"
-                                  + (f"; drift check, ≤ {st['max_drift']:.0%} of answers leaving Russian"
-                                     if st.get("drift") else ""),
-                                  "output": "manifest.json (eval, gate)", "estimated_size": None,
-                                  "done": backend_done and ws is not None and _evaluated(ws, fmt_steps),
-                                  **({"status": status} if status else {})})
-                if repo:
-                    shown = repo if "/" in repo else f"<your-username>/{repo}"
-                    steps.append({"format": fmt, "step": "publish" + (" (private)" if st["private"] else ""),
-                                  "output": None, "estimated_size": None, "repo": shown,
-                                  "done": backend_done and ws is not None and f"recipe.publish.{fmt}" in ws.steps,
-                                  **({"status": status} if status else {})})
-                model_plan["formats"].append({"format": fmt, "can_run": reason is None, "reason": reason,
-                                              "required": required, "problem": problem, "repo": repo})
+        ws = _workspace_for_plan(root, name) if here else None
+        if here:
+            ckpt.name = name
+        ctx = JobContext(checkpoint=ckpt, workspace=ws, calibration=st["calibration"],
+                         calib_samples=st["calib_samples"], calib_seq_len=st["calib_seq_len"], seed=st["seed"],
+                         threads=st["threads"]) if here else None
+        steps.append({"format": None, "step": f"calibrate: {st['calibration']} → {st['calib_samples']}×"
+                      f"{st['calib_seq_len']} token rows" + (" (chat template)" if here and ckpt.instruct
+                                                             else ""),
+                      "output": None, "estimated_size": None, "done": None})
+        for fmt in fmts:
+            fmt_steps, reason, problem = _plan_format(recipe, entry, fmt, ctx, n_params, st, name, get_backend,
+                                                      check=resolve_models)
+            required = recipe.required(entry, fmt)
+            status = None if reason is None else ("fails: required" if required else "skip")
+            if problem is not None:
+                status = "fails"
+            repo = recipe.repo_for(entry, fmt, name) if st["publish"] else None
+            backend_done = bool(fmt_steps) and all(s.get("done") for s in fmt_steps)
+            for s in fmt_steps:
+                s["format"] = fmt
+                if status:
+                    s["status"] = status
+            steps += fmt_steps
+            if st["eval"]:
+                steps.append({"format": fmt, "step": f"evaluate on {st['eval']} (ctx {st['ctx']}); gate "
+                              f"ΔPPL ≤ {st['max_ppl_increase']:.0%}, KLD ≤ {st['max_kld']:g}"
+                              + (f"; drift check, ≤ {st['max_drift']:.0%} of answers leaving Russian"
+                                 if st.get("drift") else ""),
+                              "output": "manifest.json (eval, gate)", "estimated_size": None,
+                              "done": backend_done and ws is not None and _evaluated(ws, fmt_steps),
+                              **({"status": status} if status else {})})
+            if repo:
+                shown = repo if "/" in repo else f"<your-username>/{repo}"
+                steps.append({"format": fmt, "step": "publish" + (" (private)" if st["private"] else ""),
+                              "output": None, "estimated_size": None, "repo": shown,
+                              "done": backend_done and ws is not None and ws.is_done(
+                                  f"recipe.publish.{fmt}", publish_fingerprint(ws, fmt, repo, st["private"])),
+                              **({"status": status} if status else {})})
+            model_plan["formats"].append({"format": fmt, "can_run": reason is None, "reason": reason,
+                                          "required": required, "problem": problem, "repo": repo})
         calib_step = steps[1]
         runnable = [s for s in steps[2:] if s.get("format") and "status" not in s]
         calib_step["done"] = here and bool(runnable) and all(s.get("done") for s in runnable)
@@ -914,6 +917,7 @@ def _run_model(recipe: Recipe, entry: Any, fmts: list[str], keep_going: bool) ->
     from quantkit.backends.base import JobContext
     from quantkit.lock import holding
     from quantkit.source import architecture_of, resolve
+    from quantkit.threads import set_threads
     from quantkit.workspace import Workspace, record_model
 
     out = _Outcome()
@@ -960,6 +964,7 @@ def _run_model(recipe: Recipe, entry: Any, fmts: list[str], keep_going: bool) ->
     name = ckpt.name
     st = recipe.settings(entry)
     ws = Workspace(recipe.workspace_root() / safe_dir_name(name))
+    set_threads(st["threads"])  # torch, llama.cpp and the child processes
     with holding(ws.root, clean=True):  # one writer: another run on this workspace makes this refuse
         before = _steps_snapshot(ws)
         record_model(ws, ckpt)
@@ -1051,6 +1056,14 @@ def _reload(ws: Any) -> None:
     ws.data = Workspace(ws.root).data
 
 
+def publish_fingerprint(ws: Any, fmt: str, repo: str, private: bool) -> str:
+    """What publishing `fmt` depends on: the repo, its visibility, and each artifact's size, fingerprint and gate.
+    The run skips publishing, and the plan says it is done, only while this is unchanged."""
+    state = sorted((k, e.get("size"), e.get("fingerprint"), (e.get("gate") or {}).get("passed"))
+                   for k, e in ws.artifacts.items() if e.get("format") == fmt)
+    return fingerprint("publish", repo, private, state)
+
+
 def _publish(recipe: Recipe, entry: Any, fmt: str, ws: Any, st: dict[str, Any], rows: list[dict[str, Any]]) -> bool:
     """Publish `fmt` unless the same artifacts went to the same repo already; gate failures stay home."""
     from quantkit.publish import publish_format
@@ -1063,9 +1076,7 @@ def _publish(recipe: Recipe, entry: Any, fmt: str, ws: Any, st: dict[str, Any], 
     if not passing:
         console.warn(f"{fmt}: every artifact failed the quality gate; nothing is published")
         return False
-    state = sorted((k, e.get("size"), e.get("fingerprint"), (e.get("gate") or {}).get("passed"))
-                   for k, e in ws.artifacts.items() if e.get("format") == fmt)
-    fp = fingerprint("publish", repo, st["private"], state)
+    fp = publish_fingerprint(ws, fmt, repo, st["private"])
     step = f"recipe.publish.{fmt}"
     if ws.is_done(step, fp):
         info = ws.step_info(step)

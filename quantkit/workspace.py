@@ -258,9 +258,13 @@ def safe_dir_name(name: str) -> str:
 class Workspace:
     """One model's workspace folder and its manifest."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, read_only: bool = False) -> None:
+        """`read_only` (plans, ``--dry-run``): nothing is created or written, the manifest is only read; changes
+        stay in memory."""
         self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
+        if not read_only:
+            self.root.mkdir(parents=True, exist_ok=True)
         self.manifest_path = self.root / MANIFEST
         self.data: dict[str, Any] = {"version": 1, "model": {}, "steps": {}, "artifacts": {}}
         if self.manifest_path.exists():
@@ -274,14 +278,16 @@ class Workspace:
             self.data.update(loaded)
 
     @classmethod
-    def for_model(cls, name: str, workspace: str | os.PathLike[str] | None = None) -> Workspace:
+    def for_model(cls, name: str, workspace: str | os.PathLike[str] | None = None, *,
+                  read_only: bool = False) -> Workspace:
         """`workspace` if given, else ``./quants/<name>``."""
-        return cls(Path(workspace) if workspace else Path("quants") / safe_dir_name(name))
+        return cls(Path(workspace) if workspace else Path("quants") / safe_dir_name(name), read_only=read_only)
 
     # -- layout ------------------------------------------------------------------------------------------
     def dir(self, *parts: str) -> Path:
         path = self.root.joinpath(*parts)
-        path.mkdir(parents=True, exist_ok=True)
+        if not self.read_only:
+            path.mkdir(parents=True, exist_ok=True)
         return path
 
     def rel(self, path: Path) -> str:
@@ -307,12 +313,17 @@ class Workspace:
         """Become this workspace's only writer (refuses in one line while another live run holds it)."""
         from quantkit.lock import acquire
 
+        if self.read_only:
+            raise QuantkitError(f"the workspace {self.root} was opened read-only", "this is a bug in quantkit")
         acquire(self.root)
 
     def save(self) -> None:
-        """Write the manifest; refused while another live process holds the workspace."""
+        """Write the manifest; refused while another live process holds the workspace. A read-only workspace
+        keeps its changes in memory."""
         from quantkit.lock import holding
 
+        if self.read_only:
+            return
         with holding(self.root):
             write_json_atomic(self.manifest_path, self.data)
 
@@ -394,6 +405,9 @@ def record_model(ws: Workspace, ckpt: Any) -> None:
     """Keep the model's summary and its original card in the workspace (the card renderer needs both)."""
     info = ckpt.summary()
     readme = Path(ckpt.path) / "README.md"
+    if ws.read_only:  # a plan: the card renderer gets the summary, nothing is written
+        ws.data["model"] = info
+        return
     if readme.exists():
         write_text_atomic(ws.root / "source-README.md", readme.read_text(encoding="utf-8", errors="replace"))
         info["readme"] = "source-README.md"

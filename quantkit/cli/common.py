@@ -11,8 +11,10 @@ from rich.table import Table
 
 from quantkit import console
 from quantkit.backends.base import Artifact, JobContext, get_backend
-from quantkit.errors import QuantkitError
+from quantkit.errors import GateFailed, QuantkitError
+from quantkit.fingerprint import reading_only
 from quantkit.source import resolve
+from quantkit.threads import set_threads
 from quantkit.workspace import Workspace, human_size, record_model
 
 
@@ -41,9 +43,14 @@ def run_format(
 
     backend = get_backend(backend_name)
     check_calibration(calibration)  # a bad file is refused now, not after conversion and the imatrix
+    reason = backend.check()
+    if reason is not None and not dry_run:  # before the source is resolved: nothing is downloaded for nothing
+        raise QuantkitError(reason, f"quantkit {backend_name} --dry-run shows the plan")
+    if threads and not dry_run:
+        set_threads(threads)
     ckpt = resolve(model, require=getattr(backend, "supports", None))  # an engine that cannot run it: no download
     ckpt.tensors  # noqa: B018 - headers and the shard index are checked now, before any work
-    ws = Workspace.for_model(ckpt.name, workspace)
+    ws = Workspace.for_model(ckpt.name, workspace, read_only=dry_run)  # a plan creates and writes nothing
     if not dry_run:
         ws.lock()
     shown = ckpt.hub_id or ckpt.name
@@ -53,40 +60,39 @@ def run_format(
         command=public_command(["quantkit", *sys.argv[1:]],
                                {model: shown} if Path(model).expanduser().exists() else {}),
     )
-    record_model(ws, ckpt)
     if dry_run:
-        steps = backend.plan(ctx, options)
-        reason = backend.check()
-        summary = {"model": ckpt.name, "format": backend_name, "workspace": str(ws.root), "dry_run": True,
-                   "can_run_here": reason is None, "reason": reason, "plan": steps}
-        if push:
-            from quantkit.publish import plan_publish
+        with reading_only():  # not even the weight-hash cache is written
+            record_model(ws, ckpt)  # in memory only: the workspace is read-only
+            steps = backend.plan(ctx, options)
+            summary = {"model": ckpt.name, "format": backend_name, "workspace": str(ws.root), "dry_run": True,
+                       "can_run_here": reason is None, "reason": reason, "plan": steps}
+            if push:
+                from quantkit.publish import plan_publish
 
-            summary["publish"] = plan_publish(ws, backend_name, repo=repo, private=private, planned=steps)
+                summary["publish"] = plan_publish(ws, backend_name, repo=repo, private=private, planned=steps)
         show_plan(summary, json_output)
         return summary
-    reason = backend.check()
-    if reason is not None:
-        raise QuantkitError(reason)
+    record_model(ws, ckpt)
     artifacts: list[Artifact] = backend.run(ctx, options)
     summary: dict[str, Any] = {"model": ckpt.name, "format": backend_name, "workspace": str(ws.root),
                                "artifacts": [a.to_manifest(ws) | {"path": ws.rel(a.path)} for a in artifacts]}
-    exit_code = 0
+    gate_failed = False
     if evaluate:
         from quantkit.evaluate import evaluate_workspace
 
         report = evaluate_workspace(ws, only=[a.path for a in artifacts], **(eval_options or {}))
         summary["eval"] = report
         if not report.get("passed", True):
-            exit_code = 3
+            gate_failed = True
     if push:
         from quantkit.publish import publish_format
 
         summary["publish"] = publish_format(ws, backend_name, repo=repo, private=private, force=force)
     show_summary(summary, json_output)
-    if exit_code:
-        raise QuantkitError("one or more artifacts failed the quality gate (see the table above)",
-                            "raise --max-ppl-increase / --max-kld, or choose a larger type")
+    if gate_failed:
+        raise GateFailed("one or more artifacts failed the quality gate (see the table above)",
+                         "choose a larger type; `quantkit eval` takes other bounds (--max-kld, "
+                         "--max-ppl-increase)")
     return summary
 
 
