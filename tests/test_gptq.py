@@ -17,10 +17,11 @@ from pydantic import ValidationError
 from quantkit import calibration
 from quantkit.backends.base import JobContext, Scorer, get_backend
 from quantkit.backends.gptq import GPTQBackend, GPTQOptions, TransformersScorer, check_group_size, estimate_size
+from quantkit.card import render_card
 from quantkit.errors import QuantkitError
 from quantkit.safetensors_io import read_header
 from quantkit.source import resolve
-from quantkit.workspace import Workspace
+from quantkit.workspace import Workspace, record_model
 
 QUANTKIT = str(Path(sys.executable).with_name("quantkit"))
 CALIB = ["--calib-samples", "16", "--calib-seq-len", "256"]
@@ -269,6 +270,9 @@ def test_qwen2_instruct(qwen2_ckpt: Path, tmp_path: Path) -> None:
     (art,) = GPTQBackend().run(ctx, GPTQOptions(group_size=64))
     assert art.quant == "4bit-g64" and art.path == ws.root / "gptq" / "4bit-g64"
     assert ws.steps["gptq:4bit-g64"]["info"]["calibration"]["chat_template"] is True
+    assert ws.artifacts["gptq/4bit-g64"]["calibration"]["chat_template"] is True
+    record_model(ws, ctx.checkpoint)
+    assert "rendered with the model's chat template" in render_card(ws, "gptq")  # as the GGUF card says
     assert (art.path / "chat_template.jinja").read_bytes() == (qwen2_ckpt / "chat_template.jinja").read_bytes()
     tensors = read_header(art.path / "model.safetensors")[0]
     assert "model.layers.0.self_attn.q_proj.bias" in tensors and "model.layers.0.self_attn.q_proj.qweight" in tensors

@@ -410,7 +410,8 @@ class GPTQBackend:
                   fp: str) -> Artifact:
         files = sorted(p for p in out.iterdir() if p.is_file())
         size = sum(p.stat().st_size for p in files)
-        calibration = {k: calib[k] for k in ("spec", "samples", "seq_len", "tokens", "fingerprint")}
+        calibration = {k: calib[k] for k in ("spec", "samples", "seq_len", "tokens", "fingerprint", "chat_template")
+                       if k in calib}  # chat_template: the card says the dialogues used the model's template
         return Artifact(
             format="gptq", quant=opts.quant, path=out, files=files, size=size, bpw=bits_per_weight(out),
             info={"bits": opts.bits, "group_size": opts.group_size, "desc_act": opts.desc_act, "sym": opts.sym,
