@@ -10,7 +10,7 @@ token:
 - a scorer with ``generate_many(prompts, max_new, stop)`` (GGUF: llama.cpp, up to 32 sequences per batch, each
   with its own KV cache, see `quantkit.backends.gguf.llamacpp`) uses it; with ``generate(prompt, max_new, stop)``
   one prompt at a time;
-- a scorer holding a transformers model (GPTQ) generates through that model with its KV cache;
+- a scorer holding a transformers model (GPTQ) generates through that model like bf16 (`hf_greedy_many`);
 - any other scorer (EXL2, third-party formats) recomputes the prefix each step through ``chunk_logits``.
 
 Both batch: transformers 8 left-padded, masked prompts at a time (5-10x faster than one by one on the fixtures),
@@ -218,12 +218,16 @@ def scorer_greedy(scorer: Any, prompt: list[int], max_new: int, stop: set[int]) 
     return out
 
 
+def _is_hf(model: Any) -> bool:
+    return model is not None and hasattr(model, "config") and hasattr(model, "parameters")
+
+
 def generator_for(scorer: Any) -> Callable[[list[int], int, set[int]], list[int]]:
     """The fastest greedy decoder a scorer allows (its own, its transformers model's, or through its logits)."""
     if callable(getattr(scorer, "generate", None)):
         return scorer.generate  # type: ignore[no-any-return]
     model = getattr(scorer, "model", None)
-    if model is not None and hasattr(model, "config") and hasattr(model, "parameters"):
+    if _is_hf(model):
         return lambda p, n, s: hf_greedy(model, p, n, s)
     return lambda p, n, s: scorer_greedy(scorer, p, n, s)
 
@@ -313,6 +317,9 @@ class DriftCheck:
             scorer = backend.scorer(self.ws.abs(key), n_ctx=self.n_ctx)
             try:
                 many = getattr(scorer, "generate_many", None)
+                model = getattr(scorer, "model", None)
+                if not callable(many) and _is_hf(model):  # GPTQ: its transformers model, 8 prompts a batch
+                    many = lambda ids, n, s: hf_greedy_many(model, ids, n, s)  # noqa: E731
                 if callable(many):  # llama.cpp: many sequences per batch
                     outs = many(self.ids, self.settings.new_tokens, self.stop)
                     for _ in outs:
