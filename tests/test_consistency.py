@@ -126,7 +126,7 @@ def test_backend_that_cannot_run_is_refused_before_any_download(fmt: str, tmp_pa
 
 
 # -- 2. --dry-run changes nothing on disk ----------------------------------------------------------------------------
-def test_dry_run_leaves_the_filesystem_unchanged(tmp_path: Path, llama3_ckpt: Path) -> None:
+def test_dry_run_leaves_the_filesystem_unchanged(tmp_path: Path, llama3_ckpt: Path, hub: FakeHub) -> None:
     tree = tmp_path / "tree"
     (tree / "models").mkdir(parents=True)
     shutil.copytree(llama3_ckpt, tree / "models" / "tiny")  # a copy inside the tree: its hash cache would show
@@ -145,11 +145,22 @@ def test_dry_run_leaves_the_filesystem_unchanged(tmp_path: Path, llama3_ckpt: Pa
         ("exl2", model, "--dry-run", "-w", str(tree / "ws-exl2")),
         ("run", str(recipe), "--dry-run"),
         ("run", str(recipe), "--dry-run", "--json"),
+        ("gguf", "T-lite-0.1", "--dry-run"),  # an alias not in the (empty) Hub cache: planned, not downloaded
     ]
     for args in runs:
         proc = qk(*args, cwd=tree, **env)
         assert proc.returncode == 0, (args, proc.stderr[-3000:])
         assert snapshot(tree) == before, (args, sorted(set(snapshot(tree)) ^ set(before)))
+    # a Hub id the Hub has: planned from what is known, nothing fetched
+    seed_repo(hub, f"{USER}/tiny", llama3_ckpt)
+    proc = qk("gptq", f"{USER}/tiny", "--dry-run", "--json", cwd=tree, hub=hub, **env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads(proc.stdout)
+    assert plan["estimated"] and plan["plan"][0]["step"] == f"download {USER}/tiny"
+    assert [r.path for r in hub.requests if r.path != "/api/agent-harnesses"] == []
+    # huggingface_hub itself caches the Hub's agent registry once a day when it may go online: not quantkit's file
+    after = {k: v for k, v in snapshot(tree).items() if k not in ("hf-home", "hf-home/.agent_harnesses.json")}
+    assert after == before
 
 
 def test_dry_run_of_an_existing_workspace_reads_it_and_writes_nothing(tmp_path: Path, llama3_ckpt: Path) -> None:

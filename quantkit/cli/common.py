@@ -48,7 +48,20 @@ def run_format(
         raise QuantkitError(reason, f"quantkit {backend_name} --dry-run shows the plan")
     if threads and not dry_run:
         set_threads(threads)
-    ckpt = resolve(model, require=getattr(backend, "supports", None))  # an engine that cannot run it: no download
+    require = getattr(backend, "supports", None)  # an engine that cannot run the architecture: no download
+    if dry_run:
+        try:
+            ckpt = resolve(model, require=require, allow_download=False)  # a plan downloads nothing
+        except QuantkitError as exc:
+            if "not in the cache" not in exc.message:
+                raise
+            summary = estimated_plan(backend_name, model, options, reason=reason, workspace=workspace,
+                                     settings={"calibration": calibration, "calib_samples": calib_samples,
+                                               "calib_seq_len": calib_seq_len})
+            show_plan(summary, json_output)
+            return summary
+    else:
+        ckpt = resolve(model, require=require)
     ckpt.tensors  # noqa: B018 - headers and the shard index are checked now, before any work
     ws = Workspace.for_model(ckpt.name, workspace, read_only=dry_run)  # a plan creates and writes nothing
     if not dry_run:
@@ -96,6 +109,27 @@ def run_format(
     return summary
 
 
+def estimated_plan(backend_name: str, model: str, options: BaseModel, *, reason: str | None,
+                   workspace: Path | None, settings: dict[str, Any]) -> dict[str, Any]:
+    """The plan of a Hub model that is not in the local cache: the download, then the backend's steps named as
+    it would name them, with sizes from the known parameter count (an alias) or unknown."""
+    from quantkit.models import find_known
+    from quantkit.recipe import ESTIMATED, default_name, estimated_steps
+
+    known = find_known(model)
+    n_params = round(known.params_b * 1e9) if known else None
+    name = default_name(model)
+    hub_id = known.hub_id if known else model
+    steps = [{"step": f"download {hub_id}", "output": hub_id, "estimated_size": 2 * n_params if n_params else None,
+              "done": False}, *estimated_steps(backend_name, options, n_params, settings, name)]
+    note = ("not in the local Hub cache: downloaded on the first run; sizes "
+            + (f"{ESTIMATED} ({known.params_b:g} B)" if known else "unknown"))
+    return {"model": name, "format": backend_name, "workspace": str(Workspace.for_model(name, workspace,
+                                                                                       read_only=True).root),
+            "dry_run": True, "estimated": True, "note": note, "can_run_here": reason is None, "reason": reason,
+            "plan": steps}
+
+
 def show_plan(summary: dict[str, Any], json_output: bool) -> None:
     if json_output:
         console.emit_json(summary)
@@ -110,6 +144,8 @@ def show_plan(summary: dict[str, Any], json_output: bool) -> None:
                       "done" if step.get("done") else "to do")
     out = console.table_console()
     out.print(table)
+    if summary.get("note"):
+        out.print(summary["note"])
     if not summary["can_run_here"]:
         out.print(f"[yellow]cannot run here:[/] {summary['reason']}")
     if summary.get("publish"):
