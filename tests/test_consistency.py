@@ -311,5 +311,12 @@ def test_threads_reach_torch_and_llamacpp(tmp_path: Path, llama3_ckpt: Path, mon
         assert result.exit_code == 0, result.output
         assert torch.get_num_threads() == 1  # the imatrix's torch forward ran on one thread
         assert default_threads() == 1  # llama.cpp's quantization and scorers
+        # `quantkit eval --threads`: the bf16 reference (torch) and the GGUF scorers
+        os.environ["QUANTKIT_THREADS"] = "0"
+        torch.set_num_threads(2)
+        result = CliRunner().invoke(app, ["eval", str(tmp_path / "ws"), "--ctx", "128", "--chunks", "2",
+                                          "--threads", "1"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == 1 and default_threads() == 1
     finally:
         torch.set_num_threads(was)

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from quantkit import console
-from quantkit.cli.options import JsonOpt, QuietOpt, handle_errors, setup_output
+from quantkit.cli.options import JsonOpt, QuietOpt, ThreadsOpt, handle_errors, setup_output
 from quantkit.drift import DEFAULT_MAX_DRIFT, DEFAULT_NEW_TOKENS, DEFAULT_PROMPTS
 from quantkit.drift import PREFIX_TOKENS as PREFIX
 from quantkit.errors import GateFailed, QuantkitError
@@ -61,11 +61,15 @@ def command(
     = DEFAULT_NEW_TOKENS,
     max_drift: Annotated[float, typer.Option("--max-drift", min=0.0, max=1.0, help="Gate: share of answers "
                          "that left Russian (where bf16's did not).")] = DEFAULT_MAX_DRIFT,
+    threads: ThreadsOpt = 0,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Measure perplexity, KL-divergence and top-1 agreement of every artifact against the bf16 original."""
+    from quantkit.threads import set_threads
+
     setup_output(quiet, json_output)
+    set_threads(threads)  # the bf16 reference (torch) and every scorer (llama.cpp, transformers)
     ws, only = find_workspace(target)
     settings = drift_settings(drift, drift_prompts, drift_count, drift_tokens, max_drift)
     report = evaluate_workspace(ws, only=only, eval_spec=eval_spec, n_ctx=ctx, chunks=chunks,
