@@ -146,6 +146,7 @@ def test_dry_run_leaves_the_filesystem_unchanged(tmp_path: Path, llama3_ckpt: Pa
         ("run", str(recipe), "--dry-run"),
         ("run", str(recipe), "--dry-run", "--json"),
         ("gguf", "T-lite-0.1", "--dry-run"),  # an alias not in the (empty) Hub cache: planned, not downloaded
+        ("gguf", "demo", "--dry-run"),  # the demo model is not built yet: planned, not built
     ]
     for args in runs:
         proc = qk(*args, cwd=tree, **env)

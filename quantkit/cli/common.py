@@ -13,6 +13,7 @@ from quantkit import console
 from quantkit.backends.base import Artifact, JobContext, get_backend
 from quantkit.errors import GateFailed, QuantkitError
 from quantkit.fingerprint import reading_only
+from quantkit.models import DEMO_ALIAS
 from quantkit.source import resolve
 from quantkit.threads import set_threads
 from quantkit.workspace import Workspace, human_size, record_model
@@ -50,14 +51,18 @@ def run_format(
         set_threads(threads)
     require = getattr(backend, "supports", None)  # an engine that cannot run the architecture: no download
     if dry_run:
+        from quantkit.demo import demo_folder
+
+        settings = {"calibration": calibration, "calib_samples": calib_samples, "calib_seq_len": calib_seq_len}
         try:
+            if model == DEMO_ALIAS and not (demo_folder() / "config.json").exists():
+                raise QuantkitError("the demo model is built on the first run")  # a plan builds nothing
             ckpt = resolve(model, require=require, allow_download=False)  # a plan downloads nothing
         except QuantkitError as exc:
-            if "not in the cache" not in exc.message:
+            if "not in the cache" not in exc.message and model != DEMO_ALIAS:
                 raise
             summary = estimated_plan(backend_name, model, options, reason=reason, workspace=workspace,
-                                     settings={"calibration": calibration, "calib_samples": calib_samples,
-                                               "calib_seq_len": calib_seq_len})
+                                     settings=settings)
             show_plan(summary, json_output)
             return summary
     else:
@@ -113,6 +118,7 @@ def estimated_plan(backend_name: str, model: str, options: BaseModel, *, reason:
                    workspace: Path | None, settings: dict[str, Any]) -> dict[str, Any]:
     """The plan of a Hub model that is not in the local cache: the download, then the backend's steps named as
     it would name them, with sizes from the known parameter count (an alias) or unknown."""
+    from quantkit.demo import demo_folder
     from quantkit.models import find_known
     from quantkit.recipe import ESTIMATED, default_name, estimated_steps
 
@@ -120,10 +126,14 @@ def estimated_plan(backend_name: str, model: str, options: BaseModel, *, reason:
     n_params = round(known.params_b * 1e9) if known else None
     name = default_name(model)
     hub_id = known.hub_id if known else model
-    steps = [{"step": f"download {hub_id}", "output": hub_id, "estimated_size": 2 * n_params if n_params else None,
-              "done": False}, *estimated_steps(backend_name, options, n_params, settings, name)]
-    note = ("not in the local Hub cache: downloaded on the first run; sizes "
-            + (f"{ESTIMATED} ({known.params_b:g} B)" if known else "unknown"))
+    first = ({"step": "build the demo model", "output": str(demo_folder()), "estimated_size": None, "done": False}
+             if model == DEMO_ALIAS else
+             {"step": f"download {hub_id}", "output": hub_id, "estimated_size": 2 * n_params if n_params else None,
+              "done": False})
+    steps = [first, *estimated_steps(backend_name, options, n_params, settings, name)]
+    why = ("the demo model is built on the first run" if model == DEMO_ALIAS
+           else "not in the local Hub cache: downloaded on the first run")
+    note = f"{why}; sizes " + (f"{ESTIMATED} ({known.params_b:g} B)" if known else "unknown")
     return {"model": name, "format": backend_name, "workspace": str(Workspace.for_model(name, workspace,
                                                                                        read_only=True).root),
             "dry_run": True, "estimated": True, "note": note, "can_run_here": reason is None, "reason": reason,
