@@ -126,6 +126,10 @@ def load_hf(ckpt: Checkpoint) -> tuple[Any, str]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     free = torch.cuda.mem_get_info()[0] if device == "cuda" else _available_memory()
     dtype_name = "float32" if ckpt.n_params * 4 <= free // 2 else "bfloat16"
+    if ckpt.n_params * 2 > free * 0.9:
+        raise QuantkitError(f"the drift check holds {ckpt.name} whole in memory for its bf16 answers "
+                            f"({ckpt.n_params * 2 / 2**30:.1f} GiB in bf16), more than the {free / 2**30:.1f} GiB free "
+                            f"on {device}", "run quantkit eval without --drift here, or on a machine with more memory")
     dtype = getattr(torch, dtype_name)
     config = ckpt.arch.text_config(AutoConfig.from_pretrained(ckpt.path))
     config._attn_implementation = "sdpa"

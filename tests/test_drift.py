@@ -368,3 +368,15 @@ def test_gptq_answers_through_its_transformers_model(llama3_ckpt: Path, tmp_path
     d = row["drift"]
     assert row["format"] == "gptq" and d["prompts"] == 4 and 4 <= d["generated_tokens"] <= 64
     assert d["left_russian"] == 0 and 0 <= d["same_prefix"] <= 4 and d["seconds"] > 0
+
+
+def test_reference_that_does_not_fit_is_refused(llama3_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import quantkit.generate as gen
+    from quantkit.source import load_local
+
+    monkeypatch.setattr(gen, "_available_memory", lambda: 1 << 20)
+    monkeypatch.setattr(gen, "_torch", lambda: pytest.importorskip("torch"))
+    if __import__("torch").cuda.is_available():
+        pytest.skip("checks the CPU memory bound")
+    with pytest.raises(QuantkitError, match="holds tiny-llama3 whole in memory"):
+        gen.load_hf(load_local(llama3_ckpt, name="tiny-llama3", source=str(llama3_ckpt)))
