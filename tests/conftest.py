@@ -97,26 +97,26 @@ def nemo_ckpt(ckpt_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def qwen3_ckpt(ckpt_root: Path) -> Path:
     """Qwen3-style instruct model: q/k norms, no biases, head_dim (128) ≠ hidden / heads (64), a thinking template."""
-    return _build(ckpt_root, "tiny-qwen3", "qwen3", instruct=True, train_steps=60)
+    return _build(ckpt_root, "tiny-qwen3", "qwen3", instruct=True, train_steps=30)
 
 
 @pytest.fixture(scope="session")
 def gemma3_ckpt(ckpt_root: Path) -> Path:
     """Gemma3ForCausalLM: +1 norms, scaled embeddings, 5 sliding-window layers (window 64) and 1 global, SentencePiece
     without a space prefix, embeddings padded past the vocabulary."""
-    return _build(ckpt_root, "tiny-gemma3", "gemma3", instruct=True, layers=6, train_steps=60)
+    return _build(ckpt_root, "tiny-gemma3", "gemma3", instruct=True, layers=6, train_steps=30)
 
 
 @pytest.fixture(scope="session")
 def gemma3mm_ckpt(ckpt_root: Path) -> Path:
     """Gemma3ForConditionalGeneration (like saiga_gemma3_12b): the text model under language_model, a vision tower."""
-    return _build(ckpt_root, "tiny-gemma3mm", "gemma3mm", instruct=True, layers=6, train_steps=30)
+    return _build(ckpt_root, "tiny-gemma3mm", "gemma3mm", instruct=True, layers=6)
 
 
 @pytest.fixture(scope="session")
 def yandexgpt_ckpt(ckpt_root: Path) -> Path:
     """A Llama with a large SentencePiece vocabulary (32,000 pieces) and a ▁ prefix, like YandexGPT-5-Lite."""
-    return _build(ckpt_root, "tiny-yandexgpt", "yandexgpt", instruct=True, vocab_size=32000, train_steps=30)
+    return _build(ckpt_root, "tiny-yandexgpt", "yandexgpt", instruct=True, vocab_size=32000)
 
 
 def tokenizer_ckpt(root: Path, style: str) -> Path:
@@ -128,7 +128,7 @@ def tokenizer_ckpt(root: Path, style: str) -> Path:
 def gigachat3_ckpt(ckpt_root: Path) -> Path:
     """GigaChat 3 style DeepseekV3ForCausalLM: MLA with query compression, 2 dense layers then 8 routed experts
     (2 per token, 2 groups, sigmoid scores with a correction bias) and a shared expert."""
-    return _build(ckpt_root, "tiny-gigachat3", "gigachat3", instruct=True, layers=4, kv_heads=4, train_steps=30)
+    return _build(ckpt_root, "tiny-gigachat3", "gigachat3", instruct=True, layers=4, kv_heads=4, train_steps=12)
 
 
 @pytest.fixture(scope="session")

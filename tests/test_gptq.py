@@ -218,7 +218,7 @@ def test_llama3_manifest_records_the_artifact(llama3_gptq: dict[str, Any], llama
     assert art["path"] == "gptq/4bit-g64" and art["quant"] == "4bit-g64"
     assert entry["format"] == "gptq" and entry["command"].startswith("quantkit gptq ")
     assert entry["calibration"] | {"fingerprint": ""} == {"spec": "builtin:ru-mix", "samples": 16, "seq_len": 256,
-                                                          "tokens": 4096, "fingerprint": ""}
+                                                          "tokens": 4096, "fingerprint": "", "chat_template": False}
     assert set(entry["tools"]) >= {"gptqmodel", "transformers", "torch"} and all(entry["tools"].values())
     files = [ws.abs(f) for f in entry["files"]]
     assert entry["size"] == sum(f.stat().st_size for f in files)

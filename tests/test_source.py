@@ -36,11 +36,13 @@ def test_hub_id_downloads_only_what_is_needed(llama3_ckpt: Path, tmp_path: Path)
                   "api.create_repo(sys.argv[3]); api.upload_folder(repo_id=sys.argv[3], folder_path=sys.argv[4])")
         subprocess.run([sys.executable, "-c", upload, hub.url, WRITE_TOKEN, REPO, str(src)], check=True,
                        env=_env(hub, home, offline=False), capture_output=True, timeout=120)
-        cmd = [sys.executable, "-m", "quantkit.cli.app", "gguf", REPO, "--q4_k_m", "--dry-run", "--json",
-               "-w", str(tmp_path / "ws")]
+        # a real run downloads (a --dry-run plans from what is known and fetches nothing)
+        cmd = [sys.executable, "-m", "quantkit.cli.app", "gguf", REPO, "--q8_0", "--no-imatrix", "--no-verify",
+               "--json", "-w", str(tmp_path / "ws")]
         online = subprocess.run(cmd, env=_env(hub, home, offline=False), capture_output=True, text=True, timeout=300)
     assert online.returncode == 0, online.stderr
     assert json.loads(online.stdout)["model"] == "tiny-llama3-bf16"
+    cmd = [*cmd[:5], "--q8_0", "--dry-run", "--json", "-w", str(tmp_path / "ws")]
     fetched = {p.name for p in (home / "hub").rglob("*") if p.is_file() and "snapshots" in p.parts}
     everything = sorted(str(p.relative_to(home)) for p in home.rglob("*"))
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= fetched, (

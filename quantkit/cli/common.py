@@ -14,7 +14,7 @@ from quantkit.backends.base import Artifact, JobContext, get_backend
 from quantkit.errors import GateFailed, QuantkitError
 from quantkit.fingerprint import reading_only
 from quantkit.models import DEMO_ALIAS
-from quantkit.source import resolve
+from quantkit.source import architecture_of, resolve
 from quantkit.threads import set_threads
 from quantkit.workspace import Workspace, human_size, record_model
 
@@ -44,12 +44,15 @@ def run_format(
 
     backend = get_backend(backend_name)
     check_calibration(calibration)  # a bad file is refused now, not after conversion and the imatrix
+    require = getattr(backend, "supports", None)  # an engine that cannot run the architecture: no download
+    known_arch = architecture_of(model)  # an alias or a local folder: the refusal is the same on every machine
+    if require is not None and known_arch is not None and (unsupported := require(known_arch)):
+        raise QuantkitError(unsupported, "quantkit models lists which formats each architecture supports")
     reason = backend.check()
     if reason is not None and not dry_run:  # before the source is resolved: nothing is downloaded for nothing
         raise QuantkitError(reason, f"quantkit {backend_name} --dry-run shows the plan")
     if threads and not dry_run:
         set_threads(threads)
-    require = getattr(backend, "supports", None)  # an engine that cannot run the architecture: no download
     if dry_run:
         from quantkit.demo import demo_folder
 
