@@ -126,19 +126,24 @@ def identity(families: list[str]) -> bool:
     return ok_all
 
 
-def timing(repeat: int) -> tuple[bool, bool]:
-    ckpt = common.bench_checkpoint()
-    pre = detected_pre(ckpt)
-    size = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
-    print(f"\n== timing on {ckpt.name} ({mib(size):.0f} MiB of bf16 safetensors), {repeat} alternating rounds ==")
-    ours, ref = OUT / "bench-quantkit.gguf", OUT / "bench-reference.gguf"
+def both_converters(ckpt: Path, pre: str, tag: str, repeat: int) -> tuple[list[common.Run], list[common.Run]]:
+    """quantkit's and the reference's runs on `ckpt`, alternating; the outputs are removed afterwards."""
+    ours, ref = OUT / f"{tag}-quantkit.gguf", OUT / f"{tag}-reference.gguf"
     runs = common.alternate({
         "quantkit": lambda i: run_quantkit(ckpt, ours),
         "convert_hf_to_gguf.py": lambda i: run_reference(ckpt, ref, pre),
     }, repeat)
     common.clean(ours)
     common.clean(ref)
-    q, r = runs["quantkit"], runs["convert_hf_to_gguf.py"]
+    return runs["quantkit"], runs["convert_hf_to_gguf.py"]
+
+
+def timing(repeat: int) -> tuple[bool, bool]:
+    ckpt = common.bench_checkpoint()
+    pre = detected_pre(ckpt)
+    size = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
+    print(f"\n== timing on {ckpt.name} ({mib(size):.0f} MiB of bf16 safetensors), {repeat} alternating rounds ==")
+    q, r = both_converters(ckpt, pre, "bench", repeat)
     wall_ratio = common.median_ratio([x.wall_s for x in q], [x.wall_s for x in r])
     mem_ratio = common.median_ratio([x.peak_rss for x in q], [x.peak_rss for x in r])
     med = statistics.median
@@ -162,14 +167,7 @@ def moe_memory(repeat: int) -> bool:
     """Peak memory of both converters on the mixture-of-experts fixture (26 layers, experts stacked per layer)."""
     ckpt = common.small_checkpoint("gigachat3-noq")
     pre = detected_pre(ckpt)
-    ours, ref = OUT / "moe-quantkit.gguf", OUT / "moe-reference.gguf"
-    runs = common.alternate({
-        "quantkit": lambda i: run_quantkit(ckpt, ours),
-        "convert_hf_to_gguf.py": lambda i: run_reference(ckpt, ref, pre),
-    }, repeat)
-    common.clean(ours)
-    common.clean(ref)
-    q, r = runs["quantkit"], runs["convert_hf_to_gguf.py"]
+    q, r = both_converters(ckpt, pre, "moe", repeat)
     med = statistics.median
     mem_ratio = common.median_ratio([x.peak_rss for x in q], [x.peak_rss for x in r])
     print(f"\n== mixture of experts ({ckpt.name}), {repeat} alternating rounds ==")

@@ -8,6 +8,7 @@ import gguf
 import numpy as np
 import pytest
 from conftest import llama_tool, run_tool
+from test_arch import _fields
 from test_cli import one_line_error, qk
 
 from quantkit.backends.base import JobContext
@@ -26,23 +27,12 @@ def _ckpt(path: Path):
     return load_local(path, name=path.name, source=str(path))
 
 
-def _reader_fields(reader: gguf.GGUFReader) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for name, field in reader.fields.items():
-        if field.types and field.types[0] == gguf.GGUFValueType.STRING:
-            out[name] = bytes(field.parts[-1]).decode()
-        elif field.types and field.types[0] != gguf.GGUFValueType.ARRAY:
-            out[name] = field.parts[-1].tolist()[0]
-    return out
-
-
 def test_mla_and_expert_tensors(gigachat3_ckpt: Path, tmp_path: Path) -> None:
     """llama.cpp's deepseek2 layout: kv_b split into k_b (transposed) and v_b, experts stacked per projection,
     router and score correction in F32, the dense leading layers kept dense, every MoE/MLA key."""
     ck = _ckpt(gigachat3_ckpt)
-    reader = gguf.GGUFReader(Converter(ck).write(tmp_path / "g.gguf")[0])
-    t = {x.name: x for x in reader.tensors}
-    f = _reader_fields(reader)
+    f = _fields(Converter(ck).write(tmp_path / "g.gguf")[0])
+    t = f["_tensors"]
     assert f["general.architecture"] == "deepseek2"
     assert (f["deepseek2.expert_count"], f["deepseek2.expert_used_count"], f["deepseek2.leading_dense_block_count"],
             f["deepseek2.expert_shared_count"]) == (8, 2, 2, 1)
