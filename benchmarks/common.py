@@ -360,13 +360,9 @@ def compare_gguf(ours: Path, ref: Path, skip: tuple[str, ...] = ("GGUF.",)) -> d
 
 
 def file_sha256(path: Path) -> str:
-    import hashlib
+    from quantkit.workspace import file_sha256 as sha256
 
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256(path)
 
 
 def verdict(ok: bool) -> str:

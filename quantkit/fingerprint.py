@@ -9,7 +9,6 @@ hashed once; a rewritten file (new size or mtime) is hashed again.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from quantkit.errors import QuantkitError
+from quantkit.workspace import file_sha256
 
 CACHE_NAME = "weight-hashes.json"
 _BLOB = re.compile(r"^[0-9a-f]{40}$|^[0-9a-f]{64}$")
@@ -60,14 +60,6 @@ def _load_cache() -> dict[str, dict[str, object]]:
     return data if isinstance(data, dict) else {}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def content_hash(path: Path) -> str:
     """sha256 of a file's content, from the cache while its size and mtime are unchanged."""
     real = Path(path).resolve()
@@ -81,7 +73,7 @@ def content_hash(path: Path) -> str:
             and isinstance(hit.get("sha256"), str):
         digest = str(hit["sha256"])
     else:
-        digest = _sha256(real)
+        digest = file_sha256(real)
         if not _read_only:
             _remember(str(real), st.st_size, st.st_mtime_ns, digest)
     _memo[key] = digest

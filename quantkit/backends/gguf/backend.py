@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -14,7 +13,7 @@ from pydantic import BaseModel, Field, field_validator
 from quantkit import __version__, console
 from quantkit.backends.base import Artifact, JobContext
 from quantkit.errors import QuantkitError
-from quantkit.workspace import OUTPUT_CHECKS, Workspace, disk_guard, fingerprint
+from quantkit.workspace import OUTPUT_CHECKS, Workspace, disk_guard, file_sha256, fingerprint
 
 CONVERTER_VERSION = 2  # bump when the converter's output changes, so finished conversions are redone
 
@@ -171,11 +170,7 @@ def gguf_stats(path: Path) -> tuple[int, float]:
 
 
 def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 class GGUFBackend:
