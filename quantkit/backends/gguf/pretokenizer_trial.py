@@ -86,6 +86,8 @@ def trial(folder: Path, arch: Architecture) -> str:
     tried when none does."""
     from tokenizers import Tokenizer
 
+    from quantkit.backends.gguf.tokenizer import tokenizer_json
+
     text = sample()
     # the file as the tokenizers library runs it: transformers 5's AutoTokenizer replaces the pre-tokenizer of a
     # qwen2/qwen3 checkpoint with Qwen2's own, whatever tokenizer.json says
@@ -104,7 +106,7 @@ def trial(folder: Path, arch: Architecture) -> str:
             if found:
                 console.info(f"pre-tokenizer: {found} reproduces the tokenizer exactly")
                 return found
-    shape = pretokenizer.describe(json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")))
+    shape = pretokenizer.describe(tokenizer_json(folder))
     raise QuantkitError(
         f"no pre-tokenizer llama.cpp knows reproduces this tokenizer ({shape}); tried {len(names)}: "
         f"{', '.join(names[:6])}, …",

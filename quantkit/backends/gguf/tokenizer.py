@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import gguf
 
@@ -29,6 +30,19 @@ class VocabInfo:
     pre: str
     n_tokens: int
     pre_method: str = ""  # hash | structure | trial | override ("" for SentencePiece)
+
+
+@lru_cache(maxsize=2)
+def _parsed(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def tokenizer_json(folder: Path) -> dict[str, Any]:
+    """``tokenizer.json`` parsed once per process while the file is unchanged (a 152k-token vocabulary is ~10 MB of
+    JSON; conversion, detection and the vocabulary writer all read it). Do not modify the result."""
+    path = Path(folder) / "tokenizer.json"
+    st = path.stat()
+    return _parsed(str(path.resolve()), st.st_size, st.st_mtime_ns)
 
 
 def uses_sentencepiece(folder: Path, arch: Architecture) -> bool:
@@ -50,7 +64,7 @@ def vocab_token_count(folder: Path, arch: Architecture) -> int:
             sp.LoadFromFile(str(folder / "tokenizer.model"))
             size = sp.vocab_size()
         return int(size)
-    raw = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    raw = tokenizer_json(folder)
     return len(raw["model"]["vocab"]) + len(raw.get("added_tokens", []))
 
 
@@ -62,7 +76,7 @@ def pre_tokenizer_for(folder: Path, arch: Architecture, *, override: str | None 
             raise QuantkitError(f"unknown --pre-tokenizer {override}",
                                 "use a name llama.cpp knows, e.g. " + ", ".join(pretokenizer.runtime_names()[:8]))
         return override, "override"
-    raw = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    raw = tokenizer_json(folder)
     found = pretokenizer.detect(folder, raw)
     if found.name:
         return found.name, found.method
@@ -82,7 +96,7 @@ def bpe_vocab(folder: Path, vocab_size: int) -> tuple[list[str], list[int]]:
     from tokenizers import Tokenizer
 
     path = folder / "tokenizer.json"
-    raw = json.loads(path.read_text(encoding="utf-8"))
+    raw = tokenizer_json(folder)
     if raw.get("model", {}).get("type") != "BPE":
         raise QuantkitError(f"tokenizer model {raw.get('model', {}).get('type')} is not supported",
                             "supported: byte-level BPE (tokenizer.json) and SentencePiece (tokenizer.model)")
@@ -167,8 +181,7 @@ def state_unset_flags(folder: Path, special: gguf.SpecialVocab) -> None:
     """llama.cpp's converter (its vendored gguf-py) states add_bos/add_eos as false when the tokenizer's
     post-processor includes a ByteLevel step and nothing set them; PyPI gguf 0.19 leaves them out. llama.cpp reads a
     missing flag as false, so tokenization is the same either way, but the files would differ."""
-    raw = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-    post = raw.get("post_processor") or {}
+    post = tokenizer_json(folder).get("post_processor") or {}
     if any(p.get("type") == "ByteLevel" for p in post.get("processors", [post])):
         for kind in ("bos", "eos"):
             special.add_special_token.setdefault(kind, False)
