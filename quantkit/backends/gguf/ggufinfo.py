@@ -93,3 +93,8 @@ def read_info(path: Path) -> GGUFInfo:
         tensors.append(TensorEntry(name, np.array(dims, dtype=np.int64), qtype, data_start + offset, n,
                                    n // block * size))
     return GGUFInfo(tensors, alignment, data_start)
+
+
+def tensor_bytes(path: Path, entry: TensorEntry) -> np.ndarray:
+    """One tensor's stored bytes, memory-mapped (read only when used)."""
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=entry.data_offset, shape=(entry.n_bytes,))

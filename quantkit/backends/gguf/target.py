@@ -30,7 +30,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from quantkit.backends.gguf.ggufinfo import read_info
+from quantkit.backends.gguf.ggufinfo import TensorEntry, read_info, tensor_bytes
 from quantkit.errors import QuantkitError
 
 Q = gguf.GGMLQuantizationType
@@ -96,21 +96,24 @@ def group_of(name: str) -> str:
     return parts[2] if parts[0] == "blk" and len(parts) > 2 else parts[0]
 
 
-def _tensors(path: Path) -> dict[str, object]:
-    """The quantizable (2-D or more) tensors of a GGUF, memory-mapped (nothing is read until used)."""
-    return {t.name: t for t in gguf.GGUFReader(path).tensors if len(t.shape) >= 2}
+def _tensors(path: Path) -> dict[str, tuple[Path, TensorEntry]]:
+    """The quantizable (2-D or more) tensors of a GGUF, from its tensor table alone (no metadata is decoded)."""
+    return {t.name: (path, t) for t in read_info(path).tensors if len(t.shape) >= 2}
 
 
-def _f32(t: object) -> np.ndarray:
+def _f32(item: tuple[Path, TensorEntry]) -> np.ndarray:
     """One tensor as float32 rows × columns (GGUF row order), dequantized if needed."""
-    data, qtype = np.asarray(t.data), t.tensor_type  # type: ignore[attr-defined]
-    if qtype in (Q.F32, Q.F16):
-        arr = data.astype(np.float32)
+    path, t = item
+    raw, qtype = tensor_bytes(path, t), t.tensor_type
+    if qtype == Q.F32:
+        arr = raw.view(np.float32)
+    elif qtype == Q.F16:
+        arr = raw.view(np.float16).astype(np.float32)
     elif qtype == Q.BF16:
-        arr = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        arr = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     else:
-        arr = gguf.quants.dequantize(data, qtype)
-    return arr.reshape(-1, int(t.shape[0]))  # type: ignore[attr-defined]
+        arr = gguf.quants.dequantize(raw, qtype)
+    return np.asarray(arr, dtype=np.float32).reshape(-1, int(t.shape[0]))
 
 
 def _damage(ref: np.ndarray, got: np.ndarray, importance: np.ndarray | None) -> float:
@@ -135,9 +138,9 @@ def measure(bf16: Path, pieces_dir: Path, imatrix: dict[str, np.ndarray] | None,
         path = quantize_all(qtype, pieces_dir / f"all-{qtype.name}.gguf")
         got = _tensors(path)
         for name, t in ref.items():  # one tensor in memory at a time
-            q = got[name]
-            table[name][qtype] = Piece(q.tensor_type, int(q.n_bytes),
-                                       _damage(_f32(t), _f32(q), (imatrix or {}).get(name)))
+            q = got[name][1]
+            table[name][qtype] = Piece(q.tensor_type, q.n_bytes, _damage(_f32(t), _f32(got[name]),
+                                                                          (imatrix or {}).get(name)))
         del got
         path.unlink()
         if on_type:
