@@ -348,7 +348,6 @@ def test_prompt_longer_than_the_context(llama3_ckpt: Path, tmp_path: Path) -> No
 @pytest.mark.slow
 def test_gptq_answers_through_its_transformers_model(llama3_ckpt: Path, tmp_path: Path) -> None:
     """A GPTQ folder generates through the transformers model its scorer loads (KV cache), on the CPU here."""
-    pytest.importorskip("gptqmodel")
     import os
 
     from quantkit.evaluate import evaluate_workspace
@@ -375,8 +374,10 @@ def test_reference_that_does_not_fit_is_refused(llama3_ckpt: Path, monkeypatch: 
     from quantkit.source import load_local
 
     monkeypatch.setattr(gen, "_available_memory", lambda: 1 << 20)
-    monkeypatch.setattr(gen, "_torch", lambda: pytest.importorskip("torch"))
-    if __import__("torch").cuda.is_available():
+    import torch
+
+    monkeypatch.setattr(gen, "_torch", lambda: torch)
+    if torch.cuda.is_available():
         pytest.skip("checks the CPU memory bound")
     with pytest.raises(QuantkitError, match="holds tiny-llama3 whole in memory"):
         gen.load_hf(load_local(llama3_ckpt, name="tiny-llama3", source=str(llama3_ckpt)))
