@@ -316,7 +316,7 @@ def test_gate_fails_an_artifact_that_left_russian(drift_ws: tuple[object, Path],
 
 
 def test_recipe_drift_setting(tmp_path: Path) -> None:
-    from quantkit.recipe import RecipeError, _drift_settings, load_recipe
+    from quantkit.recipe import RecipeError, drift_settings, load_recipe, settings
 
     path = tmp_path / "r.yaml"
     path.write_text("defaults:\n  drift: true\n  gates: {max_drift: 0.05}\nmodels:\n  - source: demo\n    gguf: "
@@ -324,7 +324,9 @@ def test_recipe_drift_setting(tmp_path: Path) -> None:
     recipe = load_recipe(path)
     st = recipe.settings(recipe.spec.models[0])
     assert st["drift"] is True and st["max_drift"] == 0.05
-    assert _drift_settings(st).max_drift == 0.05 and _drift_settings({**st, "drift": False}) is None
+    job_settings = settings(recipe, recipe.spec.models[0])
+    assert job_settings.drift is True and job_settings.max_drift == 0.05
+    assert drift_settings(True, 0.05).max_drift == 0.05 and drift_settings(False, 0.05) is None
     path.write_text("defaults:\n  drift: maybe\nmodels:\n  - source: demo\n", encoding="utf-8")
     with pytest.raises(RecipeError, match="drift"):
         load_recipe(path)

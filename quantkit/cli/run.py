@@ -24,6 +24,11 @@ def command(
         "--model", help="Only this model (its name or source); repeatable.")] = None,
     continue_on_error: Annotated[bool, typer.Option(
         "--continue-on-error", help="When a model or format fails, go on with the rest.")] = False,
+    executor: Annotated[str, typer.Option(
+        "--executor", help="Where steps run: local (this process) or ray (a Ray cluster; pip install ray).")]
+    = "local",
+    address: Annotated[str | None, typer.Option(
+        "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster).")] = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -39,7 +44,9 @@ def command(
         else:
             show_plan(result)
         return
-    summary = run_recipe(recipe, only=only, models=model, continue_on_error=continue_on_error)
+    options = {"address": address} if executor == "ray" else {}
+    summary = run_recipe(recipe, only=only, models=model, continue_on_error=continue_on_error, executor=executor,
+                         **options)
     if json_output:
         console.emit_json(summary)
     else:
