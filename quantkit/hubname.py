@@ -1,4 +1,5 @@
-"""Hub repo names from model names: Russian letters transliterated, anything else the Hub refuses replaced."""
+"""Hub names: what a repo id looks like (`HUB_ID`, `REPO_NAME`), and repo names made from model names (Russian letters
+transliterated, anything else the Hub refuses replaced)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ _RU = dict(zip("абвгдеёжзийклмнопрстуфхцчшщъыьэю
                ["a", "b", "v", "g", "d", "e", "e", "zh", "z", "i", "y", "k", "l", "m", "n", "o", "p", "r", "s", "t",
                 "u", "f", "kh", "ts", "ch", "sh", "shch", "", "y", "", "e", "yu", "ya"], strict=True))
 MAX_LEN = 96  # the Hub's limit on a repo name
+# NAMESPACE/NAME and a bare NAME, in the ASCII the Hub takes (the one definition; source, recipes and publish use it)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$", re.ASCII)
+REPO_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*$", re.ASCII)
 
 
 def hub_safe_name(name: str) -> str:

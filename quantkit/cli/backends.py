@@ -1,26 +1,18 @@
-"""`quantkit backends`: every backend and whether it can run here."""
+"""`quantkit backends`: every backend and whether it can run here (a plugin that cannot load says why)."""
 
 from __future__ import annotations
 
 from rich.table import Table
 
 from quantkit import console
-from quantkit.backends.base import get_backend, list_backends
+from quantkit.backends.base import describe_backends
 from quantkit.cli.options import JsonOpt, handle_errors
 
 
 @handle_errors
 def command(json_output: JsonOpt = False) -> None:
     """List the backends and whether each can run on this machine (and why not)."""
-    rows = []
-    for name in list_backends():
-        try:
-            backend = get_backend(name)
-            reason = backend.check()
-            desc = backend.description
-        except ImportError as exc:
-            reason, desc = f"cannot import: {exc}", ""
-        rows.append({"name": name, "description": desc, "available": reason is None, "reason": reason})
+    rows = describe_backends()
     if json_output:
         console.emit_json(rows)
         return

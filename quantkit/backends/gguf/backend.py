@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from quantkit import __version__, console
 from quantkit.backends.base import Artifact, JobContext
+from quantkit.backends.gguf.card import GGUFSections
 from quantkit.errors import QuantkitError
 from quantkit.workspace import OUTPUT_CHECKS, Workspace, disk_guard, file_sha256, fingerprint
 
@@ -173,7 +174,7 @@ def _sha(path: Path) -> str:
     return file_sha256(path)[:16]
 
 
-class GGUFBackend:
+class GGUFBackend(GGUFSections):
     """llama.cpp GGUF: K- and I-quants with a Russian importance matrix."""
 
     name = "gguf"

@@ -23,139 +23,33 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel
 
 from quantkit import __version__, console
 from quantkit.arch import Architecture
-from quantkit.backends.base import Artifact, JobContext
+from quantkit.backends.base import Artifact, JobContext, tool_versions
+from quantkit.backends.gptq.card import GPTQSections
+from quantkit.backends.gptq.options import (
+    COPIED_FILES,
+    GPTQ_EXTRA_HINT,
+    GPTQOptions,
+    bits_per_weight,
+    check_group_size,
+    estimate_size,
+    is_gptq_folder,
+)
+from quantkit.backends.gptq.scorer import TransformersScorer
 from quantkit.errors import MissingDependency, QuantkitError
-from quantkit.safetensors_io import read_header
-from quantkit.source import TOKENIZER_FILES, Checkpoint
+from quantkit.source import Checkpoint
 from quantkit.workspace import Workspace, check_disk, fingerprint, temp_name, write_json_atomic
 
-GPTQ_EXTRA_HINT = "pip install 'quantkit-ru[gptq]'"
-ALLOWED_BITS = (2, 3, 4, 8)
-# Group sizes we suggest (GPTQModel accepts any divisor; kernels are built for powers of two).
-COMMON_GROUPS = (16, 32, 64, 128, 256, 512, 1024)
-# Files copied from the source checkpoint as they are (GPTQModel rewrites its own versions of some).
-COPIED_FILES = (*TOKENIZER_FILES, "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
 # Sanitized out of the published configs: machine-specific fields of GPTQModel's `meta`.
 _MACHINE_KEYS = {"offload_to_disk_path"}
-CPU_INT4_GROUPS = (32, 64, 128)  # group sizes GPTQModel's CPU int4pack kernel handles
 _MAX_CPU_WORKERS = 12  # GPTQModel's own cap on its CPU worker pool
-
-
-class GPTQOptions(BaseModel):
-    """Options of one GPTQ quantization."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    bits: int = Field(4, description="bits per weight: 2, 3, 4 or 8")
-    group_size: int = Field(128, description="columns sharing one scale/zero; -1 = one group per output column")
-    desc_act: bool = Field(False, description="quantize columns in order of decreasing activation (act-order)")
-    sym: bool = Field(True, description="symmetric quantization (no per-group zero offset)")
-    damp: float = Field(0.05, description="damp_percent: fraction of the mean Hessian diagonal added to it")
-
-    @field_validator("bits")
-    @classmethod
-    def _bits(cls, v: int) -> int:
-        if v not in ALLOWED_BITS:
-            raise ValueError(f"--bits must be one of {', '.join(map(str, ALLOWED_BITS))}, not {v}")
-        return v
-
-    @field_validator("group_size")
-    @classmethod
-    def _group(cls, v: int) -> int:
-        if v != -1 and v <= 0:
-            raise ValueError(f"--group-size must be a positive number of columns or -1, not {v}")
-        return v
-
-    @field_validator("damp")
-    @classmethod
-    def _damp(cls, v: float) -> float:
-        if not 0 < v < 1:
-            raise ValueError(f"--damp must be between 0 and 1 (exclusive), not {v}")
-        return v
-
-    @property
-    def quant(self) -> str:
-        """The artifact's name: ``4bit-g128``, ``4bit-g-1``, with ``-desc`` / ``-asym`` when not the default."""
-        name = f"{self.bits}bit-g{self.group_size}"
-        return name + ("-desc" if self.desc_act else "") + ("-asym" if not self.sym else "")
-
-
-# -- pure helpers (no heavy imports) ------------------------------------------------------------------------
-
-def quantized_layers(ckpt: Checkpoint) -> dict[str, tuple[int, int]]:
-    """Every Linear weight GPTQModel will quantize → ``(out_features, in_features)``, from the safetensors headers."""
-    pattern = ckpt.arch.gptq_layers
-    return {name: (info.shape[0], info.shape[1]) for name, info in ckpt.tensors.tensors.items()
-            if pattern.match(name) and len(info.shape) == 2}
-
-
-def check_group_size(ckpt: Checkpoint, group_size: int) -> None:
-    """Refuse a group size that does not divide every quantized layer's input width, naming the layer.
-
-    GPTQModel quantizes such a model, but the CPU int4 kernel then fails to load it (see FACTS.md).
-    """
-    layers = quantized_layers(ckpt)
-    if not layers:
-        raise QuantkitError(f"{ckpt.name} has no decoder Linear layers that GPTQ can quantize",
-                            "GPTQ quantizes the decoder layers of the architectures `quantkit models` lists")
-    if group_size == -1:
-        return
-    widths = {name: shape[1] for name, shape in layers.items()}
-    bad = next((n for n, w in widths.items() if w % group_size), None)
-    if bad is None:
-        return
-    good = [g for g in COMMON_GROUPS if all(w % g == 0 for w in widths.values())]
-    layer = re.sub(r"^model\.layers\.\d+\.", "model.layers.*.", bad.removesuffix(".weight"))
-    raise QuantkitError(
-        f"--group-size {group_size} does not divide the input width {widths[bad]} of {layer}",
-        f"group sizes that work for {ckpt.name}: {', '.join(map(str, good))}, or -1 for one group per column",
-    )
-
-
-def estimate_size(ckpt: Checkpoint, opts: GPTQOptions) -> int:
-    """Bytes of the saved model: packed weights, fp16 scales, packed zeros and g_idx of quantized layers,
-    the rest (embeddings, norms, output head) as in the source."""
-    layers = quantized_layers(ckpt)
-    total = 0
-    for name, info in ckpt.tensors.tensors.items():
-        if name not in layers:
-            total += info.nbytes
-            continue
-        out_f, in_f = layers[name]
-        groups = 1 if opts.group_size == -1 else in_f // opts.group_size
-        total += out_f * in_f * opts.bits // 8  # qweight
-        total += groups * out_f * (2 + opts.bits / 8)  # scales (fp16) + qzeros
-        total += in_f * 4  # g_idx
-    return int(total)
-
-
-def bits_per_weight(folder: Path) -> float | None:
-    """Stored bits per weight over the quantized layers (qweight + qzeros + scales + g_idx), from the headers."""
-    stored = weights = 0
-    tensors: dict[str, Any] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        tensors.update(read_header(file)[0])
-    for name in tensors:
-        if not name.endswith(".qweight"):
-            continue
-        base = name.removesuffix(".qweight")
-        parts = [tensors.get(f"{base}.{s}") for s in ("qweight", "qzeros", "scales", "g_idx")]
-        if any(p is None for p in parts):
-            continue
-        in_f, out_f = parts[3].shape[0], parts[2].shape[1]
-        stored += sum(p.nbytes for p in parts) * 8
-        weights += in_f * out_f
-    return round(stored / weights, 4) if weights else None
 
 
 def _plan_key(ctx: JobContext, opts: GPTQOptions) -> str:
@@ -173,18 +67,6 @@ def _sanitize(obj: Any, roots: list[str]) -> Any:
     if isinstance(obj, str) and (os.path.isabs(obj) or any(r and r in obj for r in roots)):
         return None
     return obj
-
-
-def _versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str | None] = {}
-    for pkg in ("gptqmodel", "transformers", "torch", "optimum"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 def _cpu_count() -> int:
@@ -205,7 +87,7 @@ def _last_error(log: Path) -> str:
 
 # -- the backend ----------------------------------------------------------------------------------------
 
-class GPTQBackend:
+class GPTQBackend(GPTQSections):
     """GPTQ (GPTQModel) with quantkit's calibration rows; output loads in transformers, vLLM and TGI."""
 
     name = "gptq"
@@ -415,21 +297,15 @@ class GPTQBackend:
         return Artifact(
             format="gptq", quant=opts.quant, path=out, files=files, size=size, bpw=bits_per_weight(out),
             info={"bits": opts.bits, "group_size": opts.group_size, "desc_act": opts.desc_act, "sym": opts.sym,
-                  "damp_percent": opts.damp, "calibration": calibration, "tools": _versions(),
-                  "command": ctx.command, "fingerprint": fp},
+                  "damp_percent": opts.damp, "calibration": calibration,
+                  "tools": tool_versions("gptqmodel", "transformers", "torch", "optimum"), "command": ctx.command,
+                  "fingerprint": fp},
         )
 
     # -- reading artifacts back -------------------------------------------------------------------------
 
     def owns(self, path: Path) -> bool:
-        config = Path(path) / "config.json"
-        if not config.is_file():
-            return False
-        try:
-            qcfg = json.loads(config.read_text(encoding="utf-8")).get("quantization_config") or {}
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            return False
-        return isinstance(qcfg, dict) and qcfg.get("quant_method") == "gptq"
+        return is_gptq_folder(path)
 
     def scorer(self, path: Path, *, n_ctx: int) -> TransformersScorer:
         if not self.owns(path):
@@ -438,122 +314,3 @@ class GPTQBackend:
             raise MissingDependency("scoring a GPTQ model needs gptqmodel", GPTQ_EXTRA_HINT)
         return TransformersScorer(Path(path), n_ctx=n_ctx, name=f"gptq:{Path(path).name}")
 
-
-
-_HUB_ENV = ("HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_MODULES_CACHE")
-
-
-@contextlib.contextmanager
-def _hub_env_kept() -> Iterator[None]:
-    """GPTQModel's dependency tokenicer sets HF_HOME (to /tmp/tokenicer_hf_home when unset) and HF_HUB_CACHE in
-    ``os.environ`` when it is imported; put them back, so later Hub downloads in this process (the next model of a
-    recipe) still use the user's cache."""
-    saved = {k: os.environ.get(k) for k in _HUB_ENV}
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _has_routed_experts(path: Path) -> bool:
-    """transformers 5 holds routed experts fused in 3-D tensors and cannot load GPTQ's per-expert weights into them
-    (it would leave the experts randomly initialised); GPTQModel's own loader keeps one module per expert."""
-    from quantkit.arch import lookup
-
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    cls = lookup((config.get("architectures") or [""])[0])
-    return bool(cls and cls.routed_experts)
-
-
-class TransformersScorer:
-    """Next-token logits from a Hugging Face model folder (bf16, or GPTQ through optimum + GPTQModel kernels);
-    CUDA when available, else CPU. GPTQModel's console output is sent to stderr."""
-
-    def __init__(self, path: Path, *, n_ctx: int, name: str | None = None) -> None:
-        import torch
-
-        self.name = name or Path(path).name
-        self.n_ctx = n_ctx
-        self.device = "cuda:0" if torch.cuda.is_available() else "cpu"
-        with contextlib.redirect_stdout(sys.stderr), _hub_env_kept():
-            self.model = self._load(Path(path))
-        self.n_vocab = int(self.model.get_output_embeddings().weight.shape[0])
-
-    def _load(self, path: Path) -> Any:
-        quantized = GPTQBackend().owns(path)
-        if quantized and (importlib.util.find_spec("optimum") is None or _has_routed_experts(path)):
-            from gptqmodel import GPTQModel  # transformers needs optimum for GPTQ; GPTQModel loads it alone
-
-            return GPTQModel.load(str(path), device=self.device).model.eval()
-        from transformers import AutoModelForCausalLM
-
-        kwargs: dict[str, Any] = {}
-        if quantized and self.device == "cpu":
-            qcfg = json.loads((path / "config.json").read_text(encoding="utf-8"))["quantization_config"]
-            if not (qcfg.get("bits") == 4 and qcfg.get("group_size") in CPU_INT4_GROUPS):
-                from transformers import GPTQConfig
-
-                # GPTQModel 7.6 picks its CPU int4pack kernel for g-1/g16 too, which then fails at the first
-                # forward ("expect qGroupSize to be 32, 64, 128 or 256"); its plain torch kernel takes any layout
-                kwargs["quantization_config"] = GPTQConfig(bits=qcfg.get("bits", 4), backend="gptq_torch")
-        try:
-            with warnings.catch_warnings():  # "the quantization_config from the model will be used": intended
-                warnings.filterwarnings("ignore", message=".*passed `quantization_config`", category=UserWarning)
-                return AutoModelForCausalLM.from_pretrained(str(path), device_map=self.device, **kwargs).eval()
-        except ImportError as exc:
-            raise MissingDependency(f"cannot load {path.name}: {exc}", GPTQ_EXTRA_HINT) from exc
-
-    def chunk_logits(self, tokens: np.ndarray, first: int) -> np.ndarray:
-        import torch
-
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        if len(tokens) > self.n_ctx:
-            raise ValueError(f"chunk of {len(tokens)} tokens is longer than n_ctx={self.n_ctx}")
-        if not 0 <= first < len(tokens):
-            raise ValueError(f"first={first} is outside the chunk of {len(tokens)} tokens")
-        ids = torch.from_numpy(tokens).unsqueeze(0).to(self.device)
-        with torch.inference_mode(), contextlib.redirect_stdout(sys.stderr):
-            logits = self.model(input_ids=ids, use_cache=False).logits[0, first:]
-        return logits.float().cpu().numpy()
-
-    def close(self) -> None:
-        import gc
-
-        self.model = None
-        gc.collect()
-
-
-# -- the child process --------------------------------------------------------------------------------------
-
-def _worker(job_path: str) -> None:
-    """Quantize with GPTQModel as `job_path` says (run in a child process by `GPTQBackend._quantize`)."""
-    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
-    import torch
-
-    if job.get("threads"):
-        torch.set_num_threads(int(job["threads"]))
-    from gptqmodel import GPTQModel, QuantizeConfig
-
-    rows = np.load(job["rows"])
-    calibration = [{"input_ids": r.tolist(), "attention_mask": [1] * len(r)} for r in rows]
-    qcfg = QuantizeConfig(
-        bits=job["bits"], group_size=job["group_size"], desc_act=job["desc_act"], sym=job["sym"],
-        damp_percent=job["damp"], format="gptq", pack_impl="original",
-        # GPTQModel's default "group-aware reordering" conflicts with act-order and needs groups
-        act_group_aware=not job["desc_act"] and job["group_size"] > 0,
-        offload_to_disk=True, offload_to_disk_path=job["offload"],
-    )
-    device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    model = GPTQModel.load(job["source"], qcfg, device=device)
-    model.quantize(calibration, batch_size=1)
-    model.save(job["output"])
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m quantkit.backends.gptq JOB.json")
-    _worker(sys.argv[1])

@@ -1,0 +1,207 @@
+"""What the card and the publish layout say about GGUF: llama.cpp advice per type, one ``main`` branch with every
+file (and ``imatrix.gguf``) at the top, llama.cpp / Ollama / LM Studio usage, the importance matrix and size-targeted
+mixes in the provenance, and offline size estimates."""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from pydantic import BaseModel
+
+from quantkit.backends.base import HUB, RECOMMENDED, BackendBase, CardContext, Entries, FormatInfo, calibration_summary
+from quantkit.workspace import Workspace
+
+# GGUF type → plain advice, most specific prefix first
+ADVICE: tuple[tuple[str, str], ...] = (
+    ("F32", "full precision: a reference, or to make other quants from"),
+    ("F16", "full precision: a reference, or to make other quants from"),
+    ("BF16", "full precision: a reference, or to make other quants from"),
+    ("Q8_0", "highest quality, nearly indistinguishable from bf16"),
+    ("Q6_K", "very high quality"),
+    ("Q5_K_M", f"{RECOMMENDED}: best balance, quality first"),
+    ("Q5_K_S", "high quality, a little smaller than Q5_K_M"),
+    ("Q5_", "high quality (legacy type; Q5_K_M is better for its size)"),
+    ("Q4_K_M", f"{RECOMMENDED}: best balance of size and quality"),
+    ("Q4_K_S", "good quality, a little smaller than Q4_K_M"),
+    ("IQ4", "good quality, smaller than Q4_K_M"),
+    ("Q4_", "fast on ARM CPUs; elsewhere Q4_K_M is better for its size"),
+    ("Q3_K_L", "small, some quality loss"),
+    ("Q3_K_M", "small, some quality loss"),
+    ("Q3_", "small, noticeable quality loss"),
+    ("IQ3", "small, noticeable quality loss"),
+    ("Q2_K", "smallest, noticeable quality loss"),
+    ("IQ2", "smallest, noticeable quality loss"),
+    ("IQ1", "tiny, heavy quality loss: for experiments"),
+)
+
+PROMPT = "Расскажи в двух предложениях, чем знаменит Байкал."
+COMPLETION = "Байкал — самое глубокое озеро на планете. Его вода"
+
+
+class GGUFSections(BackendBase):
+    """GGUF's format knowledge (`GGUFBackend` subclasses it)."""
+
+    name = "gguf"
+
+    def format_info(self) -> FormatInfo:
+        return FormatInfo(
+            title="GGUF", library="gguf", tag="gguf", repo_suffix="GGUF",
+            runtimes="llama.cpp and everything built on it (llama-cpp-python, Ollama, LM Studio)",
+            calibrated="The importance matrix that guides the low-bit types was computed on Russian text",
+            choose_hint=" With memory to spare, take a larger type; below Q4 the quality loss grows quickly.",
+            item_column="File",
+            too_big_hint="convert again with --split-max-size 48G: llama.cpp split files (…-00001-of-0000N.gguf) "
+                         "load as one model",
+        )
+
+    def advice(self, quant: str, bpw: float | None) -> str:
+        q = quant.upper()
+        return next((text for prefix, text in ADVICE if q.startswith(prefix)), "")
+
+    def card_tags(self, ws: Workspace, arts: Entries) -> list[str]:
+        return ["imatrix"] if uses_imatrix(ws, arts) else []
+
+    def card_label(self, repo: str, key: str, entry: dict[str, Any], branch: str) -> str:
+        files = [f for f in entry.get("files") or [key] if not f.endswith("/")]
+        names = [PurePosixPath(f).name for f in files] or [PurePosixPath(key).name]
+        first = sorted(names)[0]
+        more = f" ({len(names)} parts)" if len(names) > 1 else ""
+        return f"[{first}]({HUB}/{repo}/blob/main/{first}){more}"
+
+    def card_usage(self, ctx: CardContext) -> str:
+        return usage(ctx.repo, str(ctx.entry.get("quant", "Q4_K_M")), ctx.instruct)
+
+    def card_provenance(self, ws: Workspace, arts: Entries) -> list[str]:
+        lines: list[str] = []
+        if uses_imatrix(ws, arts):
+            extra = " It is published here as `imatrix.gguf`, to reuse for other types." if (
+                ws.root / "gguf" / "imatrix.gguf").is_file() else ""
+            lines.append("- **Importance matrix:** computed by quantkit on the calibration text above and applied to "
+                         f"every quantized type.{extra}")
+            cals = [e["calibration"] for _, e in arts if isinstance(e.get("calibration"), dict)]
+            lines += expert_coverage_lines(cals)
+        return lines + mix_lines(arts)
+
+    def shared_files(self, ws: Workspace) -> list[str]:
+        return ["imatrix.gguf"]
+
+    def repo_path(self, ws: Workspace, key: str, file: Path | None) -> str:
+        base = ws.root / "gguf"
+        if file is None:
+            return PurePosixPath(key).name
+        return file.relative_to(base).as_posix() if file.is_relative_to(base) else file.name
+
+    def planned_quant(self, name: str, model: str) -> str | None:
+        if not name.endswith(".gguf") or name == "imatrix.gguf":
+            return None
+        return name.removesuffix(".gguf").removeprefix(f"{model}-")
+
+    def estimate_steps(self, options: BaseModel, n_params: int | None, settings: Any,
+                       model: str) -> list[dict[str, Any]]:
+        from quantkit.backends.gguf.backend import APPROX_BPW
+
+        def size(bits: float) -> int | None:
+            return int(n_params * bits / 8) if n_params else None
+
+        calib = calibration_summary(settings)
+        outtype = str(options.outtype).upper()  # type: ignore[attr-defined]
+        steps: list[dict[str, Any]] = [{"step": f"convert → {outtype}", "output": f"gguf/{model}-{outtype}.gguf",
+                                        "estimated_size": size(APPROX_BPW.get(outtype, 16.0))}]
+        if options.imatrix and not options.imatrix_file:  # type: ignore[attr-defined]
+            steps.append({"step": f"imatrix on {calib}", "output": "gguf/imatrix.gguf", "estimated_size": None})
+        for q in options.types:  # type: ignore[attr-defined]
+            if q != outtype:
+                steps.append({"step": f"quantize → {q}", "output": f"gguf/{model}-{q}.gguf",
+                              "estimated_size": size(APPROX_BPW.get(q, 8.5))})
+        return [{**s, "done": False} for s in steps]
+
+
+def uses_imatrix(ws: Workspace, arts: Entries) -> bool:
+    """Whether the files were quantized with an importance matrix (recorded per artifact; older manifests: the
+    matrix is in the workspace and the artifacts were calibrated)."""
+    flagged = [e.get("imatrix") for _, e in arts if "imatrix" in e]
+    if flagged:
+        return any(flagged)
+    return (ws.root / "gguf" / "imatrix.gguf").is_file() and any(e.get("calibration") for _, e in arts)
+
+
+def mix_lines(arts: Entries) -> list[str]:
+    """Size-targeted files: which type each group of tensors got (the full list ships as .tensor-types.txt)."""
+    out: list[str] = []
+    for key, e in arts:
+        mix = e.get("mix")
+        if not isinstance(mix, dict) or not mix:
+            continue
+        name = Path(key).name
+        out.append(f"- **`{name}`** was built for a target of {e.get('target')}: one type per tensor, chosen to "
+                   "minimise the importance-weighted error on the Russian calibration text under that size "
+                   f"(`{Path(key).stem}.tensor-types.txt` holds it for `llama-quantize --tensor-type-file`).")
+        out.append("")
+        out.append("  | tensors | types |")
+        out.append("  |---|---|")
+        for group in sorted(mix):
+            types = ", ".join(f"{t} × {n}" for t, n in sorted(mix[group].items()))
+            out.append(f"  | `{group}` | {types} |")
+        out.append("")
+    return out
+
+
+def expert_coverage_lines(cals: list[dict[str, Any]]) -> list[str]:
+    """A mixture of experts: how well the calibration text reached every expert (said when some fell short)."""
+    cov = next((c["expert_coverage"] for c in cals if isinstance(c.get("expert_coverage"), dict)), None)
+    if not cov:
+        return []
+    line = (f"- **Experts:** the calibration text was routed to all {cov['experts']} experts (the fewest got "
+            f"{cov['fewest']} tokens, the median {cov['median']:g}).")
+    if cov.get("below"):
+        line = (f"- **Experts:** {cov['below']} of {cov['experts']} experts were routed fewer than "
+                f"{cov['min_tokens']} calibration tokens ({cov['unreached']} none); their importance estimates are "
+                "weak, so those experts are quantized closer to plain rounding. More calibration text "
+                "(`--calib-samples`) covers them.")
+    return [line]
+
+
+
+def usage(repo: str, quant: str, instruct: bool) -> str:
+    if instruct:
+        cli = f"llama-cli -hf {repo}:{quant}"
+        py = (
+            "from llama_cpp import Llama\n\n"
+            f'llm = Llama.from_pretrained(repo_id="{repo}", filename="*{quant}.gguf", n_ctx=4096)\n'
+            f'out = llm.create_chat_completion(messages=[{{"role": "user", "content": "{PROMPT}"}}])\n'
+            'print(out["choices"][0]["message"]["content"])'
+        )
+    else:
+        cli = f'llama-cli -hf {repo}:{quant} -no-cnv -n 128 -p "{COMPLETION}"'
+        py = (
+            "from llama_cpp import Llama\n\n"
+            f'llm = Llama.from_pretrained(repo_id="{repo}", filename="*{quant}.gguf", n_ctx=4096)\n'
+            f'print(llm("{COMPLETION}", max_tokens=128)["choices"][0]["text"])'
+        )
+    return f"""Replace `{quant}` with the type you picked from the table.
+
+**llama.cpp** (downloads the file and {"starts a chat" if instruct else "continues the text"}):
+
+```bash
+{cli}
+# an OpenAI-compatible server on http://localhost:8080
+llama-server -hf {repo}:{quant} -c 4096
+```
+
+**llama-cpp-python**:
+
+```python
+{py}
+```
+
+**Ollama**:
+
+```bash
+ollama run hf.co/{repo}:{quant}
+```
+
+**LM Studio**: search for `{repo}` in the Discover tab and pick the file.
+
+On Intel CPUs with AMX (Sapphire Rapids and newer) some llama.cpp builds crash on the first token with K-quants or \
+Q8_0: add `--no-repack` (`-nr`) to the llama.cpp command if that happens."""
