@@ -181,7 +181,8 @@ class GPTQBackend(GPTQSections):
         write_json_atomic(work / "job.json", job)
         env = dict(os.environ)
         workers = min(ctx.threads or _cpu_count(), _cpu_count(), _MAX_CPU_WORKERS)
-        env.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, workers)))
+        # at least 2: GPTQModel carves a 2-worker model-loader pool out of its CPU pool (1 fails: --threads 1)
+        env.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, workers)))
         env.update(TMPDIR=str(work / "tmp"), PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
         console.info(f"gptq {opts.quant}: quantizing {ckpt.name} with GPTQModel on {rows.shape[0]} × "
                      f"{rows.shape[1]} calibration tokens (log: {log_path})")
