@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -14,6 +13,7 @@ from typing import Any
 
 from quantkit.arch import Architecture, for_checkpoint, lookup, unsupported
 from quantkit.errors import QuantkitError
+from quantkit.hubname import HUB_ID as _HUB_ID
 from quantkit.models import DEMO_ALIAS, KnownModel, find_known
 from quantkit.safetensors_io import FLOAT_DTYPES, TensorSource
 
@@ -35,7 +35,6 @@ DOWNLOAD_PATTERNS = [
 ]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
 @dataclass

@@ -179,6 +179,11 @@ def calibration_summary(settings: Any) -> str:
     return f"{get('calibration')} ({get('calib_samples')}×{get('calib_seq_len')} tokens)"
 
 
+def relative_path(file: Path, base: Path) -> str:
+    """`file` relative to `base` in the repo's notation; its bare name when it lies elsewhere."""
+    return file.relative_to(base).as_posix() if file.is_relative_to(base) else file.name
+
+
 def bits_of(quant: str, bpw: float | None) -> float | None:
     """Bits per weight of an artifact: measured, else the number its name starts with (``4.0bpw``, ``4bit-g128``)."""
     if bpw is not None:
@@ -249,12 +254,11 @@ class BackendBase:
         return []
 
     def repo_path(self, ws: Workspace, key: str, file: Path | None) -> str:
-        """Where one file of artifact `key` goes in the repo (`file` None: the placeholder of a planned one)."""
-        art = ws.abs(key)
+        """Where one file of artifact `key` goes in the repo (`file` None: the placeholder of a planned one).
+        Default: as it lies in the format folder, so artifacts that share ``main`` keep apart (``4bit/x.bin``)."""
         if file is None:
             return f"({Path(key).name}, to be made)"
-        base = art if art.is_dir() else art.parent
-        return file.relative_to(base).as_posix() if file.is_relative_to(base) else file.name
+        return relative_path(file, ws.root / self.name)
 
     def planned_quant(self, name: str, model: str) -> str | None:
         """The quant of an output named `name` in the format folder that a dry-run plan lists, or None when that

@@ -3,12 +3,12 @@ card on ``main``, ExLlamaV2 / TabbyAPI usage, and offline size estimates."""
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
-from quantkit.backends.base import BackendBase, CardContext, Entries, FormatInfo, calibration_summary
+from quantkit.backends.base import BackendBase, CardContext, Entries, FormatInfo, calibration_summary, relative_path
 from quantkit.backends.exl2.options import bits_name
 from quantkit.workspace import Workspace
 
@@ -31,6 +31,10 @@ class EXL2Sections(BackendBase):
     def branches(self, arts: Entries) -> dict[str, str]:
         """Each bitrate on its own branch (``4.0bpw``); ``main`` keeps the card and ``measurement.json``."""
         return {k: PurePosixPath(k).name for k, _ in arts}
+
+    def repo_path(self, ws: Workspace, key: str, file: Path | None) -> str:
+        """Inside the artifact's folder: each variant is a whole model on its own branch."""
+        return super().repo_path(ws, key, file) if file is None else relative_path(file, ws.abs(key))
 
     def card_usage(self, ctx: CardContext) -> str:
         return usage(ctx.model_name, ctx.repo, ctx.branch, ctx.instruct)

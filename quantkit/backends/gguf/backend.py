@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from quantkit import __version__, console
 from quantkit.backends.base import Artifact, JobContext
+from quantkit.backends.base import tool_versions as versions_of
 from quantkit.backends.gguf.card import GGUFSections
 from quantkit.errors import QuantkitError
 from quantkit.workspace import OUTPUT_CHECKS, Workspace, disk_guard, file_sha256, fingerprint
@@ -143,14 +143,8 @@ def _as_value_error(func: Any, value: Any) -> Any:
         raise ValueError(str(exc)) from None
 
 
-def tool_versions() -> dict[str, str]:
-    out = {"quantkit": __version__}
-    for dist in ("llama-cpp-python", "gguf", "transformers", "torch"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            pass
-    return out
+def tool_versions() -> dict[str, str | None]:
+    return {"quantkit": __version__, **versions_of("llama-cpp-python", "gguf", "transformers", "torch", missing=False)}
 
 
 def gguf_stats(path: Path) -> tuple[int, float]:

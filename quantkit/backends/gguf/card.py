@@ -87,10 +87,7 @@ class GGUFSections(BackendBase):
         return ["imatrix.gguf"]
 
     def repo_path(self, ws: Workspace, key: str, file: Path | None) -> str:
-        base = ws.root / "gguf"
-        if file is None:
-            return PurePosixPath(key).name
-        return file.relative_to(base).as_posix() if file.is_relative_to(base) else file.name
+        return PurePosixPath(key).name if file is None else super().repo_path(ws, key, file)
 
     def planned_quant(self, name: str, model: str) -> str | None:
         if not name.endswith(".gguf") or name == "imatrix.gguf":

@@ -4,12 +4,12 @@ usage (GPTQModel for a mixture of experts), advice by bits, and offline size est
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pydantic import BaseModel
 
-from quantkit.backends.base import RECOMMENDED, BackendBase, CardContext, Entries, FormatInfo, bits_of
+from quantkit.backends.base import RECOMMENDED, BackendBase, CardContext, Entries, FormatInfo, bits_of, relative_path
 from quantkit.workspace import Workspace
 
 PROMPT = "Расскажи в двух предложениях, чем знаменит Байкал."
@@ -41,6 +41,10 @@ class GPTQSections(BackendBase):
             return {}
         main = self.recommended(arts)[0]
         return {k: "main" if k == main else PurePosixPath(k).name for k, _ in arts}
+
+    def repo_path(self, ws: Workspace, key: str, file: Path | None) -> str:
+        """Inside the artifact's folder: each variant is a whole model on its own branch."""
+        return super().repo_path(ws, key, file) if file is None else relative_path(file, ws.abs(key))
 
     def card_usage(self, ctx: CardContext) -> str:
         others = sorted(b for b in ctx.branches.values() if b != ctx.branch)
