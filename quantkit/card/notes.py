@@ -112,7 +112,6 @@ def _params(n: Any) -> str:
     return f"{n / 1e9:.1f}B parameters" if n >= 1e9 else f"{n / 1e6:.0f}M parameters"
 
 
-
 def _describe_calibration(cal: dict[str, Any]) -> str:
     spec = str(cal.get("spec") or "")
     if spec.startswith("file:"):
@@ -133,6 +132,7 @@ def _describe_calibration(cal: dict[str, Any]) -> str:
     chat = " (dialogues rendered with the model's chat template)" if cal.get("chat") or cal.get("chat_template") \
         else ""
     return what + (f": {' = '.join(size)}" if size else "") + chat
+
 
 def provenance(ws: Workspace, backend: BackendBase, arts: Entries) -> str:
     """"How these files were made": base model, calibration, the format's own lines, evaluation, tools, commands."""

@@ -49,7 +49,6 @@ def split_front_matter(text: str) -> tuple[str, dict[str, Any]]:
     return text[m.end():], meta if isinstance(meta, dict) else {}
 
 
-
 def original(ws: Workspace, source: str | None) -> str:
     hub_id = ws.model.get("hub_id")
     if not source or not source.strip():

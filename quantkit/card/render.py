@@ -50,7 +50,6 @@ def formats_in(ws: Workspace) -> list[str]:
     return sorted({entry.get("format", key.split("/", 1)[0]) for key, entry in ws.artifacts.items()})
 
 
-
 def branches(fmt: str, arts: Entries) -> dict[str, str]:
     """Artifact key → the repo branch it goes to (the format's backend decides)."""
     return sections_for(fmt).branches(arts)

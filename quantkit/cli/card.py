@@ -12,7 +12,8 @@ from quantkit.card import artifacts_for, write_card
 from quantkit.cli.options import JsonOpt, QuietOpt, handle_errors, setup_output
 from quantkit.publish import resolve_target
 
-FormatOpt = Annotated[str | None, typer.Option("--format", "-f", help="gguf, exl2 or gptq (when given a workspace).")]
+FormatOpt = Annotated[str | None, typer.Option(
+    "--format", "-f", help="The format (gguf, exl2, gptq or a plugin's) when given a workspace.")]
 OutputOpt = Annotated[Path | None, typer.Option(
     "--output", "-o", help="Where to write (default <ws>/<format>/README.md).")]
 CardRepoOpt = Annotated[str | None, typer.Option("--repo", help="Hub repo named in links and usage snippets.")]

@@ -23,7 +23,8 @@ from quantkit.cli.options import (
 from quantkit.publish import publish_format, resolve_target
 from quantkit.workspace import human_size
 
-FormatOpt = Annotated[str | None, typer.Option("--format", "-f", help="gguf, exl2 or gptq (when given a workspace).")]
+FormatOpt = Annotated[str | None, typer.Option(
+    "--format", "-f", help="The format (gguf, exl2, gptq or a plugin's) when given a workspace.")]
 
 
 @handle_errors

@@ -94,7 +94,6 @@ def resolve_target(path: str | os.PathLike[str], fmt: str | None) -> tuple[Works
     return ws, fmt
 
 
-
 def _expand(ws: Workspace, rels: list[str], skip: frozenset[str]) -> list[Path]:
     """Files of an artifact: folders are walked, leaving out hidden, partial and progress files (`skip`)."""
     out: list[Path] = []
@@ -109,6 +108,7 @@ def _expand(ws: Workspace, rels: list[str], skip: frozenset[str]) -> list[Path]:
         else:
             out.append(p)
     return out
+
 
 def layout(ws: Workspace, fmt: str, *, force: bool = False, planned: list[dict[str, Any]] | None = None) -> Layout:
     """Decide what goes where (no network), as the format's backend says. `planned` adds outputs a dry-run backend
@@ -167,6 +167,7 @@ def layout(ws: Workspace, fmt: str, *, force: bool = False, planned: list[dict[s
             raise QuantkitError(f"{it.path_in_repo} is {human_size(it.size)}; the Hub takes at most "
                                 f"{human_size(MAX_FILE_SIZE)} per file", backend.format_info().too_big_hint)
     return lay
+
 
 def verify_failed(entry: dict[str, Any]) -> bool:
     return (entry.get("verify") or {}).get("passed") is False

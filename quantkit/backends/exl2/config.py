@@ -13,6 +13,7 @@ from quantkit.workspace import temp_name, write_json_atomic
 
 SOURCE_EXTRA_FILES = ("generation_config.json",)
 
+
 def fix_config(config: dict[str, Any]) -> dict[str, Any]:
     """A copy of a Hugging Face config that exllamav2 reads correctly.
 

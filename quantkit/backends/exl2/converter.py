@@ -20,6 +20,7 @@ _STATUS = re.compile(r"\[STATUS\](.*?)\[/STATUS\]")
 _CAL_PPL = re.compile(r"calibration perplexity \(quant\):\s*([0-9.]+)")
 _NOISE = ("Output directory is not empty",)
 
+
 def parse_status(line: str) -> dict[str, Any] | None:
     """The ``{"stage", "completion"}`` of a converter ``[STATUS]{json}[/STATUS]`` line, or None."""
     match = _STATUS.search(line)

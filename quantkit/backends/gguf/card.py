@@ -159,7 +159,6 @@ def expert_coverage_lines(cals: list[dict[str, Any]]) -> list[str]:
     return [line]
 
 
-
 def usage(repo: str, quant: str, instruct: bool) -> str:
     if instruct:
         cli = f"llama-cli -hf {repo}:{quant}"

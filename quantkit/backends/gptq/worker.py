@@ -34,8 +34,6 @@ def _worker(job_path: str) -> None:
     model.save(job["output"])
 
 
-
-
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
         sys.exit("usage: python -m quantkit.backends.gptq JOB.json")
