@@ -63,6 +63,13 @@ class ToyBackend:
         return f"Run it with `toyq-run {ctx.repo} --revision {ctx.branch}`."
 
 
+class HalfBackend:
+    """Not a backend: no options, no run."""
+
+    name = "halfq"
+    description = "half a backend"
+
+
 class BrokenBackend(ToyBackend):
     name = "brokenq"
 
@@ -75,6 +82,7 @@ ENTRY_POINTS = """\
 toyq = toy_quant:ToyBackend
 brokenq = toy_quant:BrokenBackend
 importq = toy_quant_missing:Backend
+halfq = toy_quant:HalfBackend
 """
 
 
@@ -121,12 +129,13 @@ def test_backends_command_lists_broken_plugins_and_the_rest(plugin_dir: Path) ->
                          text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
     rows = {r["name"]: r for r in json.loads(run.stdout)}
-    assert {"gguf", "gptq", "exl2", "toyq", "brokenq", "importq"} <= set(rows)
+    assert {"gguf", "gptq", "exl2", "toyq", "brokenq", "importq", "halfq"} <= set(rows)
     assert rows["toyq"]["available"] and rows["toyq"]["description"] == "toy quantization (a test plugin)"
     assert rows["brokenq"]["reason"] == "cannot load: RuntimeError: the toy GPU driver is missing"
     assert rows["importq"]["reason"].startswith("cannot load: ModuleNotFoundError: ")
     assert "quantkit_no_such_engine" in rows["importq"]["reason"]
-    assert not rows["brokenq"]["available"] and not rows["importq"]["available"]
+    assert rows["halfq"]["reason"] == "cannot load: it lacks options_model, check, plan, run, owns, scorer"
+    assert not rows["brokenq"]["available"] and not rows["importq"]["available"] and not rows["halfq"]["available"]
     for name in ("gguf", "gptq", "exl2"):  # the built-ins are described as always
         assert rows[name]["description"] and "cannot load" not in str(rows[name]["reason"])
 

@@ -137,3 +137,25 @@ def test_no_module_over_the_limit() -> None:
         if n > MAX_LINES and rel not in BEING_SPLIT:
             long[rel] = n
     assert long == {}, f"modules over {MAX_LINES} lines: {long}"
+
+
+BUILTIN_FORMATS = {"gguf", "gptq", "exl2"}
+FORMAT_NEUTRAL = ("quantkit/card", "quantkit/publish", "quantkit/cli/backends.py", "quantkit/cli/push.py",
+                  "quantkit/cli/card.py")
+
+
+def test_card_and_publish_know_no_format() -> None:
+    """What differs per format lives in its backend: the card and publish code name no built-in format."""
+    found = []
+    for where in FORMAT_NEUTRAL:
+        path = PACKAGE.parent / where
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            tree = ast.parse(file.read_text(encoding="utf-8"))
+            docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                          if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef) and n.body
+                          and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+            for node in ast.walk(tree):
+                if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                        and node.value.lower() in BUILTIN_FORMATS):
+                    found.append(f"{file.relative_to(PACKAGE.parent)}:{node.lineno}: {node.value!r}")
+    assert found == []
