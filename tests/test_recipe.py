@@ -268,7 +268,7 @@ def test_recipe_runs_offline_resumes_and_publishes(tmp_path: Path, llama3_ckpt: 
     resumed = quantkit("run", str(recipe), "--json", cwd=cwd, hub=hub)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = steps(ws_root)
-    changed = {k for k in after if before.get(k) != after[k]} - {"recipe.publish.gguf"}  # published again: new file
+    changed = {k for k in after if before.get(k) != after[k]} - {"publish.gguf"}  # published again: new file
     assert "gguf.quantize.Q4_K_M" in changed and all("Q4_K_M" in k for k in changed), changed
     assert rows(resumed.stdout)[("gguf", "Q4_K_M")]["status"] == "ok"
     assert "tiny-Q4_K_M.gguf" in hub.files(f"{USER}/tiny-GGUF")

@@ -58,6 +58,26 @@ for _name, _module in COMMANDS.items():
         app.command(_name, help=mod.command.__doc__, context_settings=getattr(mod, "CONTEXT", None))(mod.command)
 
 
+def _plugin_commands() -> None:
+    """A command for every registered backend without a module of its own (third-party formats), generated from
+    its options model. A backend that fails to load gets no command; `quantkit backends` says why."""
+    from quantkit.backends.base import get_backend, list_backends
+    from quantkit.cli.generated import format_command
+
+    for name in list_backends():
+        if name in COMMANDS:
+            continue
+        try:
+            backend = get_backend(name)
+            command = format_command(name, backend.options_model, backend.description)
+        except Exception:  # noqa: BLE001 - one broken plugin must not take the CLI down
+            continue
+        app.command(name, help=backend.description)(command)
+
+
+_plugin_commands()
+
+
 def main() -> None:
     """Run the app; usage errors (an unknown option, a missing argument) are one line too, not a box."""
     import sys

@@ -248,7 +248,9 @@ def estimated_steps(backend: Any, fmt: str, options: Any, n_params: int | None, 
             backend = None
     hook = getattr(backend, "estimate_steps", None)
     if hook is not None:
-        rows = hook(options, n_params, settings, model)
+        calib = {"calibration": settings.calibration, "calib_samples": settings.calib_samples,
+                 "calib_seq_len": settings.calib_seq_len}
+        rows = hook(options, n_params, calib, model)
     else:
         rows = [{"step": f"{fmt} quantization", "output": f"{fmt}/", "estimated_size": None}]
     return [{**r, "done": False} for r in rows]

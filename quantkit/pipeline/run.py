@@ -25,12 +25,14 @@ def unavailable(fmt: str, arch: Any = None) -> tuple[Any, str | None]:
 
 def refusal(fmt: str, arch: Any = None) -> tuple[Any, str | None, str]:
     """The backend, why it cannot run (None when it can) and what to do about it."""
-    from quantkit.backends.base import get_backend
+    from quantkit.backends import base
 
     try:
-        backend = get_backend(fmt)
+        backend = base.get_backend(fmt)
+    except getattr(base, "BackendLoadError", ()) as exc:  # a broken plugin: reported, not a crash
+        return None, exc.message, exc.hint or f"reinstall the package that provides {fmt}"
     except QuantkitError:
-        raise
+        raise  # an unknown format
     except Exception as exc:  # noqa: BLE001 - a broken plugin is reported as such, not as a crash
         return None, f"cannot load the {fmt} backend: {exc}", f"reinstall the package that provides {fmt}"
     supports = getattr(backend, "supports", None)
