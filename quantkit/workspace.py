@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import QuantkitError
+from quantkit.manifest import checked
 
 MANIFEST = "manifest.json"
 TMP_MARK = ".partial"
@@ -275,7 +276,7 @@ class Workspace:
                     f"the workspace manifest {self.manifest_path} is corrupt",
                     "delete it to start this workspace afresh",
                 ) from exc
-            self.data.update(loaded)
+            self.data.update(checked(loaded, str(self.manifest_path)))
 
     @classmethod
     def for_model(cls, name: str, workspace: str | os.PathLike[str] | None = None, *,
@@ -324,6 +325,7 @@ class Workspace:
 
         if self.read_only:
             return
+        checked(self.data, str(self.manifest_path))  # nothing writes a manifest the next run cannot read
         with holding(self.root):
             write_json_atomic(self.manifest_path, self.data)
 
