@@ -21,6 +21,7 @@ import numpy as np
 
 from quantkit import console
 from quantkit.errors import QuantkitError
+from quantkit.metrics import kld_full, kld_top, log_softmax, top1_agreement, top_k
 from quantkit.source import Checkpoint, load_local
 from quantkit.workspace import Workspace, atomic_path, fingerprint
 
@@ -39,14 +40,6 @@ class EvalTokens:
     first: int
     spec: str
     fingerprint: str
-
-
-def log_softmax(x: np.ndarray, dtype: type = np.float32) -> np.ndarray:
-    """Log-softmax over the last axis in `dtype`, with two passes over the data."""
-    shifted = x.astype(dtype, copy=False) - x.max(-1, keepdims=True)
-    lse = np.log(np.exp(shifted).sum(-1, keepdims=True))
-    shifted -= lse
-    return shifted
 
 
 def eval_tokens(ckpt: Checkpoint, spec: str, n_ctx: int, chunks: int | None, tokenizer: Any = None) -> EvalTokens:
@@ -86,6 +79,22 @@ class Reference:
         self.prob, self.negent, self.top_ids, self.top_logp = prob, negent, top_ids, top_logp
 
     @property
+    def n_chunks(self) -> int:
+        return int(self.nll.shape[0])
+
+    def head(self, n: int) -> Reference:
+        """The first `n` chunks."""
+        return Reference(self.mode, *(a[:n] if isinstance(a, np.ndarray) else a for a in self._arrays()))
+
+    def extend(self, more: Reference) -> Reference:
+        """These chunks followed by `more`'s (same mode)."""
+        return Reference(self.mode, *(None if a is None else np.concatenate([a, b])
+                                      for a, b in zip(self._arrays(), more._arrays(), strict=True)))
+
+    def _arrays(self) -> tuple[Any, ...]:
+        return self.nll, self.argmax, self.prob, self.negent, self.top_ids, self.top_logp
+
+    @property
     def ppl(self) -> float:
         return float(np.exp(self.nll.astype(np.float64).mean()))
 
@@ -106,14 +115,23 @@ class Reference:
         return cls(str(z["mode"]), z["nll"], z["argmax"], **opt)
 
 
-def compute_reference(ckpt: Checkpoint, toks: EvalTokens, on_chunk: Any = None) -> Reference:
-    """Run the bf16 model (transformers, layer by layer) once over every chunk."""
+def reference_mode(ckpt: Checkpoint, toks: EvalTokens) -> str:
+    """``full`` when every position's log-probabilities of the whole text fit `FULL_LIMIT_BYTES`, else top-k."""
+    n_chunks, n_ctx = toks.chunks.shape
+    full = n_chunks * (n_ctx - 1 - toks.first) * int(ckpt.config["vocab_size"]) * 4 <= FULL_LIMIT_BYTES
+    return "full" if full else f"top{TOP_K}"
+
+
+def compute_reference(ckpt: Checkpoint, toks: EvalTokens, on_chunk: Any = None, *, start: int = 0,
+                      stop: int | None = None) -> Reference:
+    """Run the bf16 model (transformers, layer by layer) once over chunks ``start:stop`` (default: all)."""
     from quantkit.layerwise import LayerwiseModel
 
-    n_chunks, n_ctx = toks.chunks.shape
+    chunks = toks.chunks[start:stop]
+    n_chunks, n_ctx = chunks.shape
     n_pos = n_ctx - 1 - toks.first
     vocab = int(ckpt.config["vocab_size"])
-    full = n_chunks * n_pos * vocab * 4 <= FULL_LIMIT_BYTES
+    full = reference_mode(ckpt, toks) == "full"
     nll = np.empty((n_chunks, n_pos), np.float32)
     argmax = np.empty((n_chunks, n_pos), np.int32)
     prob = np.empty((n_chunks, n_pos, vocab), np.float32) if full else None
@@ -121,9 +139,9 @@ def compute_reference(ckpt: Checkpoint, toks: EvalTokens, on_chunk: Any = None) 
     top_ids = None if full else np.empty((n_chunks, n_pos, TOP_K), np.int32)
     top_lp = None if full else np.empty((n_chunks, n_pos, TOP_K), np.float32)
     model = LayerwiseModel(ckpt)
-    for c, logits in enumerate(model.run(toks.chunks, logits=True, first=toks.first)):
+    for c, logits in enumerate(model.run(chunks, logits=True, first=toks.first)):
         lp = log_softmax(logits[:n_pos])
-        target = toks.chunks[c, toks.first + 1 :]
+        target = chunks[c, toks.first + 1 :]
         nll[c] = -lp[np.arange(n_pos), target]
         argmax[c] = lp.argmax(-1)
         if full:
@@ -131,17 +149,35 @@ def compute_reference(ckpt: Checkpoint, toks: EvalTokens, on_chunk: Any = None) 
             prob[c] = p  # type: ignore[index]
             negent[c] = (p.astype(np.float64) * lp).sum(-1)  # type: ignore[index]
         else:
-            idx = np.argpartition(-lp, TOP_K, axis=-1)[:, :TOP_K]
-            top_ids[c] = idx  # type: ignore[index]
-            top_lp[c] = np.take_along_axis(lp, idx, -1)  # type: ignore[index]
+            top_ids[c], top_lp[c] = top_k(lp, TOP_K)  # type: ignore[index]
         if on_chunk:
             on_chunk()
     return Reference("full" if full else f"top{TOP_K}", nll, argmax, prob, negent, top_ids, top_lp)
 
 
+def cached_reference(ws: Workspace, ckpt: Checkpoint, toks: EvalTokens, n_chunks: int | None = None,
+                     on_chunk: Any = None) -> Reference:
+    """The reference of the first `n_chunks` chunks (default: all), computed once per checkpoint and token set and
+    kept in the workspace; a later call that needs more chunks computes only the missing ones. Verification
+    (one chunk) and `quantkit eval` (all) share it."""
+    want = len(toks.chunks) if n_chunks is None else min(n_chunks, len(toks.chunks))
+    ref_fp = fingerprint("reference", 3, ckpt.fingerprint, toks.fingerprint, reference_mode(ckpt, toks))
+    path = ws.root / "eval" / f"reference-{ref_fp}.npz"
+    have = Reference.load(path) if ws.is_done("eval.reference", ref_fp) and path.exists() else None
+    if have is not None and have.n_chunks >= want:
+        return have.head(want)
+    start = have.n_chunks if have is not None else 0
+    more = compute_reference(ckpt, toks, on_chunk, start=start, stop=want)
+    ref = have.extend(more) if have is not None else more
+    ref.save(path)
+    ws.record_step("eval.reference", ref_fp, [path], ppl=ref.ppl, mode=ref.mode, eval_set=toks.spec,
+                   tokens_fingerprint=toks.fingerprint, chunks=ref.n_chunks)
+    return ref
+
+
 def score(scorer: Any, toks: EvalTokens, ref: Reference, on_chunk: Any = None) -> dict[str, Any]:
-    """PPL, ΔPPL, KLD (mean, p99) and top-1 agreement of one artifact, in one pass."""
-    n_chunks, n_ctx = toks.chunks.shape
+    """PPL, ΔPPL, KLD (mean, p99) and top-1 agreement of one artifact, in one pass over the chunks `ref` holds."""
+    n_chunks, n_ctx = ref.n_chunks, toks.chunks.shape[1]
     n_pos = n_ctx - 1 - toks.first
     nll = np.empty((n_chunks, n_pos), np.float64)
     kld = np.empty((n_chunks, n_pos), np.float64)
@@ -150,19 +186,14 @@ def score(scorer: Any, toks: EvalTokens, ref: Reference, on_chunk: Any = None) -
     t0 = time.perf_counter()
     for c in range(n_chunks):
         logits = scorer.chunk_logits(toks.chunks[c], toks.first)[:n_pos]
-        agree[c] = logits.argmax(-1) == ref.argmax[c]
+        agree[c] = top1_agreement(ref.argmax[c], logits)
         lq = log_softmax(logits)
         target = toks.chunks[c, toks.first + 1 :]
         nll[c] = -lq[rows, target]
         if ref.mode == "full":
-            kld[c] = ref.negent[c] - np.einsum("ij,ij->i", ref.prob[c], lq)  # type: ignore[index]
+            kld[c] = kld_full(ref.prob[c], ref.negent[c], lq)  # type: ignore[index]
         else:
-            ids, lp = ref.top_ids[c], ref.top_logp[c]  # type: ignore[index]
-            lq_top = np.take_along_axis(lq, ids, -1)
-            p_top, q_top = np.exp(lp), np.exp(lq_top)
-            p_tail = np.clip(1.0 - p_top.sum(-1), 1e-12, None)
-            q_tail = np.clip(1.0 - q_top.sum(-1), 1e-12, None)
-            kld[c] = (p_top * (lp - lq_top)).sum(-1) + p_tail * (np.log(p_tail) - np.log(q_tail))
+            kld[c] = kld_top(ref.top_ids[c], ref.top_logp[c], lq)  # type: ignore[index]
         if on_chunk:
             on_chunk()
     kld = np.maximum(kld, 0.0)
@@ -273,18 +304,18 @@ def _evaluate(ws: Workspace, *, only: list[Path] | None, eval_spec: str, n_ctx: 
     keys = [ws.rel(Path(p)) for p in only] if only else sorted(ws.artifacts)
     if not keys:
         raise QuantkitError(f"{ws.root} has no artifacts to evaluate", "quantize first (quantkit gguf ...)")
-    ref_fp = fingerprint("reference", 2, ckpt.fingerprint, toks.fingerprint)
-    ref_path = ws.root / "eval" / f"reference-{ref_fp}.npz"
     rows: list[dict[str, Any]] = []
     with console.progress() as bar:
-        if ws.is_done("eval.reference", ref_fp) and ref_path.exists():
-            ref = Reference.load(ref_path)
-        else:
-            task = bar.add_task("bf16 reference", total=len(toks.chunks))
-            ref = compute_reference(ckpt, toks, on_chunk=lambda: bar.advance(task))
-            ref.save(ref_path)
-            ws.record_step("eval.reference", ref_fp, [ref_path], ppl=ref.ppl, mode=ref.mode, eval_set=toks.spec,
-                           tokens_fingerprint=toks.fingerprint)
+        task = None
+
+        def on_chunk() -> None:
+            nonlocal task
+            if task is None:
+                task = bar.add_task("bf16 reference", total=len(toks.chunks))
+            bar.advance(task)
+
+        ref = cached_reference(ws, ckpt, toks, on_chunk=on_chunk)
+        ref_fp = ws.steps["eval.reference"]["fingerprint"]
         for key in keys:
             entry = ws.artifacts.get(key, {})
             path = ws.abs(key)

@@ -68,10 +68,21 @@ class LayerwiseModel:
                     continue
                 else:
                     raise KeyError(full)
-            state[name] = torch.from_numpy(self.ckpt.read_f32(full)).to(self.dtype)
+            state[name] = self._tensor(full)
         module.load_state_dict(state, strict=False, assign=False)
         self.arch.fix_buffers(prefix.removeprefix(self.prefix).rstrip("."), module)
         return module
+
+    def _tensor(self, name: str) -> Any:
+        """A checkpoint tensor in the compute dtype; BF16 / F16 storage is converted by torch (numpy's bf16 → f32
+        widening cost seconds per forward on a 0.5B model)."""
+        torch = self._torch
+        hf_name = self.ckpt.canonical_names[name]
+        kind = self.ckpt.tensors.tensors[hf_name].dtype
+        if kind not in ("BF16", "F16"):
+            return torch.from_numpy(self.ckpt.read_f32(name)).to(self.dtype)
+        raw = torch.from_numpy(self.ckpt.tensors.read(hf_name))
+        return (raw.view(torch.bfloat16) if kind == "BF16" else raw).to(self.dtype)
 
     def _mask(self, cache: dict[tuple[str, int], Any], kind: str, h: Any, pos: Any) -> Any:
         """The attention mask transformers builds for a layer of this type (None: plain causal attention)."""

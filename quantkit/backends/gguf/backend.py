@@ -431,21 +431,24 @@ class GGUFBackend(GGUFSections):
     def _verify(self, ctx: JobContext, artifacts: list[Artifact]) -> None:
         """Every file loads in llama.cpp and tokenizes Russian exactly like the HF tokenizer; the unquantized
         file's next-token distribution matches transformers' bf16 forward."""
-        from quantkit.verify import verify_gguf
+        from quantkit.backends.gguf.verify import Verifier
 
+        verifier = None
         for art in artifacts:
             step = f"gguf.verify.{art.quant}"
-            fp = fingerprint("verify", art.info["fingerprint"])
+            # the file's hash as its own step recorded it: verifying does not hash gigabytes again
+            fp = fingerprint("verify", 2, art.info["fingerprint"], _recorded_sha(ctx.workspace, art.path))
             if ctx.workspace.is_done(step, fp):
                 continue
             try:
-                report = verify_gguf(ctx.checkpoint, art.path, forward=art.quant in ("BF16", "F16", "F32"))
+                verifier = verifier or Verifier(ctx.checkpoint, workspace=ctx.workspace)
+                report = verifier.verify(art.path, forward=art.quant in ("BF16", "F16", "F32"))
             except QuantkitError as exc:  # remembered, so that `quantkit push` refuses the file (unless --force)
                 ctx.workspace.update_artifact(ctx.workspace.rel(art.path),
                                               verify={"passed": False, "error": exc.message})
                 raise
             report = {"passed": True, **report}
-            ctx.workspace.record_step(step, fp, [art.path], **report)
+            ctx.workspace.record_step(step, fp, [], **report)
             ctx.workspace.update_artifact(ctx.workspace.rel(art.path), verify=report)
             console.info(f"verified {art.path.name}: " + ", ".join(f"{k}={v}" for k, v in report.items()))
 
@@ -466,6 +469,13 @@ class GGUFBackend(GGUFSections):
 def gguf_tensor_bytes_for(conv: Any) -> int:
     """Bytes of the tensor data a converter will write (its planned tensors in their storage types)."""
     return sum(int(np.prod(t.shape, dtype=np.int64)) * conv._storage(t.qtype)[1] for t in conv.plan())
+
+
+def _recorded_sha(ws: Workspace, path: Path) -> str | None:
+    """The sha256 the workspace took of `path` when the step that wrote it finished."""
+    rel = ws.rel(path)
+    return next((rec["checks"][rel].get("sha256") for rec in ws.steps.values()
+                 if rel in (rec.get("checks") or {})), None)
 
 
 def public_spec(spec: str) -> str:

@@ -8,7 +8,9 @@ takes milliseconds, and nothing of the file is kept in memory.
 
 from __future__ import annotations
 
+import functools
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ import numpy as np
 
 # fixed-size GGUF value types → bytes (8: string, 9: array are variable)
 _SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_U64 = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,11 @@ def _skip_value(buf: mmap.mmap, pos: int, vtype: int) -> int:
         pos += 12
         if sub in _SCALAR:
             return pos + _SCALAR[sub] * count
+        if sub == 8:  # a vocabulary or its merges: hundreds of thousands of strings, walked by their lengths
+            length = _U64.unpack_from
+            for _ in range(count):
+                pos += 8 + length(buf, pos)[0]
+            return pos
         for _ in range(count):
             pos = _skip_value(buf, pos, sub)
         return pos
@@ -55,7 +63,14 @@ def _skip_value(buf: mmap.mmap, pos: int, vtype: int) -> int:
 
 
 def read_info(path: Path) -> GGUFInfo:
-    """The tensor table of a GGUF file; raises ValueError (or struct.error) for a broken header."""
+    """The tensor table of a GGUF file; raises ValueError (or struct.error) for a broken header. Remembered per
+    file version (one `quantkit gguf` run reads each file it writes three times: check, size, bits per weight)."""
+    st = os.stat(path)
+    return _read_info(str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_info(path: str, size: int, mtime_ns: int, inode: int) -> GGUFInfo:
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         if buf[:4] != b"GGUF":
             raise ValueError("not a GGUF file")

@@ -33,10 +33,12 @@ def compute_imatrix(
     *,
     bos: int | None = None,
     on_layer: Callable[[int], None] | None = None,
+    dtype: str | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Sum of squared inputs per column for every linear layer (output head excluded, as llama-imatrix does).
 
-    Each row starts with the BOS token when the model adds one, like llama-imatrix's chunks.
+    Each row starts with the BOS token when the model adds one, like llama-imatrix's chunks. The forward runs in
+    `dtype` (default `IMATRIX_DTYPE`).
     """
     import torch
 
@@ -47,7 +49,17 @@ def compute_imatrix(
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, Any] = {}
 
+    last: list[Any] = [None, None, 0]  # input, its column sums of squares, its rows
+
+    def squares(x: Any) -> tuple[Any, int]:
+        """Column sums of x² in float32; q/k/v (and gate/up) get the very same input tensor: summed once."""
+        if last[0] is not x:
+            flat = x.detach().reshape(-1, x.shape[-1])
+            last[:] = [x, flat.float().square().sum(0), flat.shape[0]]  # not in place: .float() of f32 is x
+        return last[1], last[2]
+
     def hooks(index: int, layer: Any) -> list[Any]:
+        last[:] = [None, None, 0]
         handles = []
         for name, module in layer.named_modules():
             if _is_fused_experts(module):
@@ -62,20 +74,20 @@ def compute_imatrix(
                 continue
 
             def pre_hook(mod: Any, args: tuple[Any, ...], key: str = gguf_name) -> None:
-                x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-                s = (x * x).sum(0)
+                s, n = squares(args[0])
                 if key in sums:
                     sums[key] += s
                 else:
-                    sums[key] = s
-                counts[key] = counts.get(key, 0) + x.shape[0]
+                    sums[key] = s.clone()
+                counts[key] = counts.get(key, 0) + n
 
             handles.append(module.register_forward_pre_hook(pre_hook))
         return handles
 
-    model = LayerwiseModel(ckpt)
+    model = LayerwiseModel(ckpt, dtype=dtype or IMATRIX_DTYPE)
     for _ in model.run(rows, hooks=hooks, on_layer=on_layer):
         pass
+    last[:] = [None, None, 0]
     out = {k: v.cpu().numpy().astype(np.float32) for k, v in sums.items()}
     counts = {k: (v.cpu().numpy().astype(np.int64) if hasattr(v, "cpu") else v) for k, v in counts.items()}
     for k, v in out.items():
@@ -85,6 +97,9 @@ def compute_imatrix(
     return out, counts
 
 
+# The forward runs in bf16, like llama.cpp's own BF16 mat-muls (which round their inputs to bf16 too) and ~5× faster
+# than float32 on CPUs with AVX512-BF16 or AMX; the squares are summed in float32.
+IMATRIX_DTYPE = "bfloat16"
 MIN_EXPERT_TOKENS = 64  # an expert routed fewer calibration tokens than this has a weak importance estimate
 
 

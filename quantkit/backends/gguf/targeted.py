@@ -99,7 +99,7 @@ def probe_tokens(base: Path) -> np.ndarray:
 
 def _log_probs(path: Path, chunks: np.ndarray) -> list[np.ndarray]:
     from quantkit.backends.gguf.llamacpp import LlamaScorer
-    from quantkit.evaluate import log_softmax
+    from quantkit.metrics import log_softmax
 
     scorer = LlamaScorer(path, n_ctx=512)
     try:

@@ -1,0 +1,94 @@
+"""Checks that a GGUF is right: it loads in llama.cpp, its tokenizer splits Russian text exactly like the original,
+and (for an unquantized file) its next-token distribution matches the checkpoint's float32 transformers forward.
+
+The cost is bounded: the tokenizer check reads a fixed ~6,000 characters, and the forward check scores the first
+chunk of the held-out eval text (the positions ``quantkit eval`` scores in it) against the bf16 reference that
+evaluation uses, cached in the workspace: computed once per checkpoint and text, shared by verify and eval. Only
+the reference's top-k log-probabilities and tail mass are compared when the vocabulary is large (the reference's
+own mode), so no step holds more than one chunk of logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantkit.errors import QuantkitError
+from quantkit.metrics import kld_full, kld_top, log_softmax, top2_gap
+from quantkit.source import Checkpoint
+from quantkit.verify import first_token_difference, sample_text
+from quantkit.workspace import Workspace
+
+MAX_BF16_KLD = 0.01  # bf16 GGUF vs bf16 transformers: only accumulation order differs (measured ~2e-6)
+EVAL_SPEC = "builtin:ru-eval"
+TIE = 0.01  # positions whose top two reference log-probabilities are this close are ties at any precision
+
+
+class Verifier:
+    """Verification of the files of one checkpoint: the tokenizer and its ids of the sample text loaded once."""
+
+    def __init__(self, ckpt: Checkpoint, *, workspace: Workspace | None = None, tokenizer: Any = None) -> None:
+        from transformers import AutoTokenizer
+
+        self.ckpt, self.ws = ckpt, workspace
+        self.tok = tokenizer or AutoTokenizer.from_pretrained(ckpt.path)
+        self.text = sample_text()
+        self.hf_ids: list[int] = self.tok(self.text)["input_ids"]
+
+    def verify(self, path: Path, *, forward: bool, n_ctx: int = 512) -> dict[str, Any]:
+        """Raise a `QuantkitError` when the file is broken; return what was checked."""
+        from quantkit.backends.gguf.llamacpp import LlamaModel, LlamaScorer
+
+        scorer = LlamaScorer(path, n_ctx=n_ctx) if forward else None
+        model = scorer.model if scorer is not None else LlamaModel(path)
+        try:
+            first = first_token_difference(model, self.text, self.hf_ids)
+            if first is not None:
+                raise QuantkitError(
+                    f"{Path(path).name}: llama.cpp tokenizes Russian text differently from the original tokenizer "
+                    f"(first difference at token {first} of {len(self.hf_ids)})",
+                    "the tokenizer metadata is wrong; report it with the model id",
+                )
+            report: dict[str, Any] = {"loads": True, "tokenizer_parity": True, "tokens_compared": len(self.hf_ids)}
+            if scorer is not None:
+                report.update(self._forward(scorer, Path(path).name, n_ctx))
+        finally:
+            (scorer or model).close()
+        return report
+
+    def _forward(self, scorer: Any, name: str, n_ctx: int) -> dict[str, Any]:
+        """KL-divergence and top-1 agreement with the bf16 reference on the eval text's first chunk."""
+        from quantkit.evaluate import cached_reference, compute_reference, eval_tokens
+
+        toks = eval_tokens(self.ckpt, EVAL_SPEC, n_ctx, None, self.tok)
+        ref = (cached_reference(self.ws, self.ckpt, toks, 1) if self.ws is not None
+               else compute_reference(self.ckpt, toks, stop=1))
+        n_pos = n_ctx - 1 - toks.first
+        logits = scorer.chunk_logits(toks.chunks[0], toks.first)[:n_pos]
+        lq = log_softmax(logits, np.float64)
+        if ref.mode == "full":
+            kld_rows = kld_full(ref.prob[0], ref.negent[0], lq)  # type: ignore[index]
+            gap = top2_gap(np.log(np.maximum(ref.prob[0], 1e-38)))  # type: ignore[index]
+        else:
+            kld_rows = kld_top(ref.top_ids[0], ref.top_logp[0], lq)  # type: ignore[index]
+            gap = top2_gap(ref.top_logp[0])  # type: ignore[index]
+        kld = float(np.maximum(kld_rows, 0.0).mean())
+        decided = gap >= TIE
+        agree = logits.argmax(-1) == ref.argmax[0]
+        top1 = float(agree[decided].mean()) if decided.any() else 1.0
+        if kld > MAX_BF16_KLD:
+            raise QuantkitError(
+                f"{name}: llama.cpp's output differs from transformers' (KL-divergence {kld:.4f})",
+                "the conversion is wrong for this model; report it with the model id",
+            )
+        return {"kld_vs_transformers": round(kld, 8), "top1_vs_transformers": round(top1, 4),
+                "positions_compared": int(n_pos), "kld_mode": ref.mode}
+
+
+def verify_gguf(ckpt: Checkpoint, path: Path, *, forward: bool, n_tokens: int = 512,
+                workspace: Workspace | None = None) -> dict[str, Any]:
+    """One file's verification (`Verifier`); `n_tokens` is the length of the scored chunk (its second half is
+    compared)."""
+    return Verifier(ckpt, workspace=workspace).verify(path, forward=forward, n_ctx=n_tokens)

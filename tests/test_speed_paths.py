@@ -1,0 +1,115 @@
+"""The fast paths of `quantkit gguf`: what they skip must not change what they prove.
+
+The bf16 imatrix forward against the float32 one, the reference shared by verification and evaluation, the
+vocabulary-skipping tensor-table reader against gguf's own reader, the pure metrics, and a `--no-verify
+--no-imatrix` run that never imports torch or transformers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from quantkit.backends.base import JobContext
+from quantkit.backends.gguf.backend import GGUFBackend, GGUFOptions
+from quantkit.backends.gguf.ggufinfo import read_info
+from quantkit.backends.gguf.imatrix import compute_imatrix
+from quantkit.evaluate import Reference, evaluate_workspace
+from quantkit.metrics import kld_full, kld_top, log_softmax, top_k
+from quantkit.source import load_local
+from quantkit.workspace import Workspace, record_model
+
+
+def _ckpt(path: Path):
+    return load_local(path, name=path.name, source=str(path))
+
+
+def test_bf16_imatrix_matches_float32(llama3_ckpt: Path) -> None:
+    """The bf16 forward's importance matrix is the float32 one up to rounding: same tensors, same counts,
+    per-tensor cosine ≥ 0.9999, the typical column within 0.5%."""
+    from transformers import AutoTokenizer
+
+    from quantkit.calibration import token_rows
+
+    ckpt = _ckpt(llama3_ckpt)
+    tok = AutoTokenizer.from_pretrained(llama3_ckpt)
+    rows = token_rows("builtin:ru-mix", tok, n_samples=4, seq_len=128, seed=0)
+    fast, n_fast = compute_imatrix(ckpt, rows, bos=tok.bos_token_id)
+    exact, n_exact = compute_imatrix(ckpt, rows, bos=tok.bos_token_id, dtype="float32")
+    assert set(fast) == set(exact) and len(fast) == 7 * ckpt.arch.n_layer
+    assert n_fast == n_exact
+    for name, ref in exact.items():
+        got = fast[name]
+        cos = float(got @ ref / np.linalg.norm(got) / np.linalg.norm(ref))
+        assert cos >= 0.9999, (name, cos)
+        assert np.median(np.abs(got / ref - 1)) < 0.005, name
+    # q, k and v share one input: their sums are the same numbers (computed once), as in llama-imatrix
+    assert np.array_equal(fast["blk.0.attn_q.weight"], fast["blk.0.attn_k.weight"])
+
+
+def test_verification_and_eval_share_one_reference(llama3_ckpt: Path, tmp_path: Path) -> None:
+    """Verification computes the bf16 reference of the eval text's first chunk only and keeps it; `quantkit eval`
+    extends the same file to every chunk, with the first chunk's numbers unchanged."""
+    ws = Workspace(tmp_path / "ws")
+    ck = _ckpt(llama3_ckpt)
+    arts = GGUFBackend().run(JobContext(checkpoint=ck, workspace=ws), GGUFOptions(types=["Q8_0"], imatrix=False))
+    record_model(ws, ck)
+    bf16 = ws.artifacts[ws.rel(arts[0].path)]["verify"]
+    assert bf16["kld_vs_transformers"] <= 0.001 and bf16["positions_compared"] == 255
+    assert "kld_vs_transformers" not in ws.artifacts[ws.rel(arts[1].path)]["verify"]  # quantized: parity only
+    step = ws.steps["eval.reference"]
+    assert step["info"]["chunks"] == 1
+    first = Reference.load(ws.abs(step["outputs"][0]))
+    report = evaluate_workspace(ws)
+    step = Workspace(ws.root).steps["eval.reference"]
+    assert step["info"]["chunks"] == report["chunks"] > 1
+    full = Reference.load(ws.abs(step["outputs"][0]))
+    assert full.n_chunks == report["chunks"]
+    np.testing.assert_array_equal(full.nll[:1], first.nll)
+    rows = {r["quant"]: r for r in report["rows"]}
+    assert rows["BF16"]["kld_mean"] < 1e-3 < rows["Q8_0"]["kld_mean"] * 1e6
+    # a second verification finds its steps done and computes nothing
+    again = GGUFBackend().run(JobContext(checkpoint=ck, workspace=Workspace(ws.root)),
+                              GGUFOptions(types=["Q8_0"], imatrix=False))
+    assert [a.path for a in again] == [a.path for a in arts]
+
+
+def test_tensor_table_reader_matches_gguf(qwen2_ckpt: Path, tmp_path: Path) -> None:
+    from quantkit.backends.gguf.convert import Converter
+
+    out = Converter(_ckpt(qwen2_ckpt)).write(tmp_path / "m.gguf")[0]
+    ours = read_info(out)
+    theirs = gguf.GGUFReader(out)
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors, strict=True):
+        assert a.tensor_type == b.tensor_type and list(a.shape) == list(b.shape)
+        assert a.data_offset == b.data_offset and a.n_bytes == b.n_bytes
+
+
+def test_kld_from_top_k_and_full() -> None:
+    rng = np.random.default_rng(0)
+    p_logits, q_logits = rng.normal(size=(5, 300)) * 3, rng.normal(size=(5, 300)) * 3
+    lp, lq = log_softmax(p_logits, np.float64), log_softmax(q_logits, np.float64)
+    exact = (np.exp(lp) * (lp - lq)).sum(-1)
+    np.testing.assert_allclose(kld_full(np.exp(lp), (np.exp(lp) * lp).sum(-1), lq), exact, rtol=1e-9)
+    ids, top = top_k(lp, 299)  # every column but one: the tail is one token, so the bound is exact
+    np.testing.assert_allclose(kld_top(ids, top, lq), exact, rtol=1e-6)
+    ids, top = top_k(lp, 8)
+    assert np.all(kld_top(ids, top, lq) <= exact + 1e-12)
+
+
+@pytest.mark.parametrize("flags", [["--no-verify", "--no-imatrix"]])
+def test_plain_run_imports_neither_torch_nor_transformers(qwen2_ckpt: Path, tmp_path: Path, flags: list[str]) -> None:
+    code = ("import sys, json\nfrom quantkit.cli.app import main\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(json.dumps(sorted(m for m in ('torch', 'transformers') if m in sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code, "gguf", str(qwen2_ckpt), "--q8_0", *flags, "-w",
+                           str(tmp_path / "ws"), "-q"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+    assert (tmp_path / "ws" / "gguf").is_dir()
