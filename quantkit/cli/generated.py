@@ -39,7 +39,8 @@ from quantkit.cli.options import (
     setup_output,
 )
 
-Model = Annotated[str, typer.Argument(help="Alias (quantkit models), Hub id, local folder, or 'demo'.")]
+Model = Annotated[str, typer.Argument(metavar="MODEL",
+                                      help="Alias (quantkit models), Hub id, local folder, or 'demo'.")]
 # the options every format command shares: (name, annotation, default)
 SHARED: list[tuple[str, Any, Any]] = [
     ("evaluate", EvalOpt, False), ("calibration", Calibration, DEFAULTS["calibration"]),
@@ -78,7 +79,10 @@ def option_params(options_model: type[BaseModel]) -> list[tuple[str, Any, Any]]:
         flags = list(extra.get("cli") or ["--" + name.replace("_", "-")])
         help_text = field.description or name.replace("_", " ")
         if is_list:
-            annotation: Any = Annotated[list[str] | None, typer.Option(*flags, help=help_text + " (comma list)")]
+            start = field.get_default(call_default_factory=True)
+            shown = f"; default: {','.join(str(v) for v in start)}" if start else ""
+            annotation: Any = Annotated[list[str] | None, typer.Option(
+                *flags, metavar="A,B,...", help=f"{help_text} (comma list or repeated{shown})")]
             default = None
         elif scalar is bool:
             flag = flags[0]

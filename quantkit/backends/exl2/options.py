@@ -26,7 +26,8 @@ class EXL2Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     bits: list[float] = Field(default_factory=lambda: [4.0, 5.0, 6.5],
-                              description="target bits per weight of the decoder layers, one model per value")
+                              description="target bits per weight of the decoder layers, one model per value",
+                              json_schema_extra={"cli": ["--bits", "-b"]})
     head_bits: int = Field(6, description="bits of the output head: 2, 3, 4, 5, 6 or 8")
     rows: int | None = Field(None, ge=1, description="calibration rows for quantizing (default: --calib-samples)")
     length: int | None = Field(None, ge=16, description="tokens per calibration row (default: --calib-seq-len)")

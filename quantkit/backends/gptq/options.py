@@ -29,8 +29,9 @@ class GPTQOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    bits: int = Field(4, description="bits per weight: 2, 3, 4 or 8")
-    group_size: int = Field(128, description="columns sharing one scale/zero; -1 = one group per output column")
+    bits: int = Field(4, description="bits per weight: 2, 3, 4 or 8", json_schema_extra={"cli": ["--bits", "-b"]})
+    group_size: int = Field(128, description="columns sharing one scale/zero; -1 = one group per output column",
+                            json_schema_extra={"cli": ["--group-size", "-g"]})
     desc_act: bool = Field(False, description="quantize columns in order of decreasing activation (act-order)")
     sym: bool = Field(True, description="symmetric quantization (no per-group zero offset)")
     damp: float = Field(0.05, description="damp_percent: fraction of the mean Hessian diagonal added to it")
