@@ -61,3 +61,39 @@ def test_manifest_is_checked_when_read(tmp_path: Path, llama3_ckpt: Path) -> Non
     (ws / "manifest.json").write_text(json.dumps({"version": 99}), encoding="utf-8")
     newer = qk("gguf", str(llama3_ckpt), "--q8_0", *QUICK, "-w", str(ws), cwd=tmp_path)
     assert newer.returncode != 0 and "newer quantkit" in error_line(newer)
+
+
+class _NoTokenizer:
+    """Fails the test if anything tokenizes: the rows must come from the workspace."""
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"the calibration set was tokenized again ({name})")
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        raise AssertionError("the calibration set was tokenized again")
+
+
+def test_calibration_rows_are_built_once_and_shared(tmp_path: Path, llama3_ckpt: Path) -> None:
+    import numpy as np
+
+    from quantkit.backends.base import JobContext
+    from quantkit.calibration import rows_fingerprint
+    from quantkit.calibration_rows import _MEMO, calibration_rows
+    from quantkit.source import resolve
+
+    ws = tmp_path / "ws"
+    made = qk("gguf", str(llama3_ckpt), "--q4_k_m", *QUICK, "-w", str(ws), cwd=tmp_path)
+    assert made.returncode == 0, made.stderr[-3000:]
+    w = Workspace(ws)
+    rows = np.load(ws / "calibration" / "rows.npy")
+    assert rows.shape == (4, 64)
+    assert w.steps["gguf.imatrix"]["info"]["fingerprint"] == rows_fingerprint(rows)  # the imatrix read these rows
+    finished = w.steps["calibration.rows"]["finished"]
+    _MEMO.clear()  # a new consumer (another format, a rerun): the rows come from the workspace
+    ctx = JobContext(checkpoint=resolve(str(llama3_ckpt)), workspace=w, calib_samples=4, calib_seq_len=64)
+    cal = calibration_rows(ctx, tokenizer=_NoTokenizer())
+    assert np.array_equal(cal.rows, rows) and cal.info["fingerprint"] == rows_fingerprint(rows)
+    assert Workspace(ws).steps["calibration.rows"]["finished"] == finished
+    _MEMO.clear()  # another shape is another step: tokenized anew
+    other = JobContext(checkpoint=resolve(str(llama3_ckpt)), workspace=w, calib_samples=2, calib_seq_len=64)
+    assert calibration_rows(other).rows.shape == (2, 64)

@@ -109,7 +109,8 @@ def install_plugin(root: Path) -> Path:
     return site
 
 
-def qk(*args: str, site: Path, cwd: Path, hub: FakeHub | None = None) -> subprocess.CompletedProcess[str]:
+def qk(*args: str, site: Path, cwd: Path, hub: FakeHub | None = None  # noqa: F811 - not the fixture
+       ) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "QUANTKIT_DEBUG")}
     env |= {"PYTHONPATH": str(site), "NO_COLOR": "1", "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
     if hub is not None:

@@ -12,9 +12,10 @@ from pydantic import BaseModel, ValidationError
 
 from quantkit.calibration import CalibrationSpec
 from quantkit.errors import QuantkitError
+from quantkit.hubname import HUB_ID
 from quantkit.models import DEMO_ALIAS, find_known
 from quantkit.pipeline.plan import default_name
-from quantkit.recipe.schema import _HUB_ID, Problem, Recipe, RecipeError, _source_spec, recipe_schema
+from quantkit.recipe.schema import Problem, Recipe, RecipeError, _source_spec, recipe_schema
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -187,7 +188,7 @@ def _semantic_problems(spec: Any, root: Any, shown: str, base: Path) -> list[Pro
                 if not local.exists():
                     out.append(Problem(shown, line, where, f"no such folder: {src}",
                                        "local paths are relative to the recipe's folder"))
-            elif not _HUB_ID.match(src):
+            elif not HUB_ID.match(src):
                 out.append(Problem(shown, line, where, f"unknown model or alias '{entry.source}'",
                                    "use an alias from `quantkit models`, a Hub id (org/name), a folder or demo"))
         name = entry.name or default_name(src)

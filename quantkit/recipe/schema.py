@@ -24,14 +24,13 @@ from pydantic import model_validator as _model_validator
 
 from quantkit.calibration import DEFAULT_CALIBRATION, DEFAULT_EVAL, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, CalibrationSpec
 from quantkit.errors import QuantkitError
+from quantkit.hubname import HUB_ID, REPO_NAME
 from quantkit.models import DEMO_ALIAS
 from quantkit.pipeline.plan import default_name
 
 DEFAULT_WORKSPACE = "quants"
 DEFAULT_CTX = 512
 ESTIMATED = "estimated from known parameter count"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$", re.ASCII)
-_REPO = re.compile(r"^([A-Za-z0-9][\w.\-]*/)?[A-Za-z0-9][\w.\-]*$", re.ASCII)  # the Hub takes ASCII only
 _RECIPE_KEYS = ("required",)  # keys a format section adds to the backend's options
 
 
@@ -118,7 +117,7 @@ class PublishOverride(BaseModel):
         for fmt, repo in value.items():
             if fmt not in formats:
                 raise ValueError(f"'{fmt}' is not a format (formats: {', '.join(formats)})")
-            if not _REPO.match(repo):
+            if not (HUB_ID.match(repo) or REPO_NAME.match(repo)):  # the Hub takes ASCII only
                 raise ValueError(f"'{repo}' is not a Hub repo name (NAME or NAMESPACE/NAME)")
         return value
 

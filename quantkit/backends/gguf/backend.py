@@ -210,7 +210,7 @@ class GGUFBackend(GGUFSections):
             path = Path(options.imatrix_file)
             imatrix_info = {"fingerprint": _sha(path)} if path.exists() else None
         elif use_imatrix:
-            _, _, info, fp_imatrix = self._calibration(ctx)  # cheap: tokenizing, no model
+            _, info, fp_imatrix = self._calibration(ctx)  # cheap: tokenizing (or the cached rows)
             imatrix_info = {**info, "imatrix_fingerprint": fp_imatrix}
             steps.append({"step": f"imatrix on {ctx.calibration} ({ctx.calib_samples}×{ctx.calib_seq_len} tokens)",
                           "output": "gguf/imatrix.gguf", "estimated_size": None,
@@ -343,20 +343,14 @@ class GGUFBackend(GGUFSections):
         ws.record_step("gguf.convert", fp, files)
         return files[0], fp
 
-    def _calibration(self, ctx: JobContext) -> tuple[Any, np.ndarray, dict[str, Any], str]:
-        """Tokenizer, calibration rows, their description, and the imatrix step's fingerprint."""
-        from transformers import AutoTokenizer
+    def _calibration(self, ctx: JobContext) -> tuple[np.ndarray, dict[str, Any], str]:
+        """The job's calibration rows (built once per workspace, shared with other formats), their description,
+        and the imatrix step's fingerprint."""
+        from quantkit.calibration_rows import calibration_rows
 
-        from quantkit.calibration import load, rows_fingerprint, token_rows
-
-        ckpt = ctx.checkpoint
-        tok = AutoTokenizer.from_pretrained(ckpt.path)
-        calib = load(ctx.calibration)
-        rows = token_rows(ctx.calibration, tok, n_samples=ctx.calib_samples, seq_len=ctx.calib_seq_len,
-                          seed=ctx.seed, chat=ckpt.instruct, data=calib)
-        info = {"spec": str(calib.spec), "samples": int(rows.shape[0]), "seq_len": int(rows.shape[1]),
-                "tokens": int(rows.size), "fingerprint": rows_fingerprint(rows), "chat": ckpt.instruct}
-        return tok, rows, info, fingerprint("imatrix", ckpt.fingerprint, info)
+        cal = calibration_rows(ctx)
+        info = {k: cal.info[k] for k in ("spec", "samples", "seq_len", "tokens", "fingerprint", "chat")}
+        return cal.rows, info, fingerprint("imatrix", ctx.checkpoint.fingerprint, info)
 
     def _fp_quantize(self, fp_base: str, quant: str, options: GGUFOptions, imatrix_info: dict[str, Any] | None) -> str:
         return fingerprint("quantize", fp_base, quant, (imatrix_info or {}).get("imatrix_fingerprint"),
@@ -381,13 +375,16 @@ class GGUFBackend(GGUFSections):
             data = read_imatrix(path)
             return data, {"spec": f"file:{path.name}", "fingerprint": _sha(path)}
         ckpt = ctx.checkpoint
-        tok, rows, info, fp = self._calibration(ctx)
+        rows, info, fp = self._calibration(ctx)
         out = ws.root / "gguf" / "imatrix.gguf"
         if ws.is_done("gguf.imatrix", fp):
             console.info("[dim]skip[/] importance matrix: gguf/imatrix.gguf is up to date")
             coverage = ws.steps["gguf.imatrix"].get("info", {}).get("expert_coverage")
         else:
             task = bar.add_task(f"imatrix ({rows.size:,} tokens)", total=ckpt.arch.n_layer)
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(ckpt.path)
             bos = tok.bos_token_id if _adds_bos(tok) else None
             sums, counts = compute_imatrix(ckpt, rows, bos=bos, on_layer=lambda i: bar.advance(task))
             write_imatrix(out, sums, counts, datasets=[public_spec(info["spec"])], chunk_size=int(rows.shape[1]))

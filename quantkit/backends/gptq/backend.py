@@ -93,6 +93,8 @@ class GPTQBackend(GPTQSections):
     name = "gptq"
     description = "GPTQ int2/3/4/8 through GPTQModel (transformers, vLLM, TGI)"
     options_model = GPTQOptions
+    # GPTQModel uses a GPU where there is one (a cluster without GPUs runs it on CPUs, as on this machine)
+    resources = {"*": {"gpus": 1.0}}
 
     def check(self) -> str | None:
         if importlib.util.find_spec("gptqmodel") is None:
@@ -151,14 +153,11 @@ class GPTQBackend(GPTQSections):
 
     @staticmethod
     def _calibration_rows(ctx: JobContext) -> tuple[np.ndarray, dict[str, Any]]:
-        from transformers import AutoTokenizer
+        """The job's calibration rows: built once per workspace and shared with the other formats."""
+        from quantkit.calibration_rows import calibration_rows
 
-        from quantkit.calibration import token_rows
-
-        tokenizer = AutoTokenizer.from_pretrained(str(ctx.checkpoint.path))
-        rows = token_rows(ctx.calibration, tokenizer, n_samples=ctx.calib_samples, seq_len=ctx.calib_seq_len,
-                          seed=ctx.seed, chat=ctx.checkpoint.instruct)
-        return rows, {"chat_template": bool(ctx.checkpoint.instruct and getattr(tokenizer, "chat_template", None))}
+        cal = calibration_rows(ctx)
+        return cal.rows, {"chat_template": cal.info["chat_template"]}
 
     def _quantize(self, ctx: JobContext, opts: GPTQOptions, rows: np.ndarray, out: Path) -> dict[str, Any]:
         """Run GPTQModel in a child process into a temporary folder, clean the folder up, rename it to `out`."""
