@@ -39,6 +39,11 @@ def command(
     recipe = load_recipe(file)
     if dry_run:
         result = plan(recipe, only=only, models=model)
+        if executor != "local":  # which task runs which steps, and what each asks of the node that gets it
+            from quantkit.pipeline import get_executor
+            from quantkit.recipe import jobs
+
+            result["tasks"] = get_executor(executor, address=address).plan(jobs(recipe, only=only, models=model))
         if json_output:
             console.emit_json(result)
         else:
@@ -86,6 +91,13 @@ def show_plan(result: dict[str, Any]) -> None:
             elif not f["can_run"]:
                 verb = "is required and would fail" if f["required"] else "would be skipped"
                 out.print(f"{m['model']}: {f['format']} {verb} here: {f['reason']}")
+    if result.get("tasks"):
+        tasks = Table(title="Tasks on the cluster (a model's tasks run in this order; models in parallel)")
+        for col in ("task", "after", "steps", "asks"):
+            tasks.add_column(col, overflow="fold")
+        for t in result["tasks"]:
+            tasks.add_row(t["task"], t["after"] or "", ", ".join(t["steps"]), t["asks"])
+        out.print(tasks)
     total = f", about {human_size(result['estimated_size'])} to write" if result["estimated_size"] else ""
     out.print(f"{result['steps']} steps: {result['done']} done, {result['to_do']} to do{total}")
 

@@ -83,6 +83,7 @@ class EXL2Backend(EXL2Sections):
     name = "exl2"
     description = "EXL2 (exllamav2, CUDA)"
     options_model = EXL2Options
+    resources = {"*": {"gpus": 1.0}}  # every step needs CUDA (a cluster executor schedules it on a GPU)
 
     # -- protocol ----------------------------------------------------------------------------------------
     def check(self) -> str | None:

@@ -1,0 +1,259 @@
+"""The Ray executor on a local Ray cluster (2 CPUs; a custom resource, ``fake_gpu``, stands in for GPUs):
+
+- two fixture models × two formats (GGUF Q8_0, GPTQ 8-bit) come out as the local executor makes them: the same
+  manifest (steps, fingerprints, checks, artifacts; timestamps aside) and byte-identical artifacts;
+- a worker killed mid-step (SIGKILL of the PID that holds the workspace lock) is retried by Ray and finishes only
+  what was left: finished steps keep their timestamps and their files are not rewritten;
+- killing the whole `quantkit run --executor ray` process tree (driver, local cluster, workers) and rerunning
+  finishes the rest without redoing finished steps;
+- the plan (`--dry-run --executor ray`) says which task runs which steps and what each asks for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import yaml
+
+from quantkit import console
+from quantkit.backends.exl2.options import EXL2Options
+from quantkit.backends.gguf.backend import GGUFOptions
+from quantkit.backends.gptq.options import GPTQOptions
+from quantkit.pipeline import FormatJob, Job, LocalExecutor, Resources, Settings, get_executor
+from quantkit.pipeline.ray_executor import PROBE_PREFIX, RayExecutor, ray_options, task_plan
+
+QK = [sys.executable, "-m", "quantkit.cli.app"]
+QUICK = Settings(calib_samples=4, calib_seq_len=64, threads=1)  # one thread: GPTQ's bytes depend on the count
+GGUF = FormatJob("gguf", (GGUFOptions(types=["Q8_0"], verify=False),))
+GPTQ = FormatJob("gptq", (GPTQOptions(bits=8, group_size=32),))
+
+
+def local_cluster(**kw: Any) -> RayExecutor:
+    return RayExecutor(num_cpus=2, resources={"fake_gpu": 1}, gpu_resource="fake_gpu", **kw)
+
+
+def manifest(ws: Path) -> Any:
+    """The manifest without times: when steps finished, how many seconds they took."""
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in ("finished", "seconds")}
+        return [strip(v) for v in node] if isinstance(node, list) else node
+
+    return strip(json.loads((ws / "manifest.json").read_text(encoding="utf-8")))
+
+
+def finished(ws: Path) -> dict[str, str]:
+    path = ws / "manifest.json"
+    if not path.exists():
+        return {}
+    try:
+        return {k: v["finished"] for k, v in json.loads(path.read_text(encoding="utf-8"))["steps"].items()}
+    except (json.JSONDecodeError, KeyError):
+        return {}
+
+
+def artifact_hashes(ws: Path) -> dict[str, str]:
+    """sha256 of every artifact file (logs, the lock and the manifest aside)."""
+    out = {}
+    for p in sorted(ws.rglob("*")):
+        rel = p.relative_to(ws)
+        if p.is_file() and rel.parts[0] in ("gguf", "gptq") and "logs" not in rel.parts:
+            out[str(rel)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def lock_holder(ws: Path) -> int | None:
+    """The PID in the workspace lock, while that process is alive (the lock holder writes it after taking it)."""
+    try:
+        pid = int((ws / ".quantkit.lock").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    return pid
+
+
+def session_pids(sid: int) -> list[int]:
+    """Every live process of session `sid` (the `quantkit run` started in a new session and all it started)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid and fields[0] != "Z":
+                out.append(int(entry.name))
+    return out
+
+
+def test_plan_says_which_task_runs_which_steps_and_what_it_asks(tmp_path: Path, llama3_ckpt: Path) -> None:
+    exl2 = FormatJob("exl2", (EXL2Options(bits=[4.0]),))
+    job = Job(source=str(llama3_ckpt), formats=(GGUF, exl2, GPTQ), settings=Settings(threads=3),
+              workspace_root=tmp_path / "ws")
+    rows = task_plan([job], gpu_resource="fake_gpu")
+    assert [r["task"] for r in rows] == ["tiny-llama3 gguf", "tiny-llama3 exl2", "tiny-llama3 gptq"]
+    assert [r["after"] for r in rows] == [None, "tiny-llama3 gguf", "tiny-llama3 exl2"]  # in order, one by one
+    assert rows[0]["steps"][0] == "convert" and "quantize" in rows[0]["steps"]
+    assert rows[0]["ray"] == {"num_cpus": 3}  # the job's threads are its CPU request
+    assert rows[1]["ray"] == {"num_cpus": 3, "resources": {"fake_gpu": 1.0}} and rows[1]["asks"] == "3 CPU, 1 fake_gpu"
+    assert rows[2]["ray"]["resources"] == {"fake_gpu": 1.0}
+    assert task_plan([job])[1]["ray"] == {"num_cpus": 3, "num_gpus": 1.0}  # a real cluster's GPUs
+    assert not list((tmp_path / "ws").glob("*/manifest.json")), "a plan writes nothing"
+
+
+def test_requests_no_node_could_meet_are_fitted_to_the_cluster() -> None:
+    largest = {"CPU": 8.0, "GPU": 0.0, "memory": 16 * 2**30}
+    opts, notes = ray_options(Resources(cpus=32, gpus=1, memory=64 * 2**30), None, {"CPU": 16.0}, largest)
+    assert opts == {"num_cpus": 8.0} and len(notes) == 3  # GPU dropped: EXL2 then refuses on the worker as here
+    assert "the cluster has none" in notes[1]
+    opts, notes = ray_options(Resources(cpus=2, gpus=1), "fake_gpu", {"fake_gpu": 2.0},
+                              {"CPU": 8.0, "fake_gpu": 2.0, "memory": 0.0})
+    assert opts == {"num_cpus": 2, "resources": {"fake_gpu": 1}} and notes == []
+
+
+def test_dry_run_with_the_ray_executor_shows_the_tasks(tmp_path: Path, llama3_ckpt: Path) -> None:
+    recipe = write_recipe(tmp_path, {"a": llama3_ckpt})
+    env = {**os.environ, "QUANTKIT_RAY_GPU_RESOURCE": "fake_gpu", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([*QK, "run", str(recipe), "--dry-run", "--executor", "ray", "--json"], cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tasks = json.loads(proc.stdout)["tasks"]
+    assert [(t["task"], t["asks"]) for t in tasks] == [("a gguf", "1 CPU"), ("a gptq", "1 CPU, 1 fake_gpu")]
+    assert not (tmp_path / "ws").exists(), "a dry run starts nothing and writes nothing"
+
+
+@pytest.mark.slow
+def test_ray_makes_what_the_local_executor_makes(tmp_path: Path, llama3_ckpt: Path, qwen2_ckpt: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    def jobs(root: Path) -> list[Job]:
+        return [Job(source=str(ckpt), formats=(GGUF, GPTQ), settings=QUICK, workspace_root=root)
+                for ckpt in (llama3_ckpt, qwen2_ckpt)]
+
+    local = LocalExecutor().run(jobs(tmp_path / "local"))
+    console.configure(quiet=False)  # the progress lines are shown
+    started = time.monotonic()
+    remote = get_executor("ray", num_cpus=2, resources={"fake_gpu": 1}, gpu_resource="fake_gpu").run(
+        jobs(tmp_path / "ray"))
+    wall = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert not ray.is_initialized(), "the local cluster started for the run is shut down after it"
+    assert [r.rows for r in remote] == [r.rows for r in local]
+    assert not any(r.failed for r in remote)
+    for name in ("tiny-llama3", "tiny-qwen2"):
+        a, b = tmp_path / "local" / name, tmp_path / "ray" / name
+        assert manifest(b) == manifest(a), name
+        hashes = artifact_hashes(b)
+        assert hashes == artifact_hashes(a) and len(hashes) >= 4, name  # BF16, Q8_0, imatrix, GPTQ files
+        # progress: one line as each task starts (with what it asked for) and as it finishes
+        assert f"{name} gptq: started (1 CPU, 1 fake_gpu)" in err and f"{name} gguf: done" in err, err
+    assert not list((tmp_path / "ray").glob(f"{PROBE_PREFIX}*")), "the storage probe is removed"
+    print(f"ray executor: {wall:.1f} s")
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_step_is_retried_and_redoes_nothing_finished(tmp_path: Path, llama3_ckpt: Path) -> None:
+    ws = tmp_path / "ws" / "tiny-llama3"
+    types = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M"]
+    job = Job(source=str(llama3_ckpt), formats=(FormatJob("gguf", (GGUFOptions(types=types, verify=False),)),),
+              settings=Settings(calib_samples=16, calib_seq_len=128, threads=1), workspace_root=tmp_path / "ws")
+    seen: dict[str, Any] = {}
+
+    def killer() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            done = finished(ws)
+            pid = lock_holder(ws)
+            if pid and pid != os.getpid() and "gguf.convert" in done and len(done) < 2 + len(types):
+                seen.update(pid=pid, done=done, mtime=(ws / "gguf" / "tiny-llama3-BF16.gguf").stat().st_mtime_ns)
+                os.kill(pid, signal.SIGKILL)  # the Ray worker running the task, mid-step
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    result = local_cluster().run([job])[0]
+    thread.join()
+    assert seen, "the worker was never caught mid-run"
+    assert not result.failed, result.rows  # Ray ran the task again
+    now = finished(ws)
+    assert len(now) == 2 + len(types) > len(seen["done"])  # convert, imatrix, one per type: the rest is done now
+    assert {k: now[k] for k in seen["done"]} == seen["done"]  # finished steps kept their timestamps...
+    assert (ws / "gguf" / "tiny-llama3-BF16.gguf").stat().st_mtime_ns == seen["mtime"]  # ...and were not rewritten
+    assert int((ws / ".quantkit.lock").read_text().split()[0]) != seen["pid"]  # another worker finished it
+    assert sorted(r["quant"] for r in result.rows) == sorted(["BF16", *types])
+
+
+@pytest.mark.slow
+def test_killing_the_whole_run_then_rerunning_finishes_only_the_rest(tmp_path: Path, llama3_ckpt: Path,
+                                                                      qwen2_ckpt: Path) -> None:
+    recipe = write_recipe(tmp_path, {"a": llama3_ckpt, "b": qwen2_ckpt}, gptq=False)
+    cmd = [*QK, "run", str(recipe), "--executor", "ray", "--json"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    ws = tmp_path / "ws"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any("gguf.convert" in finished(ws / m) for m in ("a", "b")):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+    finally:
+        for pid in session_pids(proc.pid):  # the driver, its local cluster and the workers
+            os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    for _ in range(100):
+        if not session_pids(proc.pid):
+            break
+        time.sleep(0.1)
+    assert not session_pids(proc.pid)
+    before = {m: finished(ws / m) for m in ("a", "b")}  # what was recorded when everything died
+    assert any(before.values()) and not all("gguf.quantize.Q8_0" in v for v in before.values()), before  # mid-run
+    mtimes = {p: p.stat().st_mtime_ns for p in ws.glob("*/gguf/*.gguf")}
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = {m: finished(ws / m) for m in ("a", "b")}
+    for m in after:  # every step of both models is done now
+        assert {"gguf.convert", "gguf.imatrix", "gguf.quantize.Q8_0"} <= set(after[m]), after
+    for m, steps in before.items():
+        assert {k: after[m][k] for k in steps} == steps  # finished steps were not run again
+    for p, mtime in mtimes.items():
+        if p.name.endswith("-BF16.gguf") and "gguf.convert" in before[p.parent.parent.name]:
+            assert p.stat().st_mtime_ns == mtime, p
+    rows = json.loads(again.stdout)["rows"]
+    assert {(r["model"], r["quant"], r["status"]) for r in rows} == {
+        (m, q, "ok") for m in ("a", "b") for q in ("BF16", "Q8_0")}
+
+
+def write_recipe(folder: Path, models: dict[str, Path], *, gptq: bool = True) -> Path:
+    """A recipe of fixture models (linked under ``folder/models``), GGUF Q8_0 (and GPTQ 8-bit), no evaluation."""
+    (folder / "models").mkdir(parents=True, exist_ok=True)
+    entries = []
+    for name, ckpt in models.items():
+        (folder / "models" / name).symlink_to(ckpt, target_is_directory=True)
+        entry: dict[str, Any] = {"source": f"models/{name}", "name": name, "gguf": {"types": ["Q8_0"], "verify": False}}
+        if gptq:
+            entry["gptq"] = {"bits": 8, "group_size": 32}
+        entries.append(entry)
+    recipe = {"defaults": {"calib_samples": 4, "calib_seq_len": 64, "threads": 1, "eval": False, "workspace": "ws"},
+              "models": entries}
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    return path
