@@ -118,7 +118,7 @@ class Reference:
 def reference_mode(ckpt: Checkpoint, toks: EvalTokens) -> str:
     """``full`` when every position's log-probabilities of the whole text fit `FULL_LIMIT_BYTES`, else top-k."""
     n_chunks, n_ctx = toks.chunks.shape
-    full = n_chunks * (n_ctx - 1 - toks.first) * int(ckpt.config["vocab_size"]) * 4 <= FULL_LIMIT_BYTES
+    full = n_chunks * (n_ctx - 1 - toks.first) * ckpt.arch.vocab_size * 4 <= FULL_LIMIT_BYTES
     return "full" if full else f"top{TOP_K}"
 
 
@@ -130,7 +130,7 @@ def compute_reference(ckpt: Checkpoint, toks: EvalTokens, on_chunk: Any = None, 
     chunks = toks.chunks[start:stop]
     n_chunks, n_ctx = chunks.shape
     n_pos = n_ctx - 1 - toks.first
-    vocab = int(ckpt.config["vocab_size"])
+    vocab = ckpt.arch.vocab_size
     full = reference_mode(ckpt, toks) == "full"
     nll = np.empty((n_chunks, n_pos), np.float32)
     argmax = np.empty((n_chunks, n_pos), np.int32)
@@ -255,18 +255,33 @@ def workspace_checkpoint(ws: Workspace, model: str | None = None) -> Checkpoint:
 
 
 def check_tokenizer(scorer: Any, tokenizer: Any, vocab_size: int) -> None:
-    """Refuse an artifact whose tokenizer differs from the reference's: its numbers would be meaningless."""
-    from quantkit.verify import first_token_difference, sample_text
+    """Refuse an artifact whose tokenizer differs from the reference's: its numbers would be meaningless. Every
+    scorer with a ``tokenize(text)`` (the optional part of the `Scorer` protocol) is checked on Russian text; a
+    leading BOS is ignored (engines add it at different places)."""
+    from quantkit.verify import sample_text
 
     if getattr(scorer, "n_vocab", vocab_size) != vocab_size:
         raise QuantkitError(f"{scorer.name} has a vocabulary of {scorer.n_vocab}, the original {vocab_size}",
                             "evaluate artifacts against the checkpoint they were made from")
+    tokenize = getattr(scorer, "tokenize", None)
     model = getattr(scorer, "model", None)
-    if model is not None and hasattr(model, "tokenize"):
-        text = sample_text(2000)
-        if first_token_difference(model, text, tokenizer(text)["input_ids"]) is not None:
-            raise QuantkitError(f"{scorer.name} tokenizes Russian text differently from the original model",
-                                "evaluate artifacts against the checkpoint they were made from")
+    if tokenize is None and model is not None and hasattr(model, "tokenize"):  # a llama.cpp model
+        def tokenize(text: str) -> list[int]:
+            return list(model.tokenize(text, add_special=True))
+    if tokenize is None:
+        return
+    text = sample_text(2000)
+    bos = getattr(tokenizer, "bos_token_id", None)
+
+    def strip(ids: list[int]) -> list[int]:
+        return ids[1:] if ids and bos is not None and ids[0] == bos else ids
+
+    ours, theirs = strip(list(tokenize(text))), strip(list(tokenizer(text)["input_ids"]))
+    if ours != theirs:
+        at = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours),
+                                                                                               len(theirs)))
+        raise QuantkitError(f"{scorer.name} tokenizes Russian text differently from the original model (from token "
+                            f"{at} on)", "evaluate artifacts against the checkpoint they were made from")
 
 
 def evaluate_workspace(
@@ -334,7 +349,7 @@ def _evaluate(ws: Workspace, *, only: list[Path] | None, eval_spec: str, n_ctx: 
             else:
                 scorer = backend.scorer(path, n_ctx=n_ctx)
                 try:
-                    check_tokenizer(scorer, tok, int(ckpt.config["vocab_size"]))
+                    check_tokenizer(scorer, tok, ckpt.arch.vocab_size)
                     task = bar.add_task(f"eval {Path(key).name}", total=len(toks.chunks))
                     result = score(scorer, toks, ref, on_chunk=lambda t=task: bar.advance(t))
                 finally:

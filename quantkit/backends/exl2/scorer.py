@@ -29,6 +29,7 @@ class EXL2Scorer:
         config.max_seq_len = n_ctx
         config.max_input_len = n_ctx
         config.max_attention_size = n_ctx * n_ctx
+        self.config = config
         self.model = ExLlamaV2(config)
         self.model.load()
         self.n_vocab = int(config.vocab_size)
@@ -43,6 +44,13 @@ class EXL2Scorer:
         with torch.inference_mode():
             logits = self.model.forward(ids, cache=None)
         return logits[0, first:, : self.n_vocab].float().cpu().numpy()
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text` by exllamav2's tokenizer for this folder (without a BOS: the check ignores it)."""
+        from exllamav2 import ExLlamaV2Tokenizer
+
+        ids = ExLlamaV2Tokenizer(self.config).encode(text, add_bos=False, encode_special_tokens=False)
+        return [int(i) for i in ids.reshape(-1).tolist()]
 
     def close(self) -> None:
         model = getattr(self, "model", None)

@@ -54,7 +54,9 @@ class TransformersScorer:
         import torch
 
         self.name = name or Path(path).name
+        self.path = Path(path)
         self.n_ctx = n_ctx
+        self._tokenizer: Any = None
         self.device = "cuda:0" if torch.cuda.is_available() else "cpu"
         with contextlib.redirect_stdout(sys.stderr), _hub_env_kept():
             self.model = self._load(Path(path))
@@ -96,6 +98,14 @@ class TransformersScorer:
         with torch.inference_mode(), contextlib.redirect_stdout(sys.stderr):
             logits = self.model(input_ids=ids, use_cache=False).logits[0, first:]
         return logits.float().cpu().numpy()
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text` by the artifact's own tokenizer files (what transformers, vLLM and TGI will use)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+        return list(self._tokenizer(text)["input_ids"])
 
     def close(self) -> None:
         import gc
