@@ -91,7 +91,7 @@ def show_plan(summary: dict[str, Any], json_output: bool) -> None:
         table.add_column(col)
     for step in summary["plan"]:
         size = step.get("estimated_size")
-        table.add_row(str(step.get("step", "")), str(step.get("output", "")),
+        table.add_row(str(step.get("step", "")), str(step.get("output") or ""),
                       human_size(size) if isinstance(size, int | float) else "",
                       step.get("status") or ("done" if step.get("done") else "to do"))
     out = console.table_console()

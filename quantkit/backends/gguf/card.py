@@ -111,7 +111,21 @@ class GGUFSections(BackendBase):
             if q != outtype:
                 steps.append({"step": f"quantize → {q}", "output": f"gguf/{model}-{q}.gguf",
                               "estimated_size": size(APPROX_BPW.get(q, 8.5))})
+        targets = list(options.targets)  # type: ignore[attr-defined]
+        if targets:
+            steps.append({"step": "measure each tensor's damage per type (one quantization per candidate)",
+                          "output": "gguf/target-measure.json", "estimated_size": 0})
+        for t in targets:
+            bits = float(t[:-3]) if t.endswith("bpw") else None
+            steps.append({"step": f"quantize → best mix under {t}", "output": f"gguf/{model}-<bpw>bpw.gguf",
+                          "estimated_size": size(bits) if bits else _budget(t)})
         return [{**s, "done": False} for s in steps]
+
+
+def _budget(target: str) -> int:
+    from quantkit.backends.gguf.target import parse_size
+
+    return parse_size(target)
 
 
 def uses_imatrix(ws: Workspace, arts: Entries) -> bool:
