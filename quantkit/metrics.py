@@ -28,10 +28,21 @@ def kld_full(prob: np.ndarray, negent: np.ndarray, logq: np.ndarray) -> np.ndarr
     return negent - np.einsum("ij,ij->i", prob, logq)
 
 
+def logsumexp(x: np.ndarray) -> np.ndarray:
+    """log Σ exp over the last axis: one float32 pass over the data, the sums in float64."""
+    top = x.max(-1, keepdims=True)
+    sums = np.exp(x - top).sum(-1, dtype=np.float64)
+    return np.log(sums) + top[..., 0].astype(np.float64)
+
+
 def kld_top(top_ids: np.ndarray, top_logp: np.ndarray, logq: np.ndarray) -> np.ndarray:
     """KL(p‖q) per row from p's top-k log-probabilities and the tail mass beyond them (a lower bound of the
     full KL-divergence, tight when the top k hold most of p)."""
-    lq_top = np.take_along_axis(logq, top_ids, -1)
+    return kld_top_q(top_logp, np.take_along_axis(logq, top_ids, -1))
+
+
+def kld_top_q(top_logp: np.ndarray, lq_top: np.ndarray) -> np.ndarray:
+    """`kld_top` from q's log-probabilities at p's top-k columns alone (no full log q needed)."""
     p_top, q_top = np.exp(top_logp), np.exp(lq_top)
     p_tail = np.clip(1.0 - p_top.sum(-1), 1e-12, None)
     q_tail = np.clip(1.0 - q_top.sum(-1), 1e-12, None)

@@ -113,3 +113,45 @@ def test_plain_run_imports_neither_torch_nor_transformers(qwen2_ckpt: Path, tmp_
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
     assert (tmp_path / "ws" / "gguf").is_dir()
+
+
+def test_logsumexp_and_top_k_columns() -> None:
+    from quantkit.metrics import kld_top_q, logsumexp
+
+    rng = np.random.default_rng(1)
+    logits = (rng.normal(size=(4, 1000)) * 5).astype(np.float32)
+    lq = log_softmax(logits, np.float64)
+    np.testing.assert_allclose(logsumexp(logits), (logits - lq)[:, 0], rtol=1e-6)
+    lp = log_softmax(rng.normal(size=(4, 1000)) * 5, np.float64)
+    ids, top = top_k(lp, 16)
+    lq_top = np.take_along_axis(logits, ids, -1) - logsumexp(logits)[:, None]
+    np.testing.assert_allclose(kld_top_q(top, lq_top), kld_top(ids, top, lq), rtol=1e-5)
+
+
+@pytest.mark.parametrize("fixture", ["qwen2_ckpt", "mistral_ckpt"])
+def test_fast_metadata_packing_writes_the_same_bytes(fixture: str, request: pytest.FixtureRequest, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """BPE (strings, token types, merges) and SentencePiece (scores too): the whole file is byte-identical with
+    gguf's own packing."""
+    from quantkit.backends.gguf import convert
+    from quantkit.backends.gguf.kvpack import MIN_ITEMS, fast_arrays
+    from quantkit.workspace import file_sha256
+
+    ckpt = _ckpt(request.getfixturevalue(fixture))
+    fast = convert.Converter(ckpt).write(tmp_path / "fast.gguf")[0]
+    monkeypatch.setattr(convert, "fast_arrays", lambda writer: None)
+    slow = convert.Converter(ckpt).write(tmp_path / "slow.gguf")[0]
+    assert file_sha256(fast) == file_sha256(slow)
+    w = gguf.GGUFWriter(tmp_path / "x.gguf", "llama")
+    plain = w._pack_val
+    fast_arrays(w)
+    n = MIN_ITEMS + 1
+    for val, sub in ([["а", "бв", "ж" * 300] * n, None], [[1, 2, -3] * n, None], [[0.5, -1e-8] * n, None],
+                     [[1, 2, 3] * n, gguf.GGUFValueType.UINT8], [[1, 2.5] * n, None], [[True] * n, None]):
+        try:
+            want = plain(val, gguf.GGUFValueType.ARRAY, True, sub)
+        except ValueError:
+            with pytest.raises(ValueError):
+                w._pack_val(val, gguf.GGUFValueType.ARRAY, True, sub)
+            continue
+        assert w._pack_val(val, gguf.GGUFValueType.ARRAY, True, sub) == want

@@ -20,6 +20,7 @@ import gguf
 import numpy as np
 
 from quantkit import __version__, console
+from quantkit.backends.gguf.kvpack import fast_arrays
 from quantkit.backends.gguf.tokenizer import add_vocab, vocab_token_count
 from quantkit.errors import QuantkitError
 from quantkit.safetensors_io import TensorSource, to_f32
@@ -307,6 +308,7 @@ class Converter:
         with staging_dir(out) as stage:
             writer = gguf.GGUFWriter(stage.work / out.name, gguf.MODEL_ARCH_NAMES[self.gguf_arch],
                                      split_max_size=split_max_size)
+            fast_arrays(writer)
             self.write_metadata(writer)
             for t in planned:
                 dtype, size = self._storage(t.qtype)

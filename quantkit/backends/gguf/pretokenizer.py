@@ -66,11 +66,11 @@ def probe_text() -> str:
 
 def by_hash(folder: Path) -> str | None:
     """llama.cpp's converter's name for this tokenizer, found by the hash of its ids for the probe text."""
-    from tokenizers import Tokenizer
+    from quantkit.backends.gguf.tokenizer import fast_tokenizer
 
     # the tokenizers library gives the ids transformers' fast tokenizer gives (special tokens added by the file's
     # post-processor), without importing transformers and torch
-    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(probe_text()).ids
+    ids = fast_tokenizer(folder).encode(probe_text()).ids
     return _data()["hashes"].get(sha256(str(ids).encode()).hexdigest())
 
 

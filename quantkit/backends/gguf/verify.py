@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from quantkit.errors import QuantkitError
-from quantkit.metrics import kld_full, kld_top, log_softmax, top2_gap
+from quantkit.metrics import kld_full, kld_top_q, log_softmax, logsumexp, top2_gap
 from quantkit.source import Checkpoint
 from quantkit.verify import first_token_difference, sample_text
 from quantkit.workspace import Workspace
@@ -67,12 +67,13 @@ class Verifier:
                else compute_reference(self.ckpt, toks, stop=1))
         n_pos = n_ctx - 1 - toks.first
         logits = scorer.chunk_logits(toks.chunks[0], toks.first)[:n_pos]
-        lq = log_softmax(logits, np.float64)
         if ref.mode == "full":
-            kld_rows = kld_full(ref.prob[0], ref.negent[0], lq)  # type: ignore[index]
+            kld_rows = kld_full(ref.prob[0], ref.negent[0], log_softmax(logits, np.float64))  # type: ignore[index]
             gap = top2_gap(np.log(np.maximum(ref.prob[0], 1e-38)))  # type: ignore[index]
-        else:
-            kld_rows = kld_top(ref.top_ids[0], ref.top_logp[0], lq)  # type: ignore[index]
+        else:  # only the reference's top-k columns and the normaliser: no vocabulary-sized float64 matrix
+            ids = ref.top_ids[0]  # type: ignore[index]
+            lq_top = np.take_along_axis(logits, ids, -1).astype(np.float64) - logsumexp(logits)[:, None]
+            kld_rows = kld_top_q(ref.top_logp[0], lq_top)  # type: ignore[index]
             gap = top2_gap(ref.top_logp[0])  # type: ignore[index]
         kld = float(np.maximum(kld_rows, 0.0).mean())
         decided = gap >= TIE
