@@ -12,6 +12,7 @@ is what llama.cpp does with a BF16 GGUF.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from collections.abc import Callable, Iterator
@@ -71,6 +72,8 @@ class LayerwiseModel:
             state[name] = self._tensor(full)
         module.load_state_dict(state, strict=False, assign=False)
         self.arch.fix_buffers(prefix.removeprefix(self.prefix).rstrip("."), module)
+        if self.device == "cpu" and self.dtype == torch.float32 and prefix != "lm_head.":  # the head: see below
+            _onednn_linears(module)
         return module
 
     def _tensor(self, name: str) -> Any:
@@ -143,6 +146,24 @@ class LayerwiseModel:
             for h in hidden:
                 out = head(norm(h[:, first:])).float().cpu().numpy()
                 yield from out
+
+
+def _onednn_linears(module: Any) -> None:
+    """Run a loaded module's float32 ``nn.Linear`` layers on oneDNN's GEMM with the weights as they are: torch's
+    default float32 GEMM (MKL) ran at 40% of its speed here (178 vs 435 GFLOPS on 2 AMD Zen 4 cores), with the same
+    float32 accuracy (relative error 4e-7 against float64). Not for the output head: oneDNN keeps a packed copy of
+    the weight, which for a 152k vocabulary is 0.5 GB more at the peak for a few percent of the work."""
+    torch = _torch()
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        return
+    for sub in module.modules():
+        if isinstance(sub, torch.nn.Linear) and sub.weight.dtype == torch.float32:
+            sub.forward = functools.partial(_onednn_linear, op, sub)
+
+
+def _onednn_linear(op: Any, linear: Any, x: Any) -> Any:
+    return op(x, linear.weight, linear.bias, "none", [], "")
 
 
 def hf_module_to_gguf(ckpt: Checkpoint) -> Callable[[str], str | None]:

@@ -41,6 +41,8 @@ class Verifier:
         """Raise a `QuantkitError` when the file is broken; return what was checked."""
         from quantkit.backends.gguf.llamacpp import LlamaModel, LlamaScorer
 
+        # the reference first: transformers' memory is freed before llama.cpp maps the file (a lower peak)
+        ref = self._reference(n_ctx) if forward else None
         scorer = LlamaScorer(path, n_ctx=n_ctx) if forward else None
         model = scorer.model if scorer is not None else LlamaModel(path)
         try:
@@ -52,20 +54,24 @@ class Verifier:
                     "the tokenizer metadata is wrong; report it with the model id",
                 )
             report: dict[str, Any] = {"loads": True, "tokenizer_parity": True, "tokens_compared": len(self.hf_ids)}
-            if scorer is not None:
-                report.update(self._forward(scorer, Path(path).name, n_ctx))
+            if scorer is not None and ref is not None:
+                report.update(self._forward(scorer, Path(path).name, *ref))
         finally:
             (scorer or model).close()
         return report
 
-    def _forward(self, scorer: Any, name: str, n_ctx: int) -> dict[str, Any]:
-        """KL-divergence and top-1 agreement with the bf16 reference on the eval text's first chunk."""
+    def _reference(self, n_ctx: int) -> tuple[Any, Any]:
+        """The eval tokens and the bf16 reference of their first chunk (from the workspace when it has it)."""
         from quantkit.evaluate import cached_reference, compute_reference, eval_tokens
 
         toks = eval_tokens(self.ckpt, EVAL_SPEC, n_ctx, None, self.tok)
         ref = (cached_reference(self.ws, self.ckpt, toks, 1) if self.ws is not None
                else compute_reference(self.ckpt, toks, stop=1))
-        n_pos = n_ctx - 1 - toks.first
+        return toks, ref
+
+    def _forward(self, scorer: Any, name: str, toks: Any, ref: Any) -> dict[str, Any]:
+        """KL-divergence and top-1 agreement with the bf16 reference on the eval text's first chunk."""
+        n_pos = toks.chunks.shape[1] - 1 - toks.first
         logits = scorer.chunk_logits(toks.chunks[0], toks.first)[:n_pos]
         if ref.mode == "full":
             kld_rows = kld_full(ref.prob[0], ref.negent[0], log_softmax(logits, np.float64))  # type: ignore[index]
