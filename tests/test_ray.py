@@ -15,10 +15,12 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +87,16 @@ def lock_holder(ws: Path) -> int | None:
     except ProcessLookupError:
         return None
     return pid
+
+
+def wait_until_converted(proc: subprocess.Popen[str], ws: Path) -> None:
+    """Until the run `proc` has converted one of the models a and b (it is then mid-run)."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any("gguf.convert" in finished(ws / m) for m in ("a", "b")):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
 
 
 def session_pids(sid: int) -> list[int]:
@@ -172,6 +184,7 @@ def test_a_worker_killed_mid_step_is_retried_and_redoes_nothing_finished(tmp_pat
     types = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M"]
     job = Job(source=str(llama3_ckpt), formats=(FormatJob("gguf", (GGUFOptions(types=types, verify=False),)),),
               settings=Settings(calib_samples=16, calib_seq_len=128, threads=1), workspace_root=tmp_path / "ws")
+    steps = {"gguf.convert", "calibration.rows", "gguf.imatrix", *(f"gguf.quantize.{t}" for t in types)}
     seen: dict[str, Any] = {}
 
     def killer() -> None:
@@ -179,7 +192,7 @@ def test_a_worker_killed_mid_step_is_retried_and_redoes_nothing_finished(tmp_pat
         while time.monotonic() < deadline:
             done = finished(ws)
             pid = lock_holder(ws)
-            if pid and pid != os.getpid() and "gguf.convert" in done and len(done) < 2 + len(types):
+            if pid and pid != os.getpid() and "gguf.convert" in done and set(done) != steps:
                 seen.update(pid=pid, done=done, mtime=(ws / "gguf" / "tiny-llama3-BF16.gguf").stat().st_mtime_ns)
                 os.kill(pid, signal.SIGKILL)  # the Ray worker running the task, mid-step
                 return
@@ -192,7 +205,7 @@ def test_a_worker_killed_mid_step_is_retried_and_redoes_nothing_finished(tmp_pat
     assert seen, "the worker was never caught mid-run"
     assert not result.failed, result.rows  # Ray ran the task again
     now = finished(ws)
-    assert len(now) == 2 + len(types) > len(seen["done"])  # convert, imatrix, one per type: the rest is done now
+    assert set(now) == steps != set(seen["done"])  # what was left when it died is done now
     assert {k: now[k] for k in seen["done"]} == seen["done"]  # finished steps kept their timestamps...
     assert (ws / "gguf" / "tiny-llama3-BF16.gguf").stat().st_mtime_ns == seen["mtime"]  # ...and were not rewritten
     assert int((ws / ".quantkit.lock").read_text().split()[0]) != seen["pid"]  # another worker finished it
@@ -208,13 +221,8 @@ def test_killing_the_whole_run_then_rerunning_finishes_only_the_rest(tmp_path: P
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     ws = tmp_path / "ws"
-    deadline = time.monotonic() + 240
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if any("gguf.convert" in finished(ws / m) for m in ("a", "b")):
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        wait_until_converted(proc, ws)
     finally:
         for pid in session_pids(proc.pid):  # the driver, its local cluster and the workers
             os.kill(pid, signal.SIGKILL)
@@ -240,6 +248,61 @@ def test_killing_the_whole_run_then_rerunning_finishes_only_the_rest(tmp_path: P
     rows = json.loads(again.stdout)["rows"]
     assert {(r["model"], r["quant"], r["status"]) for r in rows} == {
         (m, q, "ok") for m in ("a", "b") for q in ("BF16", "Q8_0")}
+
+
+@pytest.fixture
+def ray_head(tmp_path: Path) -> Iterator[str]:
+    """A Ray cluster started as a user starts one (`ray start --head`, 2 CPUs, 1 fake_gpu); its address."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path / "ray-head.log"
+    with open(log, "w", encoding="utf-8") as out:
+        head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--port", str(port),
+                                 "--num-cpus", "2", "--resources", '{"fake_gpu": 1}', "--include-dashboard", "false",
+                                 "--disable-usage-stats", "--block"], stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in log.read_text(encoding="utf-8", errors="replace"):
+            assert head.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        for pid in session_pids(head.pid):  # the head and every process it started
+            os.kill(pid, signal.SIGKILL)
+        head.wait()
+
+
+@pytest.mark.slow
+def test_a_run_on_a_cluster_whose_driver_dies_resumes(tmp_path: Path, llama3_ckpt: Path, qwen2_ckpt: Path,
+                                                     ray_head: str) -> None:
+    """`--address` of a cluster started with `ray start --head`: when the driver dies, Ray stops its tasks (no
+    writer is left in the workspaces) and the same command finishes only what was left."""
+    recipe = write_recipe(tmp_path, {"a": llama3_ckpt, "b": qwen2_ckpt}, gptq=False)
+    cmd = [*QK, "run", str(recipe), "--executor", "ray", "--address", ray_head, "--json"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+    ws = tmp_path / "ws"
+    try:
+        wait_until_converted(driver, ws)
+        workers = {m: lock_holder(ws / m) for m in ("a", "b")}
+    finally:
+        driver.kill()  # the driver alone: the cluster lives on
+        driver.wait()
+    for _ in range(300):
+        if not any(lock_holder(ws / m) for m in ("a", "b")):
+            break
+        time.sleep(0.1)
+    assert any(workers.values()) and not any(lock_holder(ws / m) for m in ("a", "b")), workers
+    before = {m: finished(ws / m) for m in ("a", "b")}
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for m, steps in before.items():
+        after = finished(ws / m)
+        assert {"gguf.convert", "gguf.imatrix", "gguf.quantize.Q8_0"} <= set(after), after
+        assert {k: after[k] for k in steps} == steps  # finished steps were not run again
 
 
 def write_recipe(folder: Path, models: dict[str, Path], *, gptq: bool = True) -> Path:

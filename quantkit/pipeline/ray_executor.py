@@ -29,6 +29,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import time
@@ -49,6 +50,7 @@ from quantkit.pipeline.job import FormatResult, Job, JobResult, Resources, row
 GPU_RESOURCE_ENV = "QUANTKIT_RAY_GPU_RESOURCE"
 MAX_RETRIES = 2
 PROBE_PREFIX = ".quantkit-probe-"
+PROBE_TIMEOUT = 120  # seconds
 # the driver's variables that every task gets (Hub access and quantkit's own switches); machine paths stay behind
 FORWARDED_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_XET",
                  "QUANTKIT_DEBUG")
@@ -190,6 +192,18 @@ def workspace_roots(jobs: Sequence[Job]) -> list[Path]:
     return roots
 
 
+def use_token_if_here() -> None:
+    """Authenticate to a cluster by address with the token found here (RAY_AUTH_TOKEN, ~/.ray/auth_token), as
+    `ray start --address` does; Ray's driver does that only for a cluster it finds by itself."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # another Ray version: RAY_AUTH_MODE=token does the same
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 def _probe(paths: list[str], sources: list[str]) -> dict[str, Any]:
     """On a worker: which probe files it can read (their contents) and which source folders it sees."""
     found: dict[str, str | None] = {}
@@ -242,13 +256,15 @@ class RayExecutor:
         if ray.is_initialized():  # a caller (a notebook, a test) is connected already: use it, leave it running
             yield
             return
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the token notice; a real cluster sets its own
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False,
                                   "logging_level": "error"}
         if self.address:
             kwargs["address"] = self.address
+            use_token_if_here()
         else:
             kwargs["address"] = "local"
+            # Ray's default (token authentication, a token made in ~/.ray) without its notice on the terminal
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             if self.num_cpus is not None:
                 kwargs["num_cpus"] = self.num_cpus
             if self.resources:
@@ -257,8 +273,10 @@ class RayExecutor:
             ray.init(**kwargs)
         except ConnectionError as exc:
             raise QuantkitError(f"cannot reach the Ray cluster at {self.address}: {exc}",
-                                "start it with `ray start --head` (workers: `ray start --address HEAD:6379`), "
-                                "or leave --address and RAY_ADDRESS unset for a cluster on this machine") from None
+                                "start it with `ray start --head` (workers: `ray start --address HEAD:6379`); a "
+                                "cluster with token authentication (Ray's default) needs its token here too "
+                                "(~/.ray/auth_token or RAY_AUTH_TOKEN); leave --address and RAY_ADDRESS unset for "
+                                "a cluster on this machine") from None
         try:
             yield
         finally:
@@ -283,7 +301,10 @@ class RayExecutor:
             nodes = [n for n in ray.nodes() if n.get("Alive")]
             refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                     .remote(list(probes), sources) for n in nodes]
-            answers = ray.get(refs, timeout=120)
+            answers = ray.get(refs, timeout=PROBE_TIMEOUT)
+        except ray.exceptions.GetTimeoutError:
+            raise QuantkitError(f"the storage probe got no answer from every node within {PROBE_TIMEOUT} s",
+                                "check the cluster with `ray status`") from None
         finally:
             for p in probes:
                 with contextlib.suppress(OSError):
