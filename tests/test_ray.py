@@ -27,11 +27,13 @@ from typing import Any
 import pytest
 import ray
 import yaml
+from hub_server import USER, WRITE_TOKEN, FakeHub
 
 from quantkit import console
 from quantkit.backends.exl2.options import EXL2Options
 from quantkit.backends.gguf.backend import GGUFOptions
 from quantkit.backends.gptq.options import GPTQOptions
+from quantkit.errors import QuantkitError
 from quantkit.pipeline import FormatJob, Job, LocalExecutor, Resources, Settings, get_executor
 from quantkit.pipeline.ray_executor import PROBE_PREFIX, RayExecutor, ray_options, task_plan
 
@@ -151,6 +153,27 @@ def test_dry_run_with_the_ray_executor_shows_the_tasks(tmp_path: Path, llama3_ck
 
 
 @pytest.mark.slow
+def test_an_error_is_a_failure_not_a_crash_to_retry(tmp_path: Path, llama3_ckpt: Path) -> None:
+    """A task that raises (here: a calibration file that is not there) fails its model at once, with the message;
+    the other model still runs; a one-model command (`strict`) gets the error itself. A cluster the caller is
+    connected to already is used and left running."""
+    bad = Job(source=str(llama3_ckpt), formats=(GGUF,), workspace_root=tmp_path / "ws", name="bad",
+              settings=Settings(calibration=str(tmp_path / "missing.txt"), calib_samples=4, calib_seq_len=64))
+    good = Job(source=str(llama3_ckpt), formats=(GGUF,), settings=QUICK, workspace_root=tmp_path / "ws")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        first, second = RayExecutor().run([bad, good], keep_going=True)
+        assert ray.is_initialized()
+        assert first.failed and first.rows[0]["status"] == "failed"
+        assert "missing.txt does not exist" in first.rows[0]["note"], first.rows
+        assert not second.failed and {r["quant"] for r in second.rows} == {"BF16", "Q8_0"}
+        with pytest.raises(QuantkitError, match="missing.txt does not exist"):
+            RayExecutor().run([bad], strict=True)
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
 def test_ray_makes_what_the_local_executor_makes(tmp_path: Path, llama3_ckpt: Path, qwen2_ckpt: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     def jobs(root: Path) -> list[Job]:
@@ -251,6 +274,12 @@ def test_killing_the_whole_run_then_rerunning_finishes_only_the_rest(tmp_path: P
 
 
 @pytest.fixture
+def hub() -> Iterator[FakeHub]:
+    with FakeHub.running() as server:
+        yield server
+
+
+@pytest.fixture
 def ray_head(tmp_path: Path) -> Iterator[str]:
     """A Ray cluster started as a user starts one (`ray start --head`, 2 CPUs, 1 fake_gpu); its address."""
     with socket.socket() as sock:
@@ -272,16 +301,21 @@ def ray_head(tmp_path: Path) -> Iterator[str]:
         for pid in session_pids(head.pid):  # the head and every process it started
             os.kill(pid, signal.SIGKILL)
         head.wait()
+        current = Path("/tmp/ray/ray_current_cluster")  # what `ray stop` would remove: ray.init() must not find it
+        if current.exists() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
 
 
 @pytest.mark.slow
 def test_a_run_on_a_cluster_whose_driver_dies_resumes(tmp_path: Path, llama3_ckpt: Path, qwen2_ckpt: Path,
-                                                     ray_head: str) -> None:
+                                                     ray_head: str, hub: FakeHub) -> None:
     """`--address` of a cluster started with `ray start --head`: when the driver dies, Ray stops its tasks (no
-    writer is left in the workspaces) and the same command finishes only what was left."""
-    recipe = write_recipe(tmp_path, {"a": llama3_ckpt, "b": qwen2_ckpt}, gptq=False)
+    writer is left in the workspaces) and the same command finishes only what was left, publishing included: the
+    workers publish with the Hub settings of the driver's shell (the cluster was started without them)."""
+    recipe = write_recipe(tmp_path, {"a": llama3_ckpt, "b": qwen2_ckpt}, gptq=False, publish=True)
     cmd = [*QK, "run", str(recipe), "--executor", "ray", "--address", ray_head, "--json"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
+           "HF_TOKEN": WRITE_TOKEN}
     driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True)
     ws = tmp_path / "ws"
@@ -303,10 +337,13 @@ def test_a_run_on_a_cluster_whose_driver_dies_resumes(tmp_path: Path, llama3_ckp
         after = finished(ws / m)
         assert {"gguf.convert", "gguf.imatrix", "gguf.quantize.Q8_0"} <= set(after), after
         assert {k: after[k] for k in steps} == steps  # finished steps were not run again
+        assert {f"{m}-Q8_0.gguf", "README.md"} <= set(hub.files(f"{USER}/{m}-GGUF"))
+    assert {r["url"] for r in json.loads(again.stdout)["rows"]} == {f"{hub.url}/{USER}/{m}-GGUF" for m in "ab"}
 
 
-def write_recipe(folder: Path, models: dict[str, Path], *, gptq: bool = True) -> Path:
-    """A recipe of fixture models (linked under ``folder/models``), GGUF Q8_0 (and GPTQ 8-bit), no evaluation."""
+def write_recipe(folder: Path, models: dict[str, Path], *, gptq: bool = True, publish: bool = False) -> Path:
+    """A recipe of fixture models (linked under ``folder/models``), GGUF Q8_0 (and GPTQ 8-bit), no evaluation;
+    published under the fake Hub's user with `publish`."""
     (folder / "models").mkdir(parents=True, exist_ok=True)
     entries = []
     for name, ckpt in models.items():
@@ -315,8 +352,8 @@ def write_recipe(folder: Path, models: dict[str, Path], *, gptq: bool = True) ->
         if gptq:
             entry["gptq"] = {"bits": 8, "group_size": 32}
         entries.append(entry)
-    recipe = {"defaults": {"calib_samples": 4, "calib_seq_len": 64, "threads": 1, "eval": False, "workspace": "ws"},
-              "models": entries}
+    recipe = {"defaults": {"calib_samples": 4, "calib_seq_len": 64, "threads": 1, "eval": False, "workspace": "ws",
+                           "publish": publish, "namespace": USER}, "models": entries}
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return path

@@ -216,11 +216,10 @@ def _probe(paths: list[str], sources: list[str]) -> dict[str, Any]:
             "sources": {s: Path(s).exists() for s in sources}}
 
 
-def _run_task(job: Job, keep_going: bool, strict: bool, quiet: bool, env: dict[str, str]) -> dict[str, Any]:
+def _run_task(job: Job, keep_going: bool, strict: bool, quiet: bool) -> dict[str, Any]:
     """On a worker: run one model with one format, exactly as the local executor would."""
     from quantkit.pipeline.run import run_job
 
-    os.environ.update(env)
     console.configure(quiet=quiet)
     started = time.monotonic()
     result = run_job(job, keep_going=keep_going, strict=strict)
@@ -352,7 +351,8 @@ class RayExecutor:
     def _run(self, jobs: Sequence[Job], tasks: list[Task], *, keep_going: bool, strict: bool) -> list[JobResult]:
         self._fit(tasks)
         remote = ray.remote(max_calls=1)(_run_task)  # a fresh process per task: no state, GPU memory freed
-        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}  # set before the worker imports anything
+        runtime_env = {"runtime_env": {"env_vars": env}} if env else {}
         queues: dict[int, deque[Task]] = {}
         for t in tasks:
             queues.setdefault(t.index, deque()).append(t)
@@ -378,9 +378,9 @@ class RayExecutor:
                     queue.popleft()
                     if not queue:
                         del queues[index]
-                    ref = remote.options(**task.options, max_retries=self.max_retries, retry_exceptions=False,
-                                         name=f"quantkit {task.name}").remote(
-                        with_threads(task), keep_going, strict, console.is_quiet(), env)
+                    ref = remote.options(**task.options, **runtime_env, max_retries=self.max_retries,
+                                         retry_exceptions=False, name=f"quantkit {task.name}").remote(
+                        with_threads(task), keep_going, strict, console.is_quiet())
                     task.started = time.monotonic()
                     running[ref] = task
                     if task.repo:
