@@ -154,9 +154,9 @@ def test_dry_run_with_the_ray_executor_shows_the_tasks(tmp_path: Path, llama3_ck
 
 @pytest.mark.slow
 def test_an_error_is_a_failure_not_a_crash_to_retry(tmp_path: Path, llama3_ckpt: Path) -> None:
-    """A task that raises (here: a calibration file that is not there) fails its model at once, with the message;
-    the other model still runs; a one-model command (`strict`) gets the error itself. A cluster the caller is
-    connected to already is used and left running."""
+    """A task that raises (here: a calibration file that is not there) fails its model with the message (Ray is
+    told not to retry exceptions: only a dead worker is retried); the other model still runs; a one-model command
+    (`strict`) gets the error itself. A cluster the caller is connected to already is used and left running."""
     bad = Job(source=str(llama3_ckpt), formats=(GGUF,), workspace_root=tmp_path / "ws", name="bad",
               settings=Settings(calibration=str(tmp_path / "missing.txt"), calib_samples=4, calib_seq_len=64))
     good = Job(source=str(llama3_ckpt), formats=(GGUF,), settings=QUICK, workspace_root=tmp_path / "ws")

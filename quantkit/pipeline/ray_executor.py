@@ -66,6 +66,7 @@ class Task:
     resources: Resources
     name: str  # "<model> <format>"
     repo: str | None = None  # the Hub repo it publishes to (at most one task per repo at a time)
+    lane: str = ""  # its workspace: one task per workspace at a time (they would refuse each other's lock)
     started: float = 0.0
     options: dict[str, Any] = field(default_factory=dict)  # Ray's options for it
 
@@ -86,6 +87,8 @@ def absolute(job: Job) -> Job:
         changes["workspace"] = Path(os.path.abspath(Path(job.workspace).expanduser()))
     if job.workspace_root is not None:
         changes["workspace_root"] = Path(os.path.abspath(Path(job.workspace_root).expanduser()))
+    elif job.workspace is None:  # the default, ./quants/<model>, is the driver's
+        changes["workspace_root"] = Path(os.path.abspath("quants"))
     return replace(job, **changes) if changes else job
 
 
@@ -114,7 +117,8 @@ def tasks_for(jobs: Sequence[Job]) -> list[Task]:
         per_format = format_resources(job)
         for k, fj in enumerate(job.formats):
             out.append(Task(index=i, order=k, job=replace(job, formats=(fj,)), resources=per_format[fj.format],
-                            name=f"{name} {fj.format}", repo=fj.repo if job.settings.publish else None))
+                            name=f"{name} {fj.format}", repo=fj.repo if job.settings.publish else None,
+                            lane=str(job.workspace_for(name))))
     return out
 
 
@@ -364,8 +368,8 @@ class RayExecutor:
         try:
             while queues or running:
                 for index in list(queues):
-                    if any(t.index == index for t in running.values()):
-                        continue  # the model's previous format is still running
+                    if any(t.lane == queues[index][0].lane for t in running.values()):
+                        continue  # the model's previous format (or another job on its workspace) is running
                     queue = queues[index]
                     if stopped:
                         for t in queue:
@@ -400,8 +404,8 @@ class RayExecutor:
                         for t in later:
                             parts[task.index].append((t.order, not_run(t.job, "an earlier step failed")))
                         stopped = stopped or not keep_going
-                    mark = "[red]failed[/]" if result.failed else "[green]done[/]"
-                    console.info(f"[dim]✓[/] {task.name}: {mark} ({finished}/{total}, "
+                    mark = "[red]✗[/] {}: [red]failed[/]" if result.failed else "[dim]✓[/] {}: [green]done[/]"
+                    console.info(f"{mark.format(task.name)} ({finished}/{total}, "
                                  f"{time.monotonic() - task.started:.1f} s" + (f" on {node}" if node else "") + ")")
         except BaseException:
             for ref in running:  # Ctrl-C or a strict failure: the cluster stops what this run started
