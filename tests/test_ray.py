@@ -6,7 +6,13 @@
   what was left: finished steps keep their timestamps and their files are not rewritten;
 - killing the whole `quantkit run --executor ray` process tree (driver, local cluster, workers) and rerunning
   finishes the rest without redoing finished steps;
+- on a cluster started with `ray start --head` and joined with `--address`, killing the driver alone stops its
+  tasks (Ray's fate sharing) and the rerun finishes the rest and publishes from the workers;
+- a task that raises fails its model with the message (not retried); `strict` re-raises it;
 - the plan (`--dry-run --executor ray`) says which task runs which steps and what each asks for.
+
+One thread per task (``threads: 1``) in the comparison: GPTQ's bytes depend on torch's thread count (a local run
+with 2 threads and one with 1 differ), and a Ray task uses as many threads as the CPUs it asked for.
 """
 
 from __future__ import annotations
