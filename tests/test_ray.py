@@ -41,7 +41,8 @@ from quantkit.backends.gguf.backend import GGUFOptions
 from quantkit.backends.gptq.options import GPTQOptions
 from quantkit.errors import QuantkitError
 from quantkit.pipeline import FormatJob, Job, LocalExecutor, Resources, Settings, get_executor
-from quantkit.pipeline.ray_executor import PROBE_PREFIX, RayExecutor, ray_options, task_plan
+from quantkit.pipeline.ray_executor import PROBE_PREFIX, RayExecutor
+from quantkit.pipeline.ray_tasks import ray_options, task_plan
 
 QK = [sys.executable, "-m", "quantkit.cli.app"]
 QUICK = Settings(calib_samples=4, calib_seq_len=64, threads=1)  # one thread: GPTQ's bytes depend on the count
