@@ -8,6 +8,8 @@
   finishes the rest without redoing finished steps;
 - on a cluster started with `ray start --head` and joined with `--address`, killing the driver alone stops its
   tasks (Ray's fate sharing) and the rerun finishes the rest and publishes from the workers;
+- a node that cannot read the driver's probe file in the workspace folder (a cluster in its own mount namespace
+  with an empty file system over that folder) stops the run in one line before any work;
 - a task that raises fails its model with the message (not retried); `strict` re-raises it;
 - the plan (`--dry-run --executor ray`) says which task runs which steps and what each asks for.
 
@@ -17,6 +19,7 @@ with 2 threads and one with 1 differ), and a Ray task uses as many threads as th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -286,18 +289,23 @@ def hub() -> Iterator[FakeHub]:
         yield server
 
 
-@pytest.fixture
-def ray_head(tmp_path: Path) -> Iterator[str]:
-    """A Ray cluster started as a user starts one (`ray start --head`, 2 CPUs, 1 fake_gpu); its address."""
+@contextlib.contextmanager
+def head_node(tmp_path: Path, hidden: Path | None = None) -> Iterator[str]:
+    """A Ray cluster started as a user starts one (`ray start --head`, 2 CPUs, 1 fake_gpu); its address. With
+    `hidden`, the cluster runs in its own mount namespace where an empty file system is mounted over that folder:
+    a node that does not see the driver's storage."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--port", str(port), "--num-cpus", "2",
+           "--resources", '{"fake_gpu": 1}', "--include-dashboard", "false", "--disable-usage-stats", "--block"]
+    if hidden is not None:
+        hidden.mkdir(parents=True, exist_ok=True)
+        cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", 'mount -t tmpfs none "$0" && exec "$@"',
+               str(hidden), *cmd]
     log = tmp_path / "ray-head.log"
     with open(log, "w", encoding="utf-8") as out:
-        head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--port", str(port),
-                                 "--num-cpus", "2", "--resources", '{"fake_gpu": 1}', "--include-dashboard", "false",
-                                 "--disable-usage-stats", "--block"], stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        head = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while "Ray runtime started" not in log.read_text(encoding="utf-8", errors="replace"):
@@ -311,6 +319,33 @@ def ray_head(tmp_path: Path) -> Iterator[str]:
         current = Path("/tmp/ray/ray_current_cluster")  # what `ray stop` would remove: ray.init() must not find it
         if current.exists() and current.read_text().strip().endswith(f":{port}"):
             current.unlink()
+
+
+@pytest.fixture
+def ray_head(tmp_path: Path) -> Iterator[str]:
+    with head_node(tmp_path) as address:
+        yield address
+
+
+@pytest.mark.slow
+def test_a_node_that_does_not_see_the_workspace_stops_the_run_before_work(tmp_path: Path,
+                                                                          llama3_ckpt: Path) -> None:
+    """The driver writes a probe file in the workspace folder; a node that cannot read it (here: the cluster runs
+    where an empty file system hides that folder) stops the run in one line, before any work."""
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("no mount namespace here (unshare -m needs root): cannot hide the workspace from a node")
+    recipe = write_recipe(tmp_path, {"a": llama3_ckpt}, gptq=False)
+    recipe.write_text(recipe.read_text().replace("workspace: ws", "workspace: shared/ws"), encoding="utf-8")
+    with head_node(tmp_path, hidden=tmp_path / "shared") as address:
+        proc = subprocess.run([*QK, "run", str(recipe), "--executor", "ray", "--address", address], cwd=tmp_path,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                              timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: node "), proc.stderr  # one line, naming the node
+    assert f"cannot read {tmp_path / 'shared' / 'ws'}" in lines[0] and "shared file system" in lines[0]
+    assert os.listdir(tmp_path / "shared" / "ws") == [], "no work, and the probe file is removed"
 
 
 @pytest.mark.slow

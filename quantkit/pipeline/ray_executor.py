@@ -133,13 +133,13 @@ class RayExecutor:
             return
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False,
                                   "logging_level": "error"}
+        # token authentication (Ray's default; a local cluster makes a token in ~/.ray) without Ray's notice
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         if self.address:
             kwargs["address"] = self.address
             use_token_if_here()
         else:
             kwargs["address"] = "local"
-            # Ray's default (token authentication, a token made in ~/.ray) without its notice on the terminal
-            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             if self.num_cpus is not None:
                 kwargs["num_cpus"] = self.num_cpus
             if self.resources:
