@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ from quantkit.backends.gptq.options import GPTQOptions
 from quantkit.errors import QuantkitError
 from quantkit.pipeline import FormatJob, Job, LocalExecutor, Resources, Settings, get_executor
 from quantkit.pipeline.ray_executor import PROBE_PREFIX, RayExecutor
-from quantkit.pipeline.ray_tasks import ray_options, task_plan
+from quantkit.pipeline.ray_tasks import Task, ray_options, task_plan, with_threads
 
 QK = [sys.executable, "-m", "quantkit.cli.app"]
 QUICK = Settings(calib_samples=4, calib_seq_len=64, threads=1)  # one thread: GPTQ's bytes depend on the count
@@ -149,6 +150,12 @@ def test_requests_no_node_could_meet_are_fitted_to_the_cluster() -> None:
     opts, notes = ray_options(Resources(cpus=2, gpus=1), "fake_gpu", {"fake_gpu": 2.0},
                               {"CPU": 8.0, "fake_gpu": 2.0, "memory": 0.0})
     assert opts == {"num_cpus": 2, "resources": {"fake_gpu": 1}} and notes == []
+    # a task runs as many threads as CPUs it got: the job's threads, lowered with its request
+    job = Job(source="x", formats=(GGUF,), settings=Settings(threads=8))
+    lowered = Task(index=0, order=0, job=job, resources=Resources(cpus=8), name="x gguf", options={"num_cpus": 4.0})
+    assert with_threads(lowered).settings.threads == 4
+    unset = replace(lowered, job=replace(job, settings=Settings()), options={"num_cpus": 2.0})
+    assert with_threads(unset).settings.threads == 2
 
 
 def test_dry_run_with_the_ray_executor_shows_the_tasks(tmp_path: Path, llama3_ckpt: Path) -> None:

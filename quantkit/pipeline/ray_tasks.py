@@ -157,12 +157,13 @@ def workspace_roots(jobs: Sequence[Job]) -> list[Path]:
 
 
 def with_threads(task: Task) -> Job:
-    """The task's job using as many threads as CPUs it asked for (the job's own ``threads`` when it has one)."""
+    """The task's job using as many threads as CPUs it got (at most the job's own ``threads``, when it has some:
+    a request lowered to the largest node lowers its threads too)."""
     job = task.job
-    if job.settings.threads > 0:
-        return job
     n = max(1, int(task.options.get("num_cpus", task.resources.cpus)))
-    return replace(job, settings=replace(job.settings, threads=n))
+    if job.settings.threads > 0:
+        n = min(n, job.settings.threads)
+    return job if n == job.settings.threads else replace(job, settings=replace(job.settings, threads=n))
 
 
 def failed(model: str, fmt: str, note: str, error: BaseException | None) -> JobResult:
