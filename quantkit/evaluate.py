@@ -5,7 +5,9 @@ first replaced by BOS when the model adds one, and only the second half of each 
 ``n_ctx/2 .. n_ctx-2`` predicting the next token), so every prediction has at least ``n_ctx/2`` tokens of context.
 The bf16 reference is computed once through transformers (layer by layer) and cached in the workspace: full
 log-probabilities when they fit (``kld_mode: full``), otherwise the top-k log-probabilities and the tail mass
-(``kld_mode: top64``, a lower bound of the true KL-divergence that is tight in practice).
+(``kld_mode: top64``, a lower bound of the true KL-divergence that is tight in practice). The cache grows by
+chunks: GGUF verification computes and keeps the first chunk (`cached_reference`), eval adds the rest. The measures
+themselves are `quantkit.metrics`.
 """
 
 from __future__ import annotations
