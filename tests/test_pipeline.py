@@ -97,3 +97,20 @@ def test_calibration_rows_are_built_once_and_shared(tmp_path: Path, llama3_ckpt:
     _MEMO.clear()  # another shape is another step: tokenized anew
     other = JobContext(checkpoint=resolve(str(llama3_ckpt)), workspace=w, calib_samples=2, calib_seq_len=64)
     assert calibration_rows(other).rows.shape == (2, 64)
+
+
+def test_gptq_step_follows_the_thread_count(tmp_path: Path, llama3_ckpt: Path) -> None:
+    """GPTQ's CPU output depends on torch's thread count, so the count is part of its fingerprint: same threads,
+    skipped; other threads, made again (never an old file under a fingerprint that promises the new one)."""
+    ws = tmp_path / "ws"
+    args = ("gptq", str(llama3_ckpt), "--bits", "8", "--group-size", "32", "--calib-samples", "4",
+            "--calib-seq-len", "64", "-w", str(ws))
+    first = qk(*args, "--threads", "1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    step = "gptq:8bit-g32"
+    before = Workspace(ws).steps[step]
+    again = qk(*args, "--threads", "1", cwd=tmp_path)
+    assert again.returncode == 0 and Workspace(ws).steps[step]["finished"] == before["finished"]
+    other = qk(*args, "--threads", "2", cwd=tmp_path)
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert Workspace(ws).steps[step]["fingerprint"] != before["fingerprint"]

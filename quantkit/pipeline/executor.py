@@ -24,6 +24,10 @@ class Executor(Protocol):
         With `strict` the first error is raised as it is (a one-model command)."""
         ...
 
+    def plan(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
+        """Where each job's steps would run and what they ask for (``--dry-run``); starts and writes nothing."""
+        ...
+
 
 class LocalExecutor:
     """Runs every job in this process, in order."""
@@ -46,6 +50,13 @@ class LocalExecutor:
             results.append(result)
             stopped = result.failed and not keep_going
         return results
+
+    def plan(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
+        """One task per job, in order, all in this process."""
+        from quantkit.pipeline.plan import default_name
+
+        return [{"task": job.name or default_name(job.source), "after": None if i == 0 else "the previous",
+                 "steps": [f.format for f in job.formats], "asks": "this machine"} for i, job in enumerate(jobs)]
 
 
 def not_run(job: Job, why: str) -> JobResult:

@@ -55,7 +55,15 @@ _MAX_CPU_WORKERS = 12  # GPTQModel's own cap on its CPU worker pool
 def _plan_key(ctx: JobContext, opts: GPTQOptions) -> str:
     """What decides the output, as far as is known without tokenizing (for --dry-run)."""
     return fingerprint(ctx.checkpoint.fingerprint, str(ctx.calibration), ctx.calib_samples, ctx.calib_seq_len,
-                       ctx.seed, ctx.checkpoint.instruct, opts.model_dump())
+                       ctx.seed, ctx.checkpoint.instruct, opts.model_dump(), _compute_threads(ctx))
+
+
+def _compute_threads(ctx: JobContext) -> dict[str, int]:
+    """The torch threads of the quantizing child: GPTQ's float sums on the CPU, and so its output bytes, depend on
+    them (measured: 1 vs 2 threads give different files), so they are part of what the output depends on."""
+    from quantkit.threads import threads
+
+    return {"threads": ctx.threads or threads()}
 
 
 def _sanitize(obj: Any, roots: list[str]) -> Any:
@@ -138,7 +146,7 @@ class GPTQBackend(GPTQSections):
         calib = {"spec": str(ctx.calibration), "samples": int(rows.shape[0]), "seq_len": int(rows.shape[1]),
                  "tokens": int(rows.size), "fingerprint": rows_fingerprint(rows), **tokenizer_info}
         step = f"gptq:{opts.quant}"
-        fp = fingerprint(ckpt.fingerprint, calib["fingerprint"], opts.model_dump())
+        fp = fingerprint(ckpt.fingerprint, calib["fingerprint"], opts.model_dump(), _compute_threads(ctx))
         out = self._output(ws, opts)
         if ws.is_done(step, fp):
             console.info(f"gptq {opts.quant}: done already ({ws.rel(out)}), skipping")
@@ -176,7 +184,7 @@ class GPTQBackend(GPTQSections):
         rows_path = work / "rows.npy"
         np.save(rows_path, rows)
         job = {"source": str(src), "output": str(tmp_out), "rows": str(rows_path), "offload": str(work / "offload"),
-               "threads": ctx.threads, **opts.model_dump()}
+               "threads": _compute_threads(ctx)["threads"], **opts.model_dump()}
         write_json_atomic(work / "job.json", job)
         env = dict(os.environ)
         workers = min(ctx.threads or _cpu_count(), _cpu_count(), _MAX_CPU_WORKERS)
