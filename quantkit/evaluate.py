@@ -32,6 +32,7 @@ DEFAULT_MAX_PPL_INCREASE = 0.05
 DEFAULT_MAX_KLD = 0.05
 TOP_K = 64
 FULL_LIMIT_BYTES = 400 << 20  # keep full reference log-probs up to this size
+ROW_BLOCK = 32  # positions per log-softmax / top-k pass in top-k mode
 
 
 @dataclass
@@ -141,17 +142,20 @@ def compute_reference(ckpt: Checkpoint, toks: EvalTokens, on_chunk: Any = None, 
     top_ids = None if full else np.empty((n_chunks, n_pos, TOP_K), np.int32)
     top_lp = None if full else np.empty((n_chunks, n_pos, TOP_K), np.float32)
     model = LayerwiseModel(ckpt)
+    block = n_pos if full else ROW_BLOCK  # top-k mode: a few rows at a time, so no temporary is vocabulary × n_pos
     for c, logits in enumerate(model.run(chunks, logits=True, first=toks.first)):
-        lp = log_softmax(logits[:n_pos])
         target = chunks[c, toks.first + 1 :]
-        nll[c] = -lp[np.arange(n_pos), target]
-        argmax[c] = lp.argmax(-1)
-        if full:
-            p = np.exp(lp)
-            prob[c] = p  # type: ignore[index]
-            negent[c] = (p.astype(np.float64) * lp).sum(-1)  # type: ignore[index]
-        else:
-            top_ids[c], top_lp[c] = top_k(lp, TOP_K)  # type: ignore[index]
+        for a in range(0, n_pos, block):
+            b = min(a + block, n_pos)
+            lp = log_softmax(logits[a:b])
+            nll[c, a:b] = -lp[np.arange(b - a), target[a:b]]
+            argmax[c, a:b] = lp.argmax(-1)
+            if full:
+                p = np.exp(lp)
+                prob[c, a:b] = p  # type: ignore[index]
+                negent[c, a:b] = (p.astype(np.float64) * lp).sum(-1)  # type: ignore[index]
+            else:
+                top_ids[c, a:b], top_lp[c, a:b] = top_k(lp, TOP_K)  # type: ignore[index]
         if on_chunk:
             on_chunk()
     return Reference("full" if full else f"top{TOP_K}", nll, argmax, prob, negent, top_ids, top_lp)

@@ -22,6 +22,8 @@ import numpy as np
 
 from quantkit.source import Checkpoint
 
+HEAD_SLICE = 16384  # vocabulary rows of the output head converted to float32 at a time
+
 
 def _torch() -> Any:
     import torch
@@ -87,6 +89,30 @@ class LayerwiseModel:
         raw = torch.from_numpy(self.ckpt.tensors.read(hf_name))
         return (raw.view(torch.bfloat16) if kind == "BF16" else raw).to(self.dtype)
 
+    def _sliced_head(self) -> Callable[[Any], Any] | None:
+        """The output head as float32 mat-muls over slices of the vocabulary, its weight kept in its bf16 / f16
+        storage: a float32 copy of a 152k × 896 head is 0.5 GB, and loading it as a module held three copies at
+        once. None where the plain module is needed (a biased head, another device or dtype)."""
+        torch = self._torch = _torch()
+        name = "lm_head.weight" if "lm_head.weight" in self.ckpt.canonical_names else "model.embed_tokens.weight"
+        hf_name = self.ckpt.canonical_names.get(name)
+        if (hf_name is None or self.device != "cpu" or self.dtype != torch.float32
+                or getattr(self.model.lm_head, "bias", None) is not None
+                or self.ckpt.tensors.tensors[hf_name].dtype not in ("BF16", "F16")):
+            return None
+        raw = torch.from_numpy(self.ckpt.tensors.read(hf_name))
+        weight = raw.view(torch.bfloat16) if self.ckpt.tensors.tensors[hf_name].dtype == "BF16" else raw
+
+        def logits(x: Any) -> Any:
+            flat = x.reshape(-1, x.shape[-1]).float()
+            out = torch.empty(flat.shape[0], weight.shape[0], dtype=torch.float32)
+            for start in range(0, weight.shape[0], HEAD_SLICE):
+                part = weight[start : start + HEAD_SLICE].float()
+                out[:, start : start + HEAD_SLICE] = flat @ part.T
+            return out.reshape(*x.shape[:-1], weight.shape[0])
+
+        return logits
+
     def _mask(self, cache: dict[tuple[str, int], Any], kind: str, h: Any, pos: Any) -> Any:
         """The attention mask transformers builds for a layer of this type (None: plain causal attention)."""
         key = (kind, h.shape[0])
@@ -142,10 +168,12 @@ class LayerwiseModel:
             if not logits:
                 return
             norm = self._load(self.model.model.norm, "model.norm.")
-            head = self._load(self.model.lm_head, "lm_head.")
+            sliced = self._sliced_head()
+            head = None if sliced is not None else self._load(self.model.lm_head, "lm_head.")
             for h in hidden:
-                out = head(norm(h[:, first:])).float().cpu().numpy()
-                yield from out
+                x = norm(h[:, first:])
+                out = sliced(x) if sliced is not None else head(x).float()  # type: ignore[misc]
+                yield from out.cpu().numpy()
 
 
 def _onednn_linears(module: Any) -> None:
