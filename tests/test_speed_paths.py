@@ -73,10 +73,13 @@ def test_verification_and_eval_share_one_reference(llama3_ckpt: Path, tmp_path: 
     np.testing.assert_array_equal(full.nll[:1], first.nll)
     rows = {r["quant"]: r for r in report["rows"]}
     assert rows["BF16"]["kld_mean"] < 1e-3 < rows["Q8_0"]["kld_mean"] * 1e6
-    # a second verification finds its steps done and computes nothing
+    # a second run finds conversion, quantization and both verifications done: nothing is recorded again
+    before = {k: v["finished"] for k, v in Workspace(ws.root).steps.items()}
+    assert {"gguf.verify.BF16", "gguf.verify.Q8_0"} <= set(before)
     again = GGUFBackend().run(JobContext(checkpoint=ck, workspace=Workspace(ws.root)),
                               GGUFOptions(types=["Q8_0"], imatrix=False))
     assert [a.path for a in again] == [a.path for a in arts]
+    assert {k: v["finished"] for k, v in Workspace(ws.root).steps.items()} == before
 
 
 def test_tensor_table_reader_matches_gguf(qwen2_ckpt: Path, tmp_path: Path) -> None:
