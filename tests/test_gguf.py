@@ -14,8 +14,8 @@ from quantkit.backends.gguf.backend import GGUFBackend, GGUFOptions
 from quantkit.backends.gguf.convert import Converter
 from quantkit.backends.gguf.imatrix import read_imatrix
 from quantkit.backends.gguf.llamacpp import LlamaModel
+from quantkit.backends.gguf.verify import verify_gguf
 from quantkit.source import load_local
-from quantkit.verify import verify_gguf
 from quantkit.workspace import Workspace
 
 FAMILIES = ["llama3_ckpt", "llama31_ckpt", "qwen2_ckpt", "mistral_ckpt", "nemo_ckpt", "qwen3_ckpt", "gemma3_ckpt",
