@@ -277,6 +277,7 @@ class GGUFBackend(GGUFSections):
             imatrix_data, imatrix_info = (None, None)
             if use_imatrix:
                 imatrix_data, imatrix_info = self._imatrix(ctx, options, bar)
+            prepared = self._prepare_verify(ctx, options)
             for q in options.types:
                 if q == options.outtype.upper():
                     continue
@@ -284,7 +285,7 @@ class GGUFBackend(GGUFSections):
                 artifacts.append(self._artifact(ws, path, q, fp, ctx, tools, imatrix_info))
             artifacts += self._targets(ctx, options, base, fp_base, imatrix_data, imatrix_info, tools, bar)
         if options.verify:
-            self._verify(ctx, artifacts)
+            self._verify(ctx, artifacts, prepared)
         return artifacts
 
     def _targets(self, ctx: JobContext, options: GGUFOptions, base: Path, fp_base: str, imatrix: Any,
@@ -425,7 +426,18 @@ class GGUFBackend(GGUFSections):
         return files[0], fp
 
     # -- verification ------------------------------------------------------------------------------------
-    def _verify(self, ctx: JobContext, artifacts: list[Artifact]) -> None:
+    @staticmethod
+    def _prepare_verify(ctx: JobContext, options: GGUFOptions) -> Any:
+        """Verification's set-up, started in the background while quantization runs (`verify.Prepared`); None when
+        verification is off or every file's verification is already recorded."""
+        steps = ctx.workspace.steps
+        if not options.verify or all(f"gguf.verify.{q}" in steps for q in (options.outtype.upper(), *options.types)):
+            return None
+        from quantkit.backends.gguf.verify import Prepared
+
+        return Prepared(ctx.checkpoint, ctx.workspace)
+
+    def _verify(self, ctx: JobContext, artifacts: list[Artifact], prepared: Any = None) -> None:
         """Every file loads in llama.cpp and tokenizes Russian exactly like the HF tokenizer; the unquantized
         file's next-token distribution matches transformers' bf16 forward."""
         from quantkit.backends.gguf.verify import Verifier
@@ -438,7 +450,8 @@ class GGUFBackend(GGUFSections):
             if ctx.workspace.is_done(step, fp):
                 continue
             try:
-                verifier = verifier or Verifier(ctx.checkpoint, workspace=ctx.workspace)
+                verifier = verifier or (prepared.get() if prepared is not None
+                                        else Verifier(ctx.checkpoint, workspace=ctx.workspace))
                 report = verifier.verify(art.path, forward=art.quant in ("BF16", "F16", "F32"))
             except QuantkitError as exc:  # remembered, so that `quantkit push` refuses the file (unless --force)
                 ctx.workspace.update_artifact(ctx.workspace.rel(art.path),
