@@ -96,7 +96,7 @@ class GGUFSections(BackendBase):
 
     def estimate_steps(self, options: BaseModel, n_params: int | None, settings: Any,
                        model: str) -> list[dict[str, Any]]:
-        from quantkit.backends.gguf.backend import APPROX_BPW
+        from quantkit.backends.gguf.options import APPROX_BPW
 
         def size(bits: float) -> int | None:
             return int(n_params * bits / 8) if n_params else None
