@@ -327,6 +327,9 @@ def build_checkpoint(
     model = model.to(torch.bfloat16)
     model.generation_config.bos_token_id = tok.bos_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # transformers' own shard bar: quantkit's output decides what is shown
     model.save_pretrained(tmp, safe_serialization=True)
     card = (f"---\nlanguage:\n- ru\nlicense: apache-2.0\n---\n# quantkit demo ({family})\n\n"
             f"A tiny {family} model built by quantkit {__version__} for demos and tests: "
