@@ -11,10 +11,9 @@ from the format's backend (`quantkit.backends.base.BackendBase` hooks, through `
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from huggingface_hub import ModelCard, ModelCardData
 
 from quantkit.backends.base import BackendBase, CardContext, Entries, gate_failed, sections_for
 from quantkit.card.notes import has_drift, kept_cell, provenance, table_notes
@@ -22,6 +21,9 @@ from quantkit.card.original import base_link, front_matter, model_name, original
 from quantkit.errors import QuantkitError
 from quantkit.hubname import hub_safe_name
 from quantkit.workspace import Workspace, human_size, write_text_atomic
+
+if TYPE_CHECKING:  # huggingface_hub costs ~0.4 s to import: only when a card is rendered
+    from huggingface_hub import ModelCardData
 
 CARD_NAME = "README.md"
 
@@ -83,6 +85,8 @@ def render_card(ws: Workspace, fmt: str, *, repo: str | None = None, include: li
     source = read_source_card(ws)
     data = _metadata(ws, backend, arts, front_matter(source))
     body = _body(ws, backend, repo, arts, source)
+    from huggingface_hub import ModelCard
+
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
     text = str(card)
     _validate(text, data.to_dict())
@@ -120,6 +124,8 @@ def _metadata(ws: Workspace, backend: BackendBase, arts: Entries, source_meta: d
         for key in ("license_name", "license_link"):
             if source_meta.get(key):
                 extra[key] = source_meta[key]
+    from huggingface_hub import ModelCardData
+
     return ModelCardData(
         base_model=_base_model(ws),
         language=["ru"],
@@ -136,6 +142,8 @@ def _metadata(ws: Workspace, backend: BackendBase, arts: Entries, source_meta: d
 def _validate(text: str, expected: dict[str, Any]) -> None:
     """Parse the card back; its metadata must be a YAML mapping equal to what we meant to write."""
     try:
+        from huggingface_hub import ModelCard
+
         parsed = ModelCard(text)
         meta = parsed.data.to_dict()
         _, raw = split_front_matter(text)
