@@ -11,11 +11,11 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import yaml
 from hub_server import USER, WRITE_TOKEN, FakeHub
+from plugin_dist import write_distribution
 from test_publish import hub  # noqa: F401 - fixture used by name
 
 PLUGIN = '''
@@ -97,16 +97,9 @@ class F16Backend(BackendBase):
 
 
 def install_plugin(root: Path) -> Path:
-    """The plugin as an installed distribution: a module and its dist-info, on a folder for PYTHONPATH."""
-    site = root / "site"
-    (site / "qk_f16copy").mkdir(parents=True)
-    (site / "qk_f16copy" / "__init__.py").write_text(textwrap.dedent(PLUGIN), encoding="utf-8")
-    info = site / "qk_f16copy-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: qk-f16copy\nVersion: 0.1\n", encoding="utf-8")
-    (info / "entry_points.txt").write_text("[quantkit.backends]\nf16copy = qk_f16copy:F16Backend\n",
-                                           encoding="utf-8")
-    return site
+    """The plugin as an installed distribution: a package and its dist-info, in a folder for PYTHONPATH."""
+    return write_distribution(root / "site", "qk-f16copy", {"qk_f16copy/__init__.py": PLUGIN},
+                              {"f16copy": "qk_f16copy:F16Backend"})
 
 
 def qk(*args: str, site: Path, cwd: Path, hub: FakeHub | None = None  # noqa: F811 - not the fixture

@@ -12,11 +12,11 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 from hub_server import USER
+from plugin_dist import write_distribution
 from test_card import HUB_ID, MODEL, SOURCE_CARD, front_matter
 from test_publish import download, hub, push  # noqa: F401 - fixtures used by name
 
@@ -77,26 +77,15 @@ class BrokenBackend(ToyBackend):
         raise RuntimeError("the toy GPU driver is missing")
 '''
 
-ENTRY_POINTS = """\
-[quantkit.backends]
-toyq = toy_quant:ToyBackend
-brokenq = toy_quant:BrokenBackend
-importq = toy_quant_missing:Backend
-halfq = toy_quant:HalfBackend
-"""
+ENTRY_POINTS = {"toyq": "toy_quant:ToyBackend", "brokenq": "toy_quant:BrokenBackend",
+                "importq": "toy_quant_missing:Backend", "halfq": "toy_quant:HalfBackend"}
 
 
 @pytest.fixture
 def plugin_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The plugin distribution, importable in this process and in child processes."""
-    root = tmp_path / "site"
-    (root / "toy_quant.py").parent.mkdir(parents=True)
-    (root / "toy_quant.py").write_text(textwrap.dedent(PLUGIN), encoding="utf-8")
-    (root / "toy_quant_missing.py").write_text("import quantkit_no_such_engine  # noqa\n", encoding="utf-8")
-    info = root / "toy_quant-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-quant\nVersion: 0.1\n", encoding="utf-8")
-    (info / "entry_points.txt").write_text(ENTRY_POINTS, encoding="utf-8")
+    root = write_distribution(tmp_path / "site", "toy-quant", {
+        "toy_quant.py": PLUGIN, "toy_quant_missing.py": "import quantkit_no_such_engine  # noqa\n"}, ENTRY_POINTS)
     monkeypatch.syspath_prepend(str(root))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p))
     return root

@@ -55,8 +55,9 @@ class LocalExecutor:
         """One task per job, in order, all in this process."""
         from quantkit.pipeline.plan import default_name
 
-        return [{"task": job.name or default_name(job.source), "after": None if i == 0 else "the previous",
-                 "steps": [f.format for f in job.formats], "asks": "this machine"} for i, job in enumerate(jobs)]
+        names = [job.name or default_name(job.source) for job in jobs]
+        return [{"task": name, "after": names[i - 1] if i else None, "steps": [f.format for f in job.formats],
+                 "asks": "this machine"} for i, (name, job) in enumerate(zip(names, jobs, strict=True))]
 
 
 def not_run(job: Job, why: str) -> JobResult:

@@ -7,6 +7,7 @@ count (`ESTIMATED`). Workspaces are opened read-only and weight hashes are not c
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -145,23 +146,17 @@ def _plan_job(job: Job, *, resolve_models: bool, check: bool) -> dict[str, Any]:
         formats.append(_plan_format(chain, job, fj, ctx, ws, n_params, name, check=check))
     runnable = [st for st in chain.steps if st.format and st.status not in ("skip", "fails", "fails: required")]
     cal_done = here and bool(runnable) and all(st.done for st in runnable)
-    chain.steps[chain.steps.index(calibrate)] = _replace(calibrate, done=cal_done,
+    chain.steps[chain.steps.index(calibrate)] = replace(calibrate, done=cal_done,
                                                          status="done" if cal_done else "to do")
     return {"model": name, "source": job.source,
             "workspace": str(job.workspace_for(name).resolve()), "resolved": here, "estimated": not here,
             "params": n_params, "note": note, "formats": formats, "steps": chain.steps}
 
 
-def _replace(step: Step, **changes: Any) -> Step:
-    from dataclasses import replace
-
-    return replace(step, **changes)
-
-
 def _plan_format(chain: _Chain, job: Job, fj: FormatJob, ctx: Any, ws: Any, n_params: int | None, name: str, *,
                  check: bool) -> dict[str, Any]:
     """Add one format's steps to `chain`; return whether it can run here and the error its run would stop with."""
-    from quantkit.pipeline.run import publish_fingerprint, publish_step_key, unavailable
+    from quantkit.pipeline.run import publish_fingerprint, publish_step_key, refusal
 
     s = job.settings
     reason = problem = None
@@ -169,7 +164,7 @@ def _plan_format(chain: _Chain, job: Job, fj: FormatJob, ctx: Any, ws: Any, n_pa
     if check:
         from quantkit.source import architecture_of
 
-        backend, reason = unavailable(fj.format, architecture_of(job.source))
+        backend, reason, _ = refusal(fj.format, architecture_of(job.source))
     status = None if reason is None else ("fails: required" if fj.required else "skip")
     rows: list[dict[str, Any]] = []
     for opts in fj.options:

@@ -17,12 +17,6 @@ from quantkit.pipeline.job import FormatJob, FormatResult, Job, JobResult, row
 from quantkit.workspace import fingerprint
 
 
-def unavailable(fmt: str, arch: Any = None) -> tuple[Any, str | None]:
-    """The backend and why it cannot run here or on this architecture (None when it can)."""
-    backend, reason, _ = refusal(fmt, arch)
-    return backend, reason
-
-
 def refusal(fmt: str, arch: Any = None) -> tuple[Any, str | None, str]:
     """The backend, why it cannot run (None when it can) and what to do about it."""
     from quantkit.backends import base

@@ -31,7 +31,6 @@ pipeline (`quantkit.pipeline`), exactly as `quantkit gguf MODEL` does.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from quantkit.errors import QuantkitError
@@ -152,7 +151,3 @@ def run_recipe(recipe: Recipe, *, only: list[str] | None = None, models: list[st
     todo = jobs(recipe, only=only, models=models)
     results = get_executor(executor, **executor_options).run(todo, keep_going=continue_on_error)
     return summarize(results, str(recipe.path))
-
-
-def workspace_root(recipe: Recipe) -> Path:
-    return recipe.workspace_root()
