@@ -308,24 +308,26 @@ def test_threads_reach_torch_and_llamacpp(tmp_path: Path, llama3_ckpt: Path, mon
 
     from quantkit.backends.gguf.llamacpp import default_threads
     from quantkit.cli.app import app
+    from quantkit.threads import cores
 
-    if (os.cpu_count() or 1) < 2:
-        pytest.skip("needs two cores to tell one thread from every core")
+    n = 1 if cores() >= 2 else 2  # a count that differs from "every core" on any machine (one core included)
+    other = 2 if n == 1 else 1  # what torch is set to before, so the assertion sees the command's setting
     monkeypatch.setenv("QUANTKIT_THREADS", "0")  # 0: every core; the variable is removed again after the test
     was = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(other)
     try:
-        result = CliRunner().invoke(app, ["gguf", str(llama3_ckpt), "--q8_0", *QUICK, "--threads", "1",
+        assert default_threads() != n
+        result = CliRunner().invoke(app, ["gguf", str(llama3_ckpt), "--q8_0", *QUICK, "--threads", str(n),
                                           "-w", str(tmp_path / "ws")], env={"COLUMNS": "200"})
         assert result.exit_code == 0, result.output
-        assert torch.get_num_threads() == 1  # the imatrix's torch forward ran on one thread
-        assert default_threads() == 1  # llama.cpp's quantization and scorers
+        assert torch.get_num_threads() == n  # the imatrix's torch forward ran on n threads
+        assert default_threads() == n  # llama.cpp's quantization and scorers
         # `quantkit eval --threads`: the bf16 reference (torch) and the GGUF scorers
         os.environ["QUANTKIT_THREADS"] = "0"
-        torch.set_num_threads(2)
+        torch.set_num_threads(other)
         result = CliRunner().invoke(app, ["eval", str(tmp_path / "ws"), "--ctx", "128", "--chunks", "2",
-                                          "--threads", "1"], env={"COLUMNS": "200"})
+                                          "--threads", str(n)], env={"COLUMNS": "200"})
         assert result.exit_code == 0, result.output
-        assert torch.get_num_threads() == 1 and default_threads() == 1
+        assert torch.get_num_threads() == n and default_threads() == n
     finally:
         torch.set_num_threads(was)
