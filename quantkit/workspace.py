@@ -226,6 +226,13 @@ def file_sha256(path: Path) -> str:
     return _hashes[key]
 
 
+def remember_sha256(path: Path, digest: str) -> None:
+    """Record the sha256 of a file just written by a writer that hashed what it wrote (`quantkit.ordered_hash`),
+    so that recording its step does not read it again."""
+    st = path.stat()
+    _hashes[(str(path), st.st_size, st.st_mtime_ns, st.st_ino)] = digest
+
+
 def output_check(path: Path) -> dict[str, Any] | None:
     """Size and hash of a file, or of every visible file in a folder; None when `path` is missing."""
     if path.is_file():

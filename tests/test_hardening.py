@@ -220,9 +220,13 @@ def _quant_partial(ws: Path, quant: str, min_size: int) -> list[Path]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_during_llama_cpp_quantization(big_ckpt: Path, tmp_path_factory: pytest.TempPathFactory,
-                                              sig: int) -> None:
-    ws = tmp_path_factory.getbasetemp() / "signal-ws"  # shared: the second case finds the BF16 converted
+def test_signal_during_quantization(big_ckpt: Path, tmp_path: Path, sig: int) -> None:
+    """SIGINT while the one pass converts and quantizes (worker threads); SIGTERM while llama.cpp quantizes the
+    converted file (a C call), which is how a type is made when the conversion is already there."""
+    ws = tmp_path / "signal-ws"
+    if sig == signal.SIGTERM:
+        done = qk("gguf", str(big_ckpt), "--types", "bf16", "--no-imatrix", "--no-verify", "-q", "-w", str(ws))
+        assert done.returncode == 0, done.stderr
     run = start("gguf", str(big_ckpt), "--types", "iq4_xs", "--no-imatrix", "--no-verify", "-t", "1", "-w", str(ws))
     wait_for(lambda: _quant_partial(ws, "IQ4_XS", 1 << 20), proc=run)
     run.send_signal(sig)
@@ -424,8 +428,9 @@ FREE = r"free \d+(\.\d\d)? [KMG]?B \(free some space or pass --workspace on a la
 def test_disk_full_during_conversion_and_quantization(big_ckpt: Path, small_disk: Callable[[int], Path]) -> None:
     import re
 
-    # conversion: the pre-check passes (≈ 380 MB needed + margin), then something else takes the disk
-    disk = small_disk(470)
+    # conversion and quantization in one pass: the pre-check passes (≈ 380 + 110 MB needed + margin), then
+    # something else takes the disk
+    disk = small_disk(560)
     ws = disk / "w"
     run = start("gguf", str(big_ckpt), "--q4_k_m", "--no-imatrix", "--no-verify", "-w", str(ws))
     wait_for(lambda: [f for f in (ws / "gguf").glob(".*BF16*.partial/*") if f.stat().st_size > 50 << 20]
@@ -434,13 +439,15 @@ def test_disk_full_during_conversion_and_quantization(big_ckpt: Path, small_disk
     _, err = run.communicate(timeout=300)
     lines = last_line(err)
     assert run.returncode == 2 and len(lines) == 1, err
-    assert re.fullmatch(rf"error: disk full at {re.escape(str(ws / 'gguf'))}: need about 3\d\d\.\d\d MB, {FREE}",
+    assert re.fullmatch(rf"error: disk full at {re.escape(str(ws / 'gguf'))}: need about 4\d\d\.\d\d MB, {FREE}",
                         lines[0]), lines[0]
     assert not list((ws / "gguf").glob("*.gguf")) and not list((ws / "gguf").glob(".*"))
 
-    # quantization: llama.cpp's write fails; its return code is read with the disk checked afterwards
+    # quantization of a converted file: llama.cpp's write fails; its return code is read with the disk checked
     disk = small_disk(620)
     ws = disk / "w"
+    done = qk("gguf", str(big_ckpt), "--types", "bf16", "--no-imatrix", "--no-verify", "-q", "-w", str(ws))
+    assert done.returncode == 0, done.stderr
     run = start("gguf", str(big_ckpt), "--types", "iq4_xs", "--no-imatrix", "--no-verify", "-t", "1", "-w", str(ws))
     wait_for(lambda: _quant_partial(ws, "IQ4_XS", 1 << 20), proc=run)
     _fill(disk, 1 << 20)

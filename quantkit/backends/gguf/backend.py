@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -156,16 +157,17 @@ class GGUFBackend(GGUFSections):
         tools = tool_versions()
         artifacts: list[Artifact] = []
         with console.progress() as bar:
-            base, fp_base = self._convert(ctx, options, bar)
-            artifacts.append(self._artifact(ws, base, options.outtype.upper(), fp_base, ctx, tools, None))
             imatrix_data, imatrix_info = (None, None)
-            if use_imatrix:
+            if use_imatrix:  # first: the one pass below quantizes while it converts, with the matrix at hand
                 imatrix_data, imatrix_info = self._imatrix(ctx, options, bar)
             prepared = self._prepare_verify(ctx, options)
+            base, fp_base, fused = self._convert(ctx, options, bar, imatrix_data, imatrix_info)
+            artifacts.append(self._artifact(ws, base, options.outtype.upper(), fp_base, ctx, tools, None))
             for q in options.types:
                 if q == options.outtype.upper():
                     continue
-                path, fp = self._quantize(ctx, options, base, fp_base, q, imatrix_data, imatrix_info, bar)
+                path, fp = fused.get(q) or self._quantize(ctx, options, base, fp_base, q, imatrix_data, imatrix_info,
+                                                          bar)
                 artifacts.append(self._artifact(ws, path, q, fp, ctx, tools, imatrix_info))
             artifacts += self._targets(ctx, options, base, fp_base, imatrix_data, imatrix_info, tools, bar)
         if options.verify:
@@ -209,24 +211,58 @@ class GGUFBackend(GGUFSections):
         art.info.update({k: entry[k] for k in ("eval", "gate") if k in entry})
         return art
 
-    def _convert(self, ctx: JobContext, options: GGUFOptions, bar: Any) -> tuple[Path, str]:
+    def _convert(self, ctx: JobContext, options: GGUFOptions, bar: Any, imatrix: dict[str, np.ndarray] | None,
+                 imatrix_info: dict[str, Any] | None) -> tuple[Path, str, dict[str, tuple[Path, str]]]:
+        """The unquantized GGUF; when it has to be written (and is not split), every pending quantized file is
+        written in the same pass (`fused`). Returns the file, its fingerprint, and quant → (file, fingerprint) of
+        the files made in the pass."""
         from quantkit.backends.gguf.convert import Converter
+        from quantkit.backends.gguf.fused import FusedQuantizer
 
         ckpt, ws = ctx.checkpoint, ctx.workspace
         quant = options.outtype.upper()
         fp = self._fp_convert(ctx, options)
         if ws.is_done("gguf.convert", fp):
             console.info(f"[dim]skip[/] conversion: {ws.steps['gguf.convert']['outputs'][0]} is up to date")
-            return ws.abs(ws.steps["gguf.convert"]["outputs"][0]), fp
+            return ws.abs(ws.steps["gguf.convert"]["outputs"][0]), fp, {}
         conv = Converter(ckpt, options.outtype, pre_tokenizer=options.pre_tokenizer)
         planned = conv.plan()
         task = bar.add_task(f"convert → {quant}", total=len(planned))
         dst = self.file_for(ws, ckpt.name, quant)
-        with disk_guard(dst.parent, gguf_tensor_bytes_for(conv)):
-            files = conv.write(dst, split_max_size=parse_size(options.split_max_size),
-                               on_tensor=lambda name, n: bar.advance(task))
+        split = parse_size(options.split_max_size)
+        pending = [] if split else [
+            q for q in options.types
+            if q != quant and not ws.is_done(f"gguf.quantize.{q}", self._fp_quantize(fp, q, options, imatrix_info))]
+        rows = sum(int(np.prod(t.shape[:-1], dtype=np.int64)) if len(t.shape) > 1 else 1 for t in planned)
+        tasks = {q: bar.add_task(f"quantize → {q}", total=rows) for q in pending}
+        outputs = [(q, self.file_for(ws, ckpt.name, q), self._quantize_options(ctx, options, q, imatrix, False))
+                   for q in pending]
+        base_bytes = gguf_tensor_bytes_for(conv)
+        with FusedQuantizer(outputs, threads=ctx.threads, base_bytes=base_bytes,
+                            on_rows=lambda q, n: bar.advance(tasks[q], n)) if outputs else nullcontext() as fused, \
+                disk_guard(dst.parent, base_bytes):
+            files = conv.write(dst, split_max_size=split, on_tensor=lambda name, n: bar.advance(task), sink=fused)
+        if fused is not None:
+            fused.remember_hashes(files[0])
         ws.record_step("gguf.convert", fp, files)
-        return files[0], fp
+        made: dict[str, tuple[Path, str]] = {}
+        for q in pending:
+            fp_q = self._fp_quantize(fp, q, options, imatrix_info)
+            ws.record_step(f"gguf.quantize.{q}", fp_q, fused.files(q))
+            made[q] = (fused.files(q)[0], fp_q)
+        return files[0], fp, made
+
+    @staticmethod
+    def _quantize_options(ctx: JobContext, options: GGUFOptions, quant: str, imatrix: dict[str, np.ndarray] | None,
+                          keep_split: bool) -> Any:
+        from quantkit.backends.gguf.quantize import QuantizeOptions, parse_ggml_type, parse_tensor_types
+
+        return QuantizeOptions(
+            file_type=quant, imatrix=imatrix, tensor_types=parse_tensor_types(options.tensor_types),
+            output_type=parse_ggml_type(options.output_type) if options.output_type else None,
+            embedding_type=parse_ggml_type(options.embedding_type) if options.embedding_type else None,
+            threads=ctx.threads, keep_split=keep_split,
+        )
 
     def _calibration(self, ctx: JobContext) -> tuple[np.ndarray, dict[str, Any], str]:
         """The job's calibration rows (built once per workspace, shared with other formats), their description,
@@ -285,7 +321,7 @@ class GGUFBackend(GGUFSections):
     def _quantize(self, ctx: JobContext, options: GGUFOptions, base: Path, fp_base: str, quant: str,
                   imatrix: dict[str, np.ndarray] | None, imatrix_info: dict[str, Any] | None,
                   bar: Any) -> tuple[Path, str]:
-        from quantkit.backends.gguf.quantize import QuantizeOptions, parse_ggml_type, parse_tensor_types, quantize
+        from quantkit.backends.gguf.quantize import quantize
         from quantkit.workspace import check_disk
 
         ws = ctx.workspace
@@ -295,13 +331,7 @@ class GGUFBackend(GGUFSections):
         if ws.is_done(step, fp):
             console.info(f"[dim]skip[/] {quant}: {ws.steps[step]['outputs'][0]} is up to date")
             return ws.abs(ws.steps[step]["outputs"][0]), fp
-        split = "-00001-of-" in base.name
-        opts = QuantizeOptions(
-            file_type=quant, imatrix=imatrix, tensor_types=parse_tensor_types(options.tensor_types),
-            output_type=parse_ggml_type(options.output_type) if options.output_type else None,
-            embedding_type=parse_ggml_type(options.embedding_type) if options.embedding_type else None,
-            threads=ctx.threads, keep_split=split,
-        )
+        opts = self._quantize_options(ctx, options, quant, imatrix, "-00001-of-" in base.name)
         opts.need = self._size_bound(ws, base, quant, options)
         check_disk(dst.parent, opts.need, dst.name)
         task = bar.add_task(f"quantize → {quant}", total=1)

@@ -14,18 +14,22 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
 import numpy as np
 
 from quantkit import __version__, console
+from quantkit.backends.gguf.fused import TensorSpec
 from quantkit.backends.gguf.kvpack import fast_arrays
 from quantkit.backends.gguf.tokenizer import add_vocab, vocab_token_count
 from quantkit.errors import QuantkitError
 from quantkit.safetensors_io import TensorSource, to_f32
 from quantkit.source import Checkpoint
 from quantkit.workspace import check_disk, staging_dir
+
+if TYPE_CHECKING:
+    from quantkit.backends.gguf.fused import FusedQuantizer
 
 OUTTYPES = {
     "bf16": (gguf.LlamaFileType.MOSTLY_BF16, gguf.GGMLQuantizationType.BF16),
@@ -292,12 +296,16 @@ class Converter:
         return {gguf.GGMLQuantizationType.BF16: (np.uint16, 2), gguf.GGMLQuantizationType.F16: (np.float16, 2),
                 gguf.GGMLQuantizationType.F32: (np.float32, 4)}[qtype]
 
-    def write(self, out: Path, *, split_max_size: int = 0,
-              on_tensor: Callable[[str, int], None] | None = None) -> list[Path]:
+    def write(self, out: Path, *, split_max_size: int = 0, on_tensor: Callable[[str, int], None] | None = None,
+              sink: FusedQuantizer | None = None) -> list[Path]:
         """Write the GGUF (split into parts when `split_max_size` > 0); returns the files, first part first.
 
         Everything is written into a hidden ``.partial`` folder beside `out` and moved into place when complete.
+        A `sink` (`quantkit.backends.gguf.fused`) gets the metadata and every tensor's data as it is written, and
+        must have finished before the file is moved into place.
         """
+        if sink is not None and split_max_size:
+            raise ValueError("a split conversion cannot feed a fused quantizer")
         planned = self.plan()
         if self.arch.skip_note and len(self.ckpt.canonical_names) < len(self.src.tensors):
             console.info(f"{self.ckpt.name}: {self.arch.skip_note}")
@@ -317,22 +325,46 @@ class Converter:
             writer.write_header_to_file(stage.work / out.name)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
+            if sink is not None:
+                sink.start(writer._pack_val, list(writer.kv_data[0].items()),
+                           [TensorSpec(t.name, tuple(t.shape), int(t.qtype),
+                                       int(np.prod(t.shape, dtype=np.int64)) * self._storage(t.qtype)[1])
+                            for t in planned], writer.data_alignment, base=stage.work / out.name)
+                for t in planned:
+                    if t.name in sink.early and t.chunks is None:
+                        sink.tensor(t.name, int(t.qtype), t.load(), base=False)
             for t in planned:
                 if t.chunks is not None:
                     nbytes = _write_chunks(writer, t.chunks(),
-                                           int(np.prod(t.shape, dtype=np.int64)) * self._storage(t.qtype)[1])
+                                           int(np.prod(t.shape, dtype=np.int64)) * self._storage(t.qtype)[1],
+                                           None if sink is None else _expert_feed(sink, t))
                 else:
                     data = t.load()
                     writer.write_tensor_data(data)
+                    if sink is not None:
+                        sink.tensor(t.name, int(t.qtype), data, quantize=t.name not in sink.early)
                     nbytes = data.nbytes
                     del data
                 if on_tensor:
                     on_tensor(t.name, nbytes)
+            if sink is not None:
+                sink.finish()
             writer.close()
         return stage.files
 
 
-def _write_chunks(writer: gguf.GGUFWriter, chunks: Iterator[np.ndarray], nbytes: int) -> int:
+def _expert_feed(sink: FusedQuantizer, t: PlannedTensor) -> Callable[[int, np.ndarray], None]:
+    """Hands each expert's slice of a stacked tensor to the fused quantizer, at its rows in the stack."""
+    rows = int(np.prod(t.shape[1:-1], dtype=np.int64))
+
+    def feed(i: int, chunk: np.ndarray) -> None:
+        sink.tensor(t.name, int(t.qtype), chunk, i * rows)
+
+    return feed
+
+
+def _write_chunks(writer: gguf.GGUFWriter, chunks: Iterator[np.ndarray], nbytes: int,
+                  feed: Callable[[int, np.ndarray], None] | None = None) -> int:
     """`GGUFWriter.write_tensor_data` for a tensor given in consecutive slices (gguf 0.19's writer, one slice in
     memory at a time): the same padding before and after, the same bookkeeping of which file and tensor is next."""
     assert writer.fout is not None
@@ -342,9 +374,11 @@ def _write_chunks(writer: gguf.GGUFWriter, chunks: Iterator[np.ndarray], nbytes:
     assert info.nbytes == nbytes
     writer.write_padding(fout, fout.tell())
     written = 0
-    for chunk in chunks:
+    for i, chunk in enumerate(chunks):
         chunk.tofile(fout)
         written += chunk.nbytes
+        if feed is not None:
+            feed(i, chunk)
     if written != nbytes:
         raise QuantkitError(f"a stacked tensor came out {written} bytes instead of {nbytes}",
                             "the checkpoint's experts differ in shape; report it with the model id")
