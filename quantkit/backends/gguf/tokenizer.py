@@ -10,6 +10,9 @@ space prefix, is the architecture's policy (`quantkit.arch`). The pre-tokenizer 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -108,38 +111,85 @@ def _looks_special(token: str) -> bool:
 
 def bpe_vocab(folder: Path, vocab_size: int) -> tuple[list[str], list[int]]:
     """Tokens and token types of a byte-level BPE ``tokenizer.json``, padded to `vocab_size` as llama.cpp does."""
-    raw = tokenizer_json(folder)
+    tokens, types = _bpe_vocab_once(folder, vocab_size)
+    return list(tokens), list(types)
+
+
+def _bpe_vocab_once(folder: Path, vocab_size: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """`bpe_vocab` as tuples, built once per process while ``tokenizer.json`` is unchanged: a second writer gets the
+    very same objects, so `kvpack` reuses their packed bytes."""
+    path = Path(folder) / "tokenizer.json"
+    st = path.stat()
+    return _bpe_vocab(str(path.resolve()), st.st_size, st.st_mtime_ns, vocab_size)
+
+
+@lru_cache(maxsize=2)
+def _bpe_vocab(path: str, size: int, mtime_ns: int, vocab_size: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    raw = _parsed(path, size, mtime_ns)
     if raw.get("model", {}).get("type") != "BPE":
         raise QuantkitError(f"tokenizer model {raw.get('model', {}).get('type')} is not supported",
                             "supported: byte-level BPE (tokenizer.json) and SentencePiece (tokenizer.model)")
-    tok = fast_tokenizer(folder)
-    vocab = tok.get_vocab(with_added_tokens=True)
+    tok = _fast(path, size, mtime_ns)
+    vocab = _token_ids(raw, tok)
     if vocab and max(vocab.values()) >= vocab_size:
         raise QuantkitError("the tokenizer has more tokens than the model's vocab_size",
                             "the checkpoint's config.json and tokenizer do not match")
     added = {t["id"]: t for t in raw.get("added_tokens", [])}
-    reverse = {i: t for t, i in vocab.items()}
-    tokens: list[str] = []
-    types: list[int] = []
-    for i in range(vocab_size):
-        if i not in reverse:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
+    tokens: list[str | None] = [None] * vocab_size
+    for token, i in vocab.items():  # a later duplicate id wins, as in a reversed dict
+        tokens[i] = token
+    types: list[int] = [gguf.TokenType.NORMAL] * vocab_size
+    for i, entry in added.items():
+        if not (isinstance(i, int) and 0 <= i < vocab_size) or tokens[i] is None:
             continue
-        token = reverse[i]
-        if i in added:
-            entry = added[i]
-            if not entry.get("normalized", False):
-                token = tok.decode(tok.encode(token, add_special_tokens=False).ids, skip_special_tokens=False)
-            if entry.get("special") or _looks_special(token):
-                types.append(gguf.TokenType.CONTROL)
-            else:
-                token = token.replace("\u2581", " ")
-                types.append(gguf.TokenType.USER_DEFINED)
+        token = tokens[i]
+        if not entry.get("normalized", False):
+            token = tok.decode(tok.encode(token, add_special_tokens=False).ids, skip_special_tokens=False)
+        if entry.get("special") or _looks_special(token):
+            types[i] = gguf.TokenType.CONTROL
         else:
-            types.append(gguf.TokenType.NORMAL)
-        tokens.append(token)
-    return tokens, types
+            token = token.replace("\u2581", " ")
+            types[i] = gguf.TokenType.USER_DEFINED
+        tokens[i] = token
+    if None in tokens:
+        for i, token in enumerate(tokens):
+            if token is None:
+                tokens[i] = f"[PAD{i}]"
+                types[i] = gguf.TokenType.UNUSED
+    return tuple(tokens), tuple(types)  # type: ignore[arg-type]
+
+
+def _token_ids(raw: dict[str, Any], tok: Any) -> dict[str, int]:
+    """``tok.get_vocab(with_added_tokens=True)`` (~0.1 s for 152k tokens) from the parsed file instead: the model's
+    vocabulary plus each added token at the id the tokenizer gives it, used when the ids are all distinct and as many
+    as the tokenizer counts (then the order, which `get_vocab` does not fix either, cannot matter)."""
+    model = raw.get("model", {}).get("vocab")
+    if isinstance(model, dict):
+        ids = dict(model)
+        for entry in raw.get("added_tokens", []):
+            ids[entry["content"]] = tok.token_to_id(entry["content"])
+        if len(set(ids.values())) == len(ids) == tok.get_vocab_size(with_added_tokens=True) and \
+                all(type(i) is int for i in ids.values()):
+            return ids
+    return tok.get_vocab(with_added_tokens=True)
+
+
+def _spm_vocab_once(folder: Path, vocab_size: int) -> tuple[tuple[bytes, ...], tuple[float, ...], tuple[int, ...]]:
+    """`_spm_vocab` as tuples, built once per process while the files it reads are unchanged: a second writer gets
+    the very same objects, so `kvpack` reuses their packed bytes."""
+    stamps = []
+    for name in ("tokenizer.model", "added_tokens.json", "tokenizer_config.json"):
+        path = Path(folder) / name
+        st = path.stat() if path.exists() else None
+        stamps.append((str(path.resolve()), st.st_size, st.st_mtime_ns) if st else None)
+    return _spm_vocab_cached(str(Path(folder).resolve()), tuple(stamps), vocab_size)
+
+
+@lru_cache(maxsize=2)
+def _spm_vocab_cached(folder: str, stamps: tuple[Any, ...], vocab_size: int
+                      ) -> tuple[tuple[bytes, ...], tuple[float, ...], tuple[int, ...]]:
+    tokens, scores, types = _spm_vocab(Path(folder), vocab_size)
+    return tuple(tokens), tuple(scores), tuple(types)
 
 
 def _spm_vocab(folder: Path, vocab_size: int) -> tuple[list[bytes], list[float], list[int]]:
@@ -199,6 +249,67 @@ def state_unset_flags(folder: Path, special: gguf.SpecialVocab) -> None:
             special.add_special_token.setdefault(kind, False)
 
 
+_gguf_log = logging.getLogger("gguf.vocab")
+
+
+@lru_cache(maxsize=2)
+def _merges(path: str, size: int, mtime_ns: int) -> tuple[str, ...] | None:
+    """``tokenizer.json``'s merges as gguf's `SpecialVocab` writes them (``"a b"``; a space inside a part of a
+    list-form pair becomes U+0120), or None when gguf should look for them itself (none, merges.txt, odd forms)."""
+    merges = _parsed(path, size, mtime_ns).get("model", {}).get("merges")
+    if not isinstance(merges, list) or not merges:
+        return None
+    first = merges[0]
+    if isinstance(first, str):
+        return tuple(merges)
+    if not (isinstance(first, list) and len(first) == 2 and isinstance(first[0], str)):
+        return None
+    try:
+        joined = list(map(" ".join, merges))
+        if "".join(joined).count(" ") == sum(map(len, merges)) - len(merges):  # no space inside any part
+            return tuple(joined)
+        _gguf_log.warning(f'Spaces in merges detected, encoding as {chr(ord(" ") + 256)!r}')
+        return tuple(" ".join([part.replace(" ", "\u0120") for part in pair]) for pair in merges)
+    except TypeError:
+        return None
+
+
+def special_vocab(folder: Path, *, load_merges: bool = False, n_vocab: int | None = None) -> gguf.SpecialVocab:
+    """``gguf.SpecialVocab(folder, load_merges, n_vocab)`` with the same contents, without gguf parsing
+    ``tokenizer.json`` a second time: merges come from the once-parsed file (`tokenizer_json`), and gguf reads a copy
+    of it without the vocabulary and merges, beside links to the folder's other files. Falls back to gguf's own
+    loading where that cannot be arranged (no links, odd merges)."""
+    folder = Path(folder)
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return gguf.SpecialVocab(folder, load_merges=load_merges, n_vocab=n_vocab)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    raw = _parsed(*key)
+    merges = _merges(*key) if load_merges else None
+    if not isinstance(raw, dict) or (load_merges and merges is None):
+        return gguf.SpecialVocab(folder, load_merges=load_merges, n_vocab=n_vocab)
+    slim = {k: v for k, v in raw.items() if k != "model"}
+    if isinstance(raw.get("model"), dict):
+        slim["model"] = {k: v for k, v in raw["model"].items() if k not in ("vocab", "merges")}
+    elif "model" in raw:
+        slim["model"] = raw["model"]
+    with tempfile.TemporaryDirectory(prefix="quantkit-vocab-") as tmp:
+        try:
+            for entry in os.scandir(folder):
+                if entry.name != "tokenizer.json":
+                    os.symlink(os.path.abspath(entry.path), os.path.join(tmp, entry.name),
+                               target_is_directory=entry.is_dir())
+        except OSError:
+            return gguf.SpecialVocab(folder, load_merges=load_merges, n_vocab=n_vocab)
+        Path(tmp, "tokenizer.json").write_text(json.dumps(slim), encoding="utf-8")
+        special = gguf.SpecialVocab(tmp, load_merges=False, n_vocab=n_vocab)
+    if load_merges:
+        special.load_merges = True
+        special.merges = merges  # type: ignore[assignment]  # a tuple: shared, never changed
+    return special
+
+
 def add_vocab(writer: gguf.GGUFWriter, folder: Path, arch: Architecture, *, pre: str | None = None) -> VocabInfo:
     """Write every tokenizer key llama.cpp needs, following the architecture's policy; returns what was written.
     `pre` overrides the pre-tokenizer name of a byte-level BPE vocabulary."""
@@ -208,7 +319,7 @@ def add_vocab(writer: gguf.GGUFWriter, folder: Path, arch: Architecture, *, pre:
     if arch.space_prefix == "tokenizer_config" and tok_cfg.get("add_prefix_space") is not None:
         writer.add_add_space_prefix(bool(tok_cfg["add_prefix_space"]))
     if uses_sentencepiece(folder, arch):
-        tokens, scores, types = _spm_vocab(folder, vocab_size)
+        tokens, scores, types = _spm_vocab_once(folder, vocab_size)
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
         writer.add_token_list(tokens)
@@ -220,12 +331,12 @@ def add_vocab(writer: gguf.GGUFWriter, folder: Path, arch: Architecture, *, pre:
             writer.add_add_space_prefix(False)
     elif (folder / "tokenizer.json").exists():
         name, method = pre_tokenizer_for(folder, arch, override=pre)
-        btokens, btypes = bpe_vocab(folder, vocab_size)
+        btokens, btypes = _bpe_vocab_once(folder, vocab_size)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(name)
         writer.add_token_list(btokens)
         writer.add_token_types(btypes)
-        special = gguf.SpecialVocab(folder, load_merges=True)
+        special = special_vocab(folder, load_merges=True)
         state_unset_flags(folder, special)
         info = VocabInfo("gpt2", name, len(btokens), method)
     else:
