@@ -162,21 +162,21 @@ def compute_reference(ckpt: Checkpoint, toks: EvalTokens, on_chunk: Any = None, 
 
 
 def cached_reference(ws: Workspace, ckpt: Checkpoint, toks: EvalTokens, n_chunks: int | None = None,
-                     on_chunk: Any = None) -> Reference:
+                     on_chunk: Any = None, *, step: str = "eval.reference") -> Reference:
     """The reference of the first `n_chunks` chunks (default: all), computed once per checkpoint and token set and
     kept in the workspace; a later call that needs more chunks computes only the missing ones. Verification
-    (one chunk) and `quantkit eval` (all) share it."""
+    (one chunk) and `quantkit eval` (all) share it; `step` names the workspace step that records it."""
     want = len(toks.chunks) if n_chunks is None else min(n_chunks, len(toks.chunks))
-    ref_fp = fingerprint("reference", 3, ckpt.fingerprint, toks.fingerprint, reference_mode(ckpt, toks))
+    ref_fp = fingerprint("reference", 4, ckpt.fingerprint, toks.fingerprint, reference_mode(ckpt, toks))
     path = ws.root / "eval" / f"reference-{ref_fp}.npz"
-    have = Reference.load(path) if ws.is_done("eval.reference", ref_fp) and path.exists() else None
+    have = Reference.load(path) if ws.is_done(step, ref_fp) and path.exists() else None
     if have is not None and have.n_chunks >= want:
         return have.head(want)
     start = have.n_chunks if have is not None else 0
     more = compute_reference(ckpt, toks, on_chunk, start=start, stop=want)
     ref = have.extend(more) if have is not None else more
     ref.save(path)
-    ws.record_step("eval.reference", ref_fp, [path], ppl=ref.ppl, mode=ref.mode, eval_set=toks.spec,
+    ws.record_step(step, ref_fp, [path], ppl=ref.ppl, mode=ref.mode, eval_set=toks.spec,
                    tokens_fingerprint=toks.fingerprint, chunks=ref.n_chunks)
     return ref
 

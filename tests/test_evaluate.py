@@ -78,3 +78,28 @@ def test_unknown_artifact_format(tmp_path: Path) -> None:
     odd.write_bytes(b"\0" * 16)
     with pytest.raises(QuantkitError, match="not an artifact quantkit knows"):
         backend_for(odd)
+
+
+@pytest.mark.parametrize("fixture", ["qwen2_ckpt", "llama3_ckpt"])
+def test_reference_forward_matches_float64(fixture: str, request: pytest.FixtureRequest,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layer-by-layer reference (oneDNN float32 linears, embedding rows, sliced head) is the bf16 model's exact
+    function to float32 accuracy: a bf16-rounded path would be ~1e-2 off, this one is within 1e-5 of the scale."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from quantkit import layerwise
+
+    path = request.getfixturevalue(fixture)
+    monkeypatch.setattr(layerwise, "HEAD_SLICE", 700)  # several slices and a ragged last one on a 2,048 vocabulary
+    ck = load_local(path, name=fixture, source=str(path))
+    rows = np.random.default_rng(0).integers(0, ck.arch.vocab_size, size=(3, 96))
+    first = 40
+    got = np.stack(list(layerwise.LayerwiseModel(ck).run(rows, logits=True, first=first, batch=2)))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(torch.float64).eval()
+    with torch.no_grad():
+        want = model(torch.as_tensor(rows)).logits[:, first:].numpy()
+    assert got.shape == want.shape and got.dtype == np.float32
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= 1e-5 * scale, np.abs(got - want).max() / scale
