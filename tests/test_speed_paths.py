@@ -52,12 +52,26 @@ def test_bf16_imatrix_matches_float32(llama3_ckpt: Path) -> None:
     assert np.array_equal(fast["blk.0.attn_q.weight"], fast["blk.0.attn_k.weight"])
 
 
+def test_verification_window_without_evaluation(llama3_ckpt: Path, tmp_path: Path) -> None:
+    """A run that does not evaluate checks the forward on the eval text's first 128 tokens only (a quarter of a
+    chunk), its reference kept under its own step, so evaluation's cache is never overwritten."""
+    ws = Workspace(tmp_path / "ws")
+    arts = GGUFBackend().run(JobContext(checkpoint=_ckpt(llama3_ckpt), workspace=ws),
+                             GGUFOptions(types=["Q8_0"], imatrix=False))
+    bf16 = ws.artifacts[ws.rel(arts[0].path)]["verify"]
+    assert bf16["kld_vs_transformers"] <= 0.001 and bf16["positions_compared"] == 63
+    assert "eval.reference" not in ws.steps
+    ref = Reference.load(ws.abs(ws.steps["gguf.verify.reference"]["outputs"][0]))
+    assert ref.nll.shape == (1, 63)
+
+
 def test_verification_and_eval_share_one_reference(llama3_ckpt: Path, tmp_path: Path) -> None:
-    """Verification computes the bf16 reference of the eval text's first chunk only and keeps it; `quantkit eval`
-    extends the same file to every chunk, with the first chunk's numbers unchanged."""
+    """A run that evaluates next: verification computes the bf16 reference of the eval text's first chunk only and
+    keeps it; `quantkit eval` extends the same file to every chunk, with the first chunk's numbers unchanged."""
     ws = Workspace(tmp_path / "ws")
     ck = _ckpt(llama3_ckpt)
-    arts = GGUFBackend().run(JobContext(checkpoint=ck, workspace=ws), GGUFOptions(types=["Q8_0"], imatrix=False))
+    arts = GGUFBackend().run(JobContext(checkpoint=ck, workspace=ws, evaluation=("builtin:ru-eval", 512)),
+                             GGUFOptions(types=["Q8_0"], imatrix=False))
     record_model(ws, ck)
     bf16 = ws.artifacts[ws.rel(arts[0].path)]["verify"]
     assert bf16["kld_vs_transformers"] <= 0.001 and bf16["positions_compared"] == 255

@@ -64,6 +64,8 @@ class JobContext:
     seed: int = 0
     threads: int = 0  # 0 = every core
     command: str = ""  # the command line, for the card
+    # (eval text, chunk length) when this run evaluates after the backend: checks can share its first chunk
+    evaluation: tuple[str, int] | None = None
 
 
 @runtime_checkable

@@ -138,7 +138,8 @@ def _plan_job(job: Job, *, resolve_models: bool, check: bool) -> dict[str, Any]:
 
         record_model(ws, ckpt)  # in memory only: the workspace is read-only
         ctx = JobContext(checkpoint=ckpt, workspace=ws, calibration=s.calibration, calib_samples=s.calib_samples,
-                         calib_seq_len=s.calib_seq_len, seed=s.seed, threads=s.threads, command=job.command)
+                         calib_seq_len=s.calib_seq_len, seed=s.seed, threads=s.threads,
+                         evaluation=(s.eval, s.ctx) if s.eval else None, command=job.command)
     calibrate = chain.add("calibrate", None, f"calibrate: {s.calibration} → {s.calib_samples}×{s.calib_seq_len} "
                           "token rows" + (" (chat template)" if here and ckpt.instruct else ""), done=None)
     formats = []

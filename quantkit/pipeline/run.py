@@ -99,7 +99,8 @@ def run_job(job: Job, *, keep_going: bool = False, strict: bool = False) -> JobR
 
         s = job.settings
         ctx = JobContext(checkpoint=ckpt, workspace=ws, calibration=s.calibration, calib_samples=s.calib_samples,
-                         calib_seq_len=s.calib_seq_len, seed=s.seed, threads=s.threads, command=job.command)
+                         calib_seq_len=s.calib_seq_len, seed=s.seed, threads=s.threads,
+                         evaluation=(s.eval, s.ctx) if s.eval else None, command=job.command)
         for fmt, (backend, fj) in backends.items():
             if out.failed and not keep_going:
                 break

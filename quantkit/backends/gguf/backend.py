@@ -349,7 +349,7 @@ class GGUFBackend(GGUFSections):
             return None
         from quantkit.backends.gguf.verify import Prepared
 
-        return Prepared(ctx.checkpoint, ctx.workspace)
+        return Prepared(ctx.checkpoint, ctx.workspace, ctx.evaluation)
 
     def _verify(self, ctx: JobContext, artifacts: list[Artifact], prepared: Any = None) -> None:
         """Every file loads in llama.cpp and tokenizes Russian exactly like the HF tokenizer; the unquantized
@@ -365,7 +365,8 @@ class GGUFBackend(GGUFSections):
                 continue
             try:
                 verifier = verifier or (prepared.get() if prepared is not None
-                                        else Verifier(ctx.checkpoint, workspace=ctx.workspace))
+                                        else Verifier(ctx.checkpoint, workspace=ctx.workspace,
+                                                      evaluation=ctx.evaluation))
                 report = verifier.verify(art.path, forward=art.quant in ("BF16", "F16", "F32"))
             except QuantkitError as exc:  # remembered, so that `quantkit push` refuses the file (unless --force)
                 ctx.workspace.update_artifact(ctx.workspace.rel(art.path),

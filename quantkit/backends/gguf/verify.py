@@ -1,11 +1,13 @@
 """Checks that a GGUF is right: it loads in llama.cpp, its tokenizer splits Russian text exactly like the original,
 and (for an unquantized file) its next-token distribution matches the checkpoint's float32 transformers forward.
 
-The cost is bounded: the tokenizer check reads a fixed ~6,000 characters, and the forward check scores the first
-chunk of the held-out eval text (the positions ``quantkit eval`` scores in it) against the bf16 reference that
-evaluation uses, cached in the workspace: computed once per checkpoint and text, shared by verify and eval. Only
-the reference's top-k log-probabilities and tail mass are compared when the vocabulary is large (the reference's
-own mode), so no step holds more than one chunk of logits.
+The cost is bounded and does not depend on the vocabulary beyond one head: the tokenizer check reads a fixed ~6,000
+characters, and the forward check runs one window of the held-out eval text through both models and compares the
+second half of it. When the run goes on to evaluate, the window is evaluation's first chunk and its reference is
+evaluation's own (computed once per checkpoint and text, cached in the workspace, used by both); otherwise it is the
+first `WINDOW` tokens, a quarter of a chunk, with its reference cached under its own step. Only the reference's top-k
+log-probabilities and tail mass are compared when the vocabulary is large (the reference's own mode), so nothing
+holds more than one window of logits.
 """
 
 from __future__ import annotations
@@ -23,29 +25,35 @@ from quantkit.workspace import Workspace
 
 MAX_BF16_KLD = 0.01  # bf16 GGUF vs bf16 transformers: only accumulation order differs (measured ~2e-6)
 EVAL_SPEC = "builtin:ru-eval"
+WINDOW = 128  # tokens of the eval text the forward check runs when the run does not evaluate
 TIE = 0.01  # positions whose top two reference log-probabilities are this close are ties at any precision
 
 
 class Verifier:
     """Verification of the files of one checkpoint: the tokenizer and its ids of the sample text loaded once."""
 
-    def __init__(self, ckpt: Checkpoint, *, workspace: Workspace | None = None, tokenizer: Any = None) -> None:
+    def __init__(self, ckpt: Checkpoint, *, workspace: Workspace | None = None, tokenizer: Any = None,
+                 evaluation: tuple[str, int] | None = None, n_ctx: int = WINDOW) -> None:
+        """`evaluation`: (eval text, chunk length) of the evaluation that follows in this run, whose first chunk
+        and cached reference the forward check then shares; else the first `n_ctx` tokens of the eval text."""
         from transformers import AutoTokenizer
 
         self.ckpt, self.ws = ckpt, workspace
         self.tok = tokenizer or AutoTokenizer.from_pretrained(ckpt.path)
         self.text = sample_text()
         self.hf_ids: list[int] = self.tok(self.text)["input_ids"]
+        self.spec, self.n_ctx = evaluation or (EVAL_SPEC, n_ctx)
+        self.step = "eval.reference" if evaluation else "gguf.verify.reference"
 
-    def verify(self, path: Path, *, forward: bool, n_ctx: int = 512) -> dict[str, Any]:
+    def verify(self, path: Path, *, forward: bool) -> dict[str, Any]:
         """Raise a `QuantkitError` when the file is broken; return what was checked."""
         from quantkit.backends.gguf.llamacpp import LlamaModel, LlamaScorer
 
         # the reference first: transformers' memory is freed before llama.cpp maps the file (a lower peak)
-        ref = self._reference(n_ctx) if forward else None
+        ref = self._reference() if forward else None
         if ref is not None:
             _trim_heap()
-        scorer = LlamaScorer(path, n_ctx=n_ctx) if forward else None
+        scorer = LlamaScorer(path, n_ctx=self.n_ctx) if forward else None
         model = scorer.model if scorer is not None else LlamaModel(path)
         try:
             first = first_token_difference(model, self.text, self.hf_ids)
@@ -62,12 +70,12 @@ class Verifier:
             (scorer or model).close()
         return report
 
-    def _reference(self, n_ctx: int) -> tuple[Any, Any]:
+    def _reference(self) -> tuple[Any, Any]:
         """The eval tokens and the bf16 reference of their first chunk (from the workspace when it has it)."""
         from quantkit.evaluate import cached_reference, compute_reference, eval_tokens
 
-        toks = eval_tokens(self.ckpt, EVAL_SPEC, n_ctx, None, self.tok)
-        ref = (cached_reference(self.ws, self.ckpt, toks, 1) if self.ws is not None
+        toks = eval_tokens(self.ckpt, self.spec, self.n_ctx, None, self.tok)
+        ref = (cached_reference(self.ws, self.ckpt, toks, 1, step=self.step) if self.ws is not None
                else compute_reference(self.ckpt, toks, stop=1))
         return toks, ref
 
@@ -96,11 +104,11 @@ class Verifier:
                 "positions_compared": int(n_pos), "kld_mode": ref.mode}
 
 
-def verify_gguf(ckpt: Checkpoint, path: Path, *, forward: bool, n_tokens: int = 512,
+def verify_gguf(ckpt: Checkpoint, path: Path, *, forward: bool, n_tokens: int = WINDOW,
                 workspace: Workspace | None = None) -> dict[str, Any]:
-    """One file's verification (`Verifier`); `n_tokens` is the length of the scored chunk (its second half is
+    """One file's verification (`Verifier`); `n_tokens` is the length of the window (its second half is
     compared)."""
-    return Verifier(ckpt, workspace=workspace).verify(path, forward=forward, n_ctx=n_tokens)
+    return Verifier(ckpt, workspace=workspace, n_ctx=n_tokens).verify(path, forward=forward)
 
 
 def _trim_heap() -> None:
@@ -123,20 +131,20 @@ class Prepared:
     model's modeling code) and the tokenizer are Python work, and quantization runs in C without the GIL, so on a
     0.5B model the ~3 s of set-up overlaps the quantization instead of following it."""
 
-    def __init__(self, ckpt: Checkpoint, workspace: Workspace) -> None:
+    def __init__(self, ckpt: Checkpoint, workspace: Workspace, evaluation: tuple[str, int] | None = None) -> None:
         import threading
 
         self._result: Verifier | None = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._build, args=(ckpt, workspace), daemon=True,
+        self._thread = threading.Thread(target=self._build, args=(ckpt, workspace, evaluation), daemon=True,
                                          name="quantkit-verify-setup")
         self._thread.start()
 
-    def _build(self, ckpt: Checkpoint, workspace: Workspace) -> None:
+    def _build(self, ckpt: Checkpoint, workspace: Workspace, evaluation: tuple[str, int] | None) -> None:
         try:
             from quantkit.layerwise import LayerwiseModel
 
-            self._result = Verifier(ckpt, workspace=workspace)
+            self._result = Verifier(ckpt, workspace=workspace, evaluation=evaluation)
             LayerwiseModel(ckpt)  # on the meta device: imports the architecture's modeling code, allocates nothing
         except BaseException as exc:  # noqa: BLE001 - handed to the caller of `get`
             self._error = exc
