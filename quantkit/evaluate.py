@@ -167,18 +167,36 @@ def cached_reference(ws: Workspace, ckpt: Checkpoint, toks: EvalTokens, n_chunks
     kept in the workspace; a later call that needs more chunks computes only the missing ones. Verification
     (one chunk) and `quantkit eval` (all) share it; `step` names the workspace step that records it."""
     want = len(toks.chunks) if n_chunks is None else min(n_chunks, len(toks.chunks))
-    ref_fp = fingerprint("reference", 4, ckpt.fingerprint, toks.fingerprint, reference_mode(ckpt, toks))
-    path = ws.root / "eval" / f"reference-{ref_fp}.npz"
-    have = Reference.load(path) if ws.is_done(step, ref_fp) and path.exists() else None
+    have = find_reference(ws, ckpt, toks, step=step)
     if have is not None and have.n_chunks >= want:
         return have.head(want)
     start = have.n_chunks if have is not None else 0
     more = compute_reference(ckpt, toks, on_chunk, start=start, stop=want)
     ref = have.extend(more) if have is not None else more
+    store_reference(ws, ckpt, toks, ref, step=step)
+    return ref
+
+
+def _reference_file(ws: Workspace, ckpt: Checkpoint, toks: EvalTokens) -> tuple[Path, str]:
+    ref_fp = fingerprint("reference", 4, ckpt.fingerprint, toks.fingerprint, reference_mode(ckpt, toks))
+    return ws.root / "eval" / f"reference-{ref_fp}.npz", ref_fp
+
+
+def find_reference(ws: Workspace, ckpt: Checkpoint, toks: EvalTokens, *, step: str = "eval.reference"
+                   ) -> Reference | None:
+    """The workspace's reference for this checkpoint and token set, as far as it goes; None when it has none.
+    Reads only (a verification worker process looks here while the main process holds the workspace)."""
+    path, ref_fp = _reference_file(ws, ckpt, toks)
+    return Reference.load(path) if ws.is_done(step, ref_fp) and path.exists() else None
+
+
+def store_reference(ws: Workspace, ckpt: Checkpoint, toks: EvalTokens, ref: Reference, *,
+                    step: str = "eval.reference") -> None:
+    """Keep `ref` in the workspace as the reference of this checkpoint and token set."""
+    path, ref_fp = _reference_file(ws, ckpt, toks)
     ref.save(path)
     ws.record_step(step, ref_fp, [path], ppl=ref.ppl, mode=ref.mode, eval_set=toks.spec,
                    tokens_fingerprint=toks.fingerprint, chunks=ref.n_chunks)
-    return ref
 
 
 def score(scorer: Any, toks: EvalTokens, ref: Reference, on_chunk: Any = None) -> dict[str, Any]:

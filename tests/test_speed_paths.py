@@ -172,3 +172,30 @@ def test_fast_metadata_packing_writes_the_same_bytes(fixture: str, request: pyte
                 w._pack_val(val, gguf.GGUFValueType.ARRAY, True, sub)
             continue
         assert w._pack_val(val, gguf.GGUFValueType.ARRAY, True, sub) == want
+
+
+def test_verification_worker_failure_and_stop(qwen2_ckpt: Path, tmp_path: Path) -> None:
+    """The torch half of verification runs in its own process: its failure is one line naming it, and stopping it
+    (an error or interrupt elsewhere) leaves no process and no file behind."""
+    from quantkit.backends.gguf.verify import Prepared
+    from quantkit.errors import QuantkitError
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in qwen2_ckpt.iterdir():
+        if f.is_file():
+            (broken / f.name).write_bytes(f.read_bytes())
+    ck = _ckpt(broken)
+    (broken / "tokenizer.json").write_text("{", encoding="utf-8")
+    ws = Workspace(tmp_path / "ws")
+    prepared = Prepared(ck, ws)
+    with pytest.raises(QuantkitError, match=r"^verification could not run: ") as err:
+        prepared.get()
+    assert "\n" not in err.value.message and "Traceback" not in err.value.message
+    prepared.close()
+    assert not [p for p in ws.root.iterdir() if p.name.startswith(".verify")]
+
+    running = Prepared(_ckpt(qwen2_ckpt), ws)
+    running.close()
+    assert running._proc.poll() is not None
+    assert not [p for p in ws.root.iterdir() if p.name.startswith(".verify")]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -156,22 +156,25 @@ class GGUFBackend(GGUFSections):
             console.warn("low-bit types without an importance matrix lose noticeably more quality")
         tools = tool_versions()
         artifacts: list[Artifact] = []
-        with console.progress() as bar:
-            imatrix_data, imatrix_info = (None, None)
-            if use_imatrix:  # first: the one pass below quantizes while it converts, with the matrix at hand
-                imatrix_data, imatrix_info = self._imatrix(ctx, options, bar)
-            prepared = self._prepare_verify(ctx, options)
-            base, fp_base, fused = self._convert(ctx, options, bar, imatrix_data, imatrix_info)
-            artifacts.append(self._artifact(ws, base, options.outtype.upper(), fp_base, ctx, tools, None))
-            for q in options.types:
-                if q == options.outtype.upper():
-                    continue
-                path, fp = fused.get(q) or self._quantize(ctx, options, base, fp_base, q, imatrix_data, imatrix_info,
-                                                          bar)
-                artifacts.append(self._artifact(ws, path, q, fp, ctx, tools, imatrix_info))
-            artifacts += self._targets(ctx, options, base, fp_base, imatrix_data, imatrix_info, tools, bar)
-        if options.verify:
-            self._verify(ctx, artifacts, prepared)
+        with ExitStack() as stack:
+            with console.progress() as bar:
+                imatrix_data, imatrix_info = (None, None)
+                if use_imatrix:  # first: the pass below quantizes while it converts, with the matrix at hand
+                    imatrix_data, imatrix_info = self._imatrix(ctx, options, bar)
+                prepared = self._prepare_verify(ctx, options)
+                if prepared is not None:
+                    stack.callback(prepared.close)  # its process is stopped on errors and interrupts too
+                base, fp_base, fused = self._convert(ctx, options, bar, imatrix_data, imatrix_info)
+                artifacts.append(self._artifact(ws, base, options.outtype.upper(), fp_base, ctx, tools, None))
+                for q in options.types:
+                    if q == options.outtype.upper():
+                        continue
+                    path, fp = fused.get(q) or self._quantize(ctx, options, base, fp_base, q, imatrix_data,
+                                                              imatrix_info, bar)
+                    artifacts.append(self._artifact(ws, path, q, fp, ctx, tools, imatrix_info))
+                artifacts += self._targets(ctx, options, base, fp_base, imatrix_data, imatrix_info, tools, bar)
+            if options.verify:
+                self._verify(ctx, artifacts, prepared)
         return artifacts
 
     def _targets(self, ctx: JobContext, options: GGUFOptions, base: Path, fp_base: str, imatrix: Any,
@@ -349,7 +352,7 @@ class GGUFBackend(GGUFSections):
             return None
         from quantkit.backends.gguf.verify import Prepared
 
-        return Prepared(ctx.checkpoint, ctx.workspace, ctx.evaluation)
+        return Prepared(ctx.checkpoint, ctx.workspace, ctx.evaluation, ctx.threads)
 
     def _verify(self, ctx: JobContext, artifacts: list[Artifact], prepared: Any = None) -> None:
         """Every file loads in llama.cpp and tokenizes Russian exactly like the HF tokenizer; the unquantized

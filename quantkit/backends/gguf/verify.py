@@ -12,11 +12,13 @@ holds more than one window of logits.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from quantkit import console
 from quantkit.errors import QuantkitError
 from quantkit.metrics import kld_full, kld_top_q, log_softmax, logsumexp, top2_gap
 from quantkit.source import Checkpoint
@@ -33,17 +35,23 @@ class Verifier:
     """Verification of the files of one checkpoint: the tokenizer and its ids of the sample text loaded once."""
 
     def __init__(self, ckpt: Checkpoint, *, workspace: Workspace | None = None, tokenizer: Any = None,
-                 evaluation: tuple[str, int] | None = None, n_ctx: int = WINDOW) -> None:
+                 evaluation: tuple[str, int] | None = None, n_ctx: int = WINDOW,
+                 given: tuple[list[int], Any, Any] | None = None) -> None:
         """`evaluation`: (eval text, chunk length) of the evaluation that follows in this run, whose first chunk
-        and cached reference the forward check then shares; else the first `n_ctx` tokens of the eval text."""
-        from transformers import AutoTokenizer
-
+        and cached reference the forward check then shares; else the first `n_ctx` tokens of the eval text.
+        `given`: the sample text's ids, the eval tokens and the reference, prepared elsewhere (`Prepared`)."""
         self.ckpt, self.ws = ckpt, workspace
-        self.tok = tokenizer or AutoTokenizer.from_pretrained(ckpt.path)
         self.text = sample_text()
-        self.hf_ids: list[int] = self.tok(self.text)["input_ids"]
         self.spec, self.n_ctx = evaluation or (EVAL_SPEC, n_ctx)
         self.step = "eval.reference" if evaluation else "gguf.verify.reference"
+        self._given = given
+        if given is not None:
+            self.hf_ids: list[int] = given[0]
+            return
+        from transformers import AutoTokenizer
+
+        self.tok = tokenizer or AutoTokenizer.from_pretrained(ckpt.path)
+        self.hf_ids = self.tok(self.text)["input_ids"]
 
     def verify(self, path: Path, *, forward: bool) -> dict[str, Any]:
         """Raise a `QuantkitError` when the file is broken; return what was checked."""
@@ -74,6 +82,8 @@ class Verifier:
         """The eval tokens and the bf16 reference of their first chunk (from the workspace when it has it)."""
         from quantkit.evaluate import cached_reference, compute_reference, eval_tokens
 
+        if self._given is not None:
+            return self._given[1], self._given[2]
         toks = eval_tokens(self.ckpt, self.spec, self.n_ctx, None, self.tok)
         ref = (cached_reference(self.ws, self.ckpt, toks, 1, step=self.step) if self.ws is not None
                else compute_reference(self.ckpt, toks, stop=1))
@@ -127,31 +137,55 @@ def _trim_heap() -> None:
 
 
 class Prepared:
-    """A `Verifier` built in a background thread while llama.cpp quantizes: its imports (torch, transformers, the
-    model's modeling code) and the tokenizer are Python work, and quantization runs in C without the GIL, so on a
-    0.5B model the ~3 s of set-up overlaps the quantization instead of following it."""
+    """The torch/transformers half of verification (`verify_worker`), started in a process of its own when the run
+    begins, so its ~5 s of imports, tokenizer and reference forward on a 0.5B model run beside the conversion
+    instead of after it, without taking the GIL from the quantizer's threads. `get` waits for it and returns the
+    `Verifier`; `close` stops it and removes its files (also on errors and interrupts)."""
 
-    def __init__(self, ckpt: Checkpoint, workspace: Workspace, evaluation: tuple[str, int] | None = None) -> None:
-        import threading
+    def __init__(self, ckpt: Checkpoint, workspace: Workspace, evaluation: tuple[str, int] | None = None,
+                 threads: int = 0) -> None:
+        import pickle
+        import subprocess
+        import sys
 
-        self._result: Verifier | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._build, args=(ckpt, workspace, evaluation), daemon=True,
-                                         name="quantkit-verify-setup")
-        self._thread.start()
+        from quantkit.workspace import private_temp_name
 
-    def _build(self, ckpt: Checkpoint, workspace: Workspace, evaluation: tuple[str, int] | None) -> None:
-        try:
-            from quantkit.layerwise import LayerwiseModel
-
-            self._result = Verifier(ckpt, workspace=workspace, evaluation=evaluation)
-            LayerwiseModel(ckpt)  # on the meta device: imports the architecture's modeling code, allocates nothing
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller of `get`
-            self._error = exc
+        self.ckpt, self.ws, self.evaluation = ckpt, workspace, evaluation
+        spec, n_ctx = evaluation or (EVAL_SPEC, WINDOW)
+        self.step = "eval.reference" if evaluation else "gguf.verify.reference"
+        self.dir = private_temp_name(workspace.root / "verify")  # a dead run's is removed with its other partials
+        self.dir.mkdir(parents=True, exist_ok=True)
+        job = {"ckpt": ckpt, "spec": spec, "n_ctx": n_ctx, "step": self.step, "workspace": str(workspace.root),
+               "threads": threads}
+        (self.dir / "job.pkl").write_bytes(pickle.dumps(job))
+        with open(self.dir / "log.txt", "w") as log:
+            self._proc: Any = subprocess.Popen(
+                [sys.executable, "-m", "quantkit.backends.gguf.verify_worker", str(self.dir / "job.pkl"),
+                 str(self.dir)], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
 
     def get(self) -> Verifier:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._result is not None
-        return self._result
+        from quantkit.evaluate import EvalTokens, Reference, store_reference
+
+        self._proc.wait()
+        if self._proc.returncode != 0:
+            err = (self.dir / "log.txt").read_text(encoding="utf-8", errors="replace")
+            if os.environ.get("QUANTKIT_DEBUG"):
+                console.info(err)
+            last = next((line for line in reversed(err.splitlines()) if line.strip()), "no message")
+            raise QuantkitError(f"verification could not run: {last.removeprefix('error: ')}",
+                                "QUANTKIT_DEBUG=1 shows the worker's traceback; --no-verify skips verification")
+        z = np.load(self.dir / "inputs.npz")
+        toks = EvalTokens(z["chunks"], int(z["first"]), str(z["spec"]), str(z["fingerprint"]))
+        ref = Reference.load(self.dir / "reference.npz")
+        if bool(z["computed"]):
+            store_reference(self.ws, self.ckpt, toks, ref, step=self.step)
+        return Verifier(self.ckpt, workspace=self.ws, evaluation=self.evaluation,
+                        given=(z["hf_ids"].tolist(), toks, ref))
+
+    def close(self) -> None:
+        import shutil
+
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
