@@ -21,6 +21,7 @@ import ctypes
 import os
 import shutil
 import struct
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -132,7 +133,15 @@ def llama_types(pack: Callable[..., bytes], kv: list[tuple[str, gguf.GGUFValue]]
     for t in tensors:
         shape = (*t.shape[:-2], min(t.shape[-2], 2), t.shape[-1]) if len(t.shape) >= 2 else t.shape
         cut.append(TensorSpec(t.name, shape, t.qtype, tensor_bytes(t.qtype, shape)))
-    head, _, data = gguf_header(pack, kv, cut, alignment)
+    # the vocabulary's lists, most of the probe's cost on a 152k vocabulary, are left out; llama.cpp reads only
+    # their length (some architectures' sizes depend on it), which `{arch}.vocab_size` gives it instead
+    slim = [(k, v) for k, v in kv if not k.startswith("tokenizer.ggml.") or not isinstance(v.value, (list, tuple))]
+    values = dict(kv)
+    arch = values["general.architecture"].value
+    if f"{arch}.vocab_size" not in values and "tokenizer.ggml.tokens" in values:
+        n = len(values["tokenizer.ggml.tokens"].value)
+        slim.append((f"{arch}.vocab_size", gguf.GGUFValue(n, gguf.GGUFValueType.UINT32)))
+    head, _, data = gguf_header(pack, slim, cut, alignment)
     src = scratch / f"skeleton-{opts.file_type}.gguf"
     with open(src, "wb") as fh:
         fh.write(head)
@@ -178,6 +187,10 @@ class FusedQuantizer:
         self.early: set[str] = set()
 
     def __enter__(self) -> FusedQuantizer:
+        # workers take the GIL back after each C call; a thread busy in Python (verification's imports) would make
+        # each of them wait up to the 5 ms default switch interval
+        self._interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._interval, 0.0005))
         for out in self.outputs:
             self._stages.append(self._stack.enter_context(staging_dir(out.dst, need=out.opts.need)))
         self._scratch = self._stack.enter_context(staging_dir(self.outputs[0].dst.with_name(".types")))
@@ -194,6 +207,7 @@ class FusedQuantizer:
             for f in list(self._scratch.work.iterdir()):  # nothing of the type probes is moved into place
                 shutil.rmtree(f) if f.is_dir() else f.unlink()
         finally:
+            sys.setswitchinterval(self._interval)
             self._stack.__exit__(*exc)
         if isinstance(exc[1], DiskFull) and self.outputs[0].size:  # name all that the pass had to write
             raise DiskFull(exc[1].folder, self.base_bytes + sum(o.size for o in self.outputs)) from exc[1]
