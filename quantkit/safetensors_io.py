@@ -141,6 +141,15 @@ class TensorSource:
     def names(self) -> list[str]:
         return list(self.tensors)
 
+    def view(self, name: str) -> np.ndarray:
+        """The tensor as a read-only array mapped from the file, in its storage dtype: no copy is made until it
+        is used (the converter writes most tensors straight from the page cache)."""
+        info = self.tensors[name]
+        np_dtype, _ = DTYPES[info.dtype]
+        if info.nbytes == 0:
+            return np.empty(info.shape, dtype=np_dtype)
+        return np.memmap(info.file, dtype=np_dtype, mode="r", offset=info.start, shape=info.shape)
+
     def read(self, name: str) -> np.ndarray:
         """The tensor as a numpy array in its storage dtype (BF16 as uint16), read with one pread."""
         info = self.tensors[name]

@@ -177,6 +177,7 @@ class Converter:
         self.rope = rope_parameters(self.hp)
         self.tmap = gguf.get_tensor_name_map(self.gguf_arch, self.arch.n_layer)
         self.src: TensorSource = ckpt.tensors
+        self._planned: list[PlannedTensor] | None = None
 
     # -- metadata ----------------------------------------------------------------------------------------
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
@@ -196,6 +197,12 @@ class Converter:
 
     # -- tensors -----------------------------------------------------------------------------------------
     def plan(self) -> list[PlannedTensor]:
+        """Every tensor of the output, in order (planned once per converter)."""
+        if self._planned is None:
+            self._planned = self._plan()
+        return list(self._planned)
+
+    def _plan(self) -> list[PlannedTensor]:
         out: list[PlannedTensor] = []
         rope = self.rope.get("full_attention", self.rope)
         if self.arch.rope_freqs_tensor and str(rope.get("rope_type", "")).lower() == "llama3":
@@ -284,7 +291,7 @@ class Converter:
                 qtype: gguf.GGMLQuantizationType) -> Callable[[], np.ndarray]:
         def load() -> np.ndarray:
             info = self.src.tensors[hf_name]
-            data = self.src.read(hf_name)
+            data = self.src.view(hf_name)
             if shape != info.shape:
                 data = data[: shape[0]]
             return self._convert(name, info.dtype, data, qtype)
