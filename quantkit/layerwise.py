@@ -95,7 +95,14 @@ class LayerwiseModel:
         kind = self.ckpt.tensors.tensors[hf_name].dtype
         if kind not in ("BF16", "F16"):
             return torch.from_numpy(self.ckpt.read_f32(name)).to(self.dtype)
-        return self._widen(self.ckpt.tensors.read(hf_name), kind)
+        return self._widen(self._raw(hf_name, kind), kind)
+
+    def _raw(self, hf_name: str, kind: str) -> np.ndarray:
+        """A BF16 tensor widened to float32 is read straight from the mapped file (no copy first); anything torch
+        converts itself is read into a writable array."""
+        if kind == "BF16" and self.dtype == self._torch.float32:
+            return self.ckpt.tensors.view(hf_name)
+        return self.ckpt.tensors.read(hf_name)
 
     def _widen(self, raw: np.ndarray, kind: str, out: Any = None) -> Any:
         """BF16 / F16 storage in the compute dtype (into `out` when given). BF16 → float32 is a 16-bit shift, which
@@ -134,7 +141,7 @@ class LayerwiseModel:
                 or self.ckpt.tensors.tensors[hf_name].dtype not in ("BF16", "F16")):
             return None
         kind = self.ckpt.tensors.tensors[hf_name].dtype
-        raw = self.ckpt.tensors.read(hf_name)
+        raw = self._raw(hf_name, kind)
         vocab = raw.shape[0]
         buf = torch.empty(min(HEAD_SLICE, vocab), raw.shape[1], dtype=torch.float32)
         op = _onednn_op()

@@ -360,7 +360,8 @@ class GGUFBackend(GGUFSections):
         from quantkit.backends.gguf.verify import Verifier
 
         verifier = None
-        for art in artifacts:
+        forward = ("BF16", "F16", "F32")
+        for art in sorted(artifacts, key=lambda a: a.quant in forward):  # those that need the reference last
             step = f"gguf.verify.{art.quant}"
             # the file's hash as its own step recorded it: verifying does not hash gigabytes again
             fp = fingerprint("verify", 2, art.info["fingerprint"], _recorded_sha(ctx.workspace, art.path))
@@ -370,7 +371,7 @@ class GGUFBackend(GGUFSections):
                 verifier = verifier or (prepared.get() if prepared is not None
                                         else Verifier(ctx.checkpoint, workspace=ctx.workspace,
                                                       evaluation=ctx.evaluation))
-                report = verifier.verify(art.path, forward=art.quant in ("BF16", "F16", "F32"))
+                report = verifier.verify(art.path, forward=art.quant in forward)
             except QuantkitError as exc:  # remembered, so that `quantkit push` refuses the file (unless --force)
                 ctx.workspace.update_artifact(ctx.workspace.rel(art.path),
                                               verify={"passed": False, "error": exc.message})

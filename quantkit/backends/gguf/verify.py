@@ -13,6 +13,7 @@ holds more than one window of logits.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,11 @@ class Verifier:
 
     def __init__(self, ckpt: Checkpoint, *, workspace: Workspace | None = None, tokenizer: Any = None,
                  evaluation: tuple[str, int] | None = None, n_ctx: int = WINDOW,
-                 given: tuple[list[int], Any, Any] | None = None) -> None:
+                 given: tuple[list[int], Callable[[], tuple[Any, Any]]] | None = None) -> None:
         """`evaluation`: (eval text, chunk length) of the evaluation that follows in this run, whose first chunk
         and cached reference the forward check then shares; else the first `n_ctx` tokens of the eval text.
-        `given`: the sample text's ids, the eval tokens and the reference, prepared elsewhere (`Prepared`)."""
+        `given`: the sample text's ids, and what gives the eval tokens and their reference, prepared elsewhere
+        (`Prepared`)."""
         self.ckpt, self.ws = ckpt, workspace
         self.text = sample_text()
         self.spec, self.n_ctx = evaluation or (EVAL_SPEC, n_ctx)
@@ -57,8 +59,9 @@ class Verifier:
         """Raise a `QuantkitError` when the file is broken; return what was checked."""
         from quantkit.backends.gguf.llamacpp import LlamaModel, LlamaScorer
 
-        # the reference first: transformers' memory is freed before llama.cpp maps the file (a lower peak)
-        ref = self._reference() if forward else None
+        # computed here, the reference comes first: transformers' memory is freed before llama.cpp maps the file
+        # (a lower peak); from the worker process (`Prepared`), it is waited for once the file is loaded
+        ref = self._reference() if forward and self._given is None else None
         if ref is not None:
             _trim_heap()
         scorer = LlamaScorer(path, n_ctx=self.n_ctx) if forward else None
@@ -72,8 +75,8 @@ class Verifier:
                     "the tokenizer metadata is wrong; report it with the model id",
                 )
             report: dict[str, Any] = {"loads": True, "tokenizer_parity": True, "tokens_compared": len(self.hf_ids)}
-            if scorer is not None and ref is not None:
-                report.update(self._forward(scorer, Path(path).name, *ref))
+            if scorer is not None:
+                report.update(self._forward(scorer, Path(path).name, *(ref or self._reference())))
         finally:
             (scorer or model).close()
         return report
@@ -83,7 +86,7 @@ class Verifier:
         from quantkit.evaluate import cached_reference, compute_reference, eval_tokens
 
         if self._given is not None:
-            return self._given[1], self._given[2]
+            return self._given[1]()
         toks = eval_tokens(self.ckpt, self.spec, self.n_ctx, None, self.tok)
         ref = (cached_reference(self.ws, self.ckpt, toks, 1, step=self.step) if self.ws is not None
                else compute_reference(self.ckpt, toks, stop=1))
@@ -151,6 +154,7 @@ class Prepared:
         from quantkit.workspace import private_temp_name
 
         self.ckpt, self.ws, self.evaluation = ckpt, workspace, evaluation
+        self._done: tuple[Any, Any] | None = None
         spec, n_ctx = evaluation or (EVAL_SPEC, WINDOW)
         self.step = "eval.reference" if evaluation else "gguf.verify.reference"
         self.dir = private_temp_name(workspace.root / "verify")  # a dead run's is removed with its other partials
@@ -164,8 +168,32 @@ class Prepared:
                  str(self.dir)], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
 
     def get(self) -> Verifier:
+        """The `Verifier`, as soon as the worker has tokenized (its reference is waited for when first needed)."""
+        import time
+
+        ids = self.dir / "ids.npy"
+        while not ids.exists() and self._proc.poll() is None:
+            time.sleep(0.02)
+        if not ids.exists():
+            self._failed()
+        return Verifier(self.ckpt, workspace=self.ws, evaluation=self.evaluation,
+                        given=(np.load(ids).tolist(), self._reference))
+
+    def _reference(self) -> tuple[Any, Any]:
         from quantkit.evaluate import EvalTokens, Reference, store_reference
 
+        if self._done is None:
+            if self._proc.wait() != 0:
+                self._failed()
+            z = np.load(self.dir / "inputs.npz")
+            toks = EvalTokens(z["chunks"], int(z["first"]), str(z["spec"]), str(z["fingerprint"]))
+            ref = Reference.load(self.dir / "reference.npz")
+            if bool(z["computed"]):
+                store_reference(self.ws, self.ckpt, toks, ref, step=self.step)
+            self._done = (toks, ref)
+        return self._done
+
+    def _failed(self) -> None:
         self._proc.wait()
         if self._proc.returncode != 0:
             err = (self.dir / "log.txt").read_text(encoding="utf-8", errors="replace")
@@ -174,13 +202,7 @@ class Prepared:
             last = next((line for line in reversed(err.splitlines()) if line.strip()), "no message")
             raise QuantkitError(f"verification could not run: {last.removeprefix('error: ')}",
                                 "QUANTKIT_DEBUG=1 shows the worker's traceback; --no-verify skips verification")
-        z = np.load(self.dir / "inputs.npz")
-        toks = EvalTokens(z["chunks"], int(z["first"]), str(z["spec"]), str(z["fingerprint"]))
-        ref = Reference.load(self.dir / "reference.npz")
-        if bool(z["computed"]):
-            store_reference(self.ws, self.ckpt, toks, ref, step=self.step)
-        return Verifier(self.ckpt, workspace=self.ws, evaluation=self.evaluation,
-                        given=(z["hf_ids"].tolist(), toks, ref))
+        raise QuantkitError("verification's worker stopped without its results", "run the same command again")
 
     def close(self) -> None:
         import shutil

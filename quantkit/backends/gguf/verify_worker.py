@@ -21,7 +21,8 @@ import numpy as np
 
 
 def prepare(job: dict[str, Any], out: Path) -> None:
-    """Write ``inputs.npz`` (token ids, eval tokens, whether the reference was computed) and ``reference.npz``."""
+    """Write ``ids.npy`` (the sample text's ids) as soon as it can, then ``reference.npz`` and ``inputs.npz`` (the
+    eval tokens, whether the reference was computed)."""
     from quantkit.threads import set_threads
 
     set_threads(job["threads"])
@@ -29,17 +30,18 @@ def prepare(job: dict[str, Any], out: Path) -> None:
 
     from quantkit.evaluate import compute_reference, eval_tokens, find_reference
     from quantkit.verify import sample_text
-    from quantkit.workspace import Workspace
+    from quantkit.workspace import Workspace, atomic_path
 
     ckpt = job["ckpt"]
     tok = AutoTokenizer.from_pretrained(ckpt.path)
-    hf_ids = tok(sample_text())["input_ids"]
+    with atomic_path(out / "ids.npy") as tmp, open(tmp, "wb") as fh:  # first: the tokenizer checks can start
+        np.save(fh, np.asarray(tok(sample_text())["input_ids"], np.int64))
     toks = eval_tokens(ckpt, job["spec"], job["n_ctx"], None, tok)
     have = find_reference(Workspace(job["workspace"], read_only=True), ckpt, toks, step=job["step"])
     ref = have.head(1) if have is not None else compute_reference(ckpt, toks, stop=1)
-    np.savez(out / "inputs.npz", hf_ids=np.asarray(hf_ids, np.int64), chunks=toks.chunks, first=toks.first,
-             spec=np.array(toks.spec), fingerprint=np.array(toks.fingerprint), computed=have is None)
     ref.save(out / "reference.npz")
+    np.savez(out / "inputs.npz", chunks=toks.chunks, first=toks.first, spec=np.array(toks.spec),
+             fingerprint=np.array(toks.fingerprint), computed=have is None)
 
 
 def main(argv: list[str]) -> int:
