@@ -36,11 +36,12 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _fused(ckpt_path: Path, out: Path, opts: list[QuantizeOptions], threads: int = 2) -> tuple[Path, FusedQuantizer]:
+def _fused(ckpt_path: Path, out: Path, opts: list[QuantizeOptions], threads: int = 2,
+           outtype: str = "bf16") -> tuple[Path, FusedQuantizer]:
     ck = load_local(ckpt_path, name=ckpt_path.name, source=str(ckpt_path))
     out.mkdir(parents=True, exist_ok=True)
     with FusedQuantizer([(o.file_type, out / f"{o.file_type}.gguf", o) for o in opts], threads=threads) as fq:
-        base = Converter(ck).write(out / "BF16.gguf", sink=fq)[0]
+        base = Converter(ck, outtype).write(out / "base.gguf", sink=fq)[0]
     return base, fq
 
 
@@ -59,6 +60,14 @@ def test_every_architecture_byte_identical(fixture: str, request: pytest.Fixture
     """Plain, K- and legacy types and F16 in one pass; 1 thread, so chunking cannot hide a row-order bug."""
     opts = [QuantizeOptions(q, threads=1) for q in ("Q8_0", "Q4_K_M", "Q3_K_S", "Q5_0", "F16")]
     base, fq = _fused(request.getfixturevalue(fixture), tmp_path / "f", opts, threads=1)
+    _assert_llama_bytes(base, fq, opts, tmp_path / "ref")
+
+
+@pytest.mark.parametrize("outtype", ["f16", "f32"])
+def test_other_unquantized_types(outtype: str, gigachat3_ckpt: Path, tmp_path: Path) -> None:
+    """From an F16 or F32 conversion (widened by ggml's own row functions), BF16 among the targets."""
+    opts = [QuantizeOptions(q, threads=2) for q in ("Q8_0", "Q4_K_M", "BF16")]
+    base, fq = _fused(gigachat3_ckpt, tmp_path / "f", opts, outtype=outtype)
     _assert_llama_bytes(base, fq, opts, tmp_path / "ref")
 
 
