@@ -232,8 +232,9 @@ def test_a_worker_killed_mid_step_is_retried_and_redoes_nothing_finished(tmp_pat
         while time.monotonic() < deadline:
             done = finished(ws)
             pid = lock_holder(ws)
-            if pid and pid != os.getpid() and "gguf.convert" in done and set(done) != steps:
-                seen.update(pid=pid, done=done, mtime=(ws / "gguf" / "tiny-llama3-BF16.gguf").stat().st_mtime_ns)
+            # the importance matrix is done and the one pass that converts and quantizes is under way
+            if pid and pid != os.getpid() and "gguf.imatrix" in done and "gguf.convert" not in done:
+                seen.update(pid=pid, done=done, mtime=(ws / "gguf" / "imatrix.gguf").stat().st_mtime_ns)
                 os.kill(pid, signal.SIGKILL)  # the Ray worker running the task, mid-step
                 return
             time.sleep(0.01)
@@ -247,7 +248,7 @@ def test_a_worker_killed_mid_step_is_retried_and_redoes_nothing_finished(tmp_pat
     now = finished(ws)
     assert set(now) == steps != set(seen["done"])  # what was left when it died is done now
     assert {k: now[k] for k in seen["done"]} == seen["done"]  # finished steps kept their timestamps...
-    assert (ws / "gguf" / "tiny-llama3-BF16.gguf").stat().st_mtime_ns == seen["mtime"]  # ...and were not rewritten
+    assert (ws / "gguf" / "imatrix.gguf").stat().st_mtime_ns == seen["mtime"]  # ...and were not rewritten
     assert int((ws / ".quantkit.lock").read_text().split()[0]) != seen["pid"]  # another worker finished it
     assert sorted(r["quant"] for r in result.rows) == sorted(["BF16", *types])
 
