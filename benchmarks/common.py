@@ -20,6 +20,7 @@ import sys
 import sysconfig
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -224,6 +225,35 @@ class Run:
     stdout: str
     stderr: str
     extra: dict[str, Any] = field(default_factory=dict)  # the child's last JSON line, if any
+    tree_rss: int = 0  # bytes: the largest sum of RSS over the command's whole process tree (sampled every 20 ms)
+
+
+def _tree_rss(root: int) -> int:
+    """RSS summed over `root` and its descendants, from /proc (0 where /proc cannot tell)."""
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as fh:
+                todo += [int(c) for c in fh.read().split()]
+            with open(f"/proc/{pid}/status") as fh:
+                total += next((int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:")), 0)
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+class _TreeSampler(threading.Thread):
+    """Samples `_tree_rss` of a running command: GNU time's figure is its largest single process, which
+    understates a command that runs a helper process beside itself."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.stop = pid, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.02):
+            self.peak = max(self.peak, _tree_rss(self.pid))
 
 
 def measure(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
@@ -235,8 +265,12 @@ def measure(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path 
         full = [str(gnu_time), "-v", "-o", rep.name, *map(str, cmd)] if gnu_time.exists() else list(map(str, cmd))
         t0 = time.perf_counter()
         proc = subprocess.Popen(full, stdout=out, stderr=err, env=env, cwd=cwd or ROOT)
+        sampler = _TreeSampler(proc.pid)
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
+        sampler.stop.set()
+        sampler.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
@@ -246,7 +280,7 @@ def measure(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path 
     for line in report.splitlines():
         if "Maximum resident set size" in line:
             peak = int(line.rsplit(":", 1)[1]) * 1024
-    run = Run(wall, peak, proc.returncode, stdout, stderr)
+    run = Run(wall, peak, proc.returncode, stdout, stderr, tree_rss=max(sampler.peak, peak))
     for line in reversed(stdout.strip().splitlines()):
         if line.startswith("{"):
             try:

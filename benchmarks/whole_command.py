@@ -15,7 +15,9 @@ time) against ``llama-imatrix -c 512 --chunks N --no-ppl`` on the BF16 GGUF, fed
 ``quantkit gguf CKPT --q4_k_m --calib-samples N --no-verify`` against convert + llama-imatrix + llama-quantize.
 
 Both sides use every core this process may use. Wall time from the parent's clock, peak RSS from
-``/usr/bin/time -v``; ratios are medians of per-round ratios.
+``/usr/bin/time -v`` (its largest process) and, beside it, the largest RSS summed over the command's process tree
+(sampled every 20 ms: verification runs a worker process beside the main one); ratios are medians of per-round
+ratios.
 
     .venv/bin/python benchmarks/whole_command.py [--model qwen25-0.5b] [--repeat 3] [--calib-samples 16]
         [--skip-convert] [--skip-imatrix] [--imatrix-command]
@@ -93,7 +95,7 @@ def reference(ckpt: Path, tag: str, *, keep: bool = False, imatrix_text: Path | 
     for f in (quant, imat) if keep else (bf16, quant, imat):
         common.clean(f)
     return Run(sum(r.wall_s for r in runs), max(r.peak_rss for r in runs), 0, "", "",
-               {"parts_s": [round(r.wall_s, 2) for r in runs]})
+               {"parts_s": [round(r.wall_s, 2) for r in runs]}, tree_rss=max(r.tree_rss for r in runs))
 
 
 def llama_imatrix(bf16: Path, text: Path, out: Path, n_chunks: int) -> Run:
@@ -111,11 +113,12 @@ def summarize(runs: dict[str, list[Run]], base: str, targets: dict[str, float]) 
         target = targets.get(name)
         rows.append([name, f"{med(r.wall_s for r in rs):.2f}", f"{min(r.wall_s for r in rs):.2f}",
                      f"{ratio:.2f}×", f"{mib(med(r.peak_rss for r in rs)):.0f}", f"{mem:.2f}×",
+                     f"{mib(med(r.tree_rss for r in rs)):.0f}",
                      f"≤ {target}×" if target else "", verdict(ratio <= target) if target else ""])
         if target:
             results.append((f"{name}: {ratio:.2f}× {base} (≤ {target}×)", ratio <= target))
     text = table(rows, ["command", "wall median (s)", "wall min (s)", "ratio", "peak RSS median (MiB)", "RSS ratio",
-                        "target", ""])
+                        "summed RSS median (MiB)", "target", ""])
     return text, results
 
 
