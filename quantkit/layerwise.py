@@ -120,12 +120,11 @@ class LayerwiseModel:
     def _rows(self, name: str, rows: Any) -> Any:
         """Rows of a 2-D checkpoint tensor (the embedding's, for the tokens at hand), read through a memory map:
         the whole of it in float32 is 0.5 GB for a 152k vocabulary, and a 0.25 s conversion."""
-        info = self.ckpt.tensors.tensors[self.ckpt.canonical_names[name]]
-        if info.dtype not in ("BF16", "F16"):
+        hf_name = self.ckpt.canonical_names[name]
+        kind = self.ckpt.tensors.tensors[hf_name].dtype
+        if kind not in ("BF16", "F16"):
             return self._torch.from_numpy(self.ckpt.read_f32(name)[rows.numpy()]).to(self.dtype)
-        table = np.memmap(info.file, dtype=np.uint16 if info.dtype == "BF16" else np.float16, mode="r",
-                          offset=info.start, shape=info.shape)
-        return self._widen(np.ascontiguousarray(table[rows.numpy()]), info.dtype)
+        return self._widen(np.ascontiguousarray(self.ckpt.tensors.view(hf_name)[rows.numpy()]), kind)
 
     def _sliced_head(self) -> Callable[[Any], Any] | None:
         """The output head as float32 mat-muls over slices of the vocabulary, its weight kept in its bf16 / f16

@@ -233,14 +233,13 @@ class GGUFBackend(GGUFSections):
         task = bar.add_task(f"convert → {quant}", total=len(planned))
         dst = self.file_for(ws, ckpt.name, quant)
         split = parse_size(options.split_max_size)
-        pending = [] if split else [
-            q for q in options.types
-            if q != quant and not ws.is_done(f"gguf.quantize.{q}", self._fp_quantize(fp, q, options, imatrix_info))]
+        fps = {q: self._fp_quantize(fp, q, options, imatrix_info) for q in options.types if q != quant}
+        pending = [] if split else [q for q, fp_q in fps.items() if not ws.is_done(f"gguf.quantize.{q}", fp_q)]
         rows = sum(int(np.prod(t.shape[:-1], dtype=np.int64)) if len(t.shape) > 1 else 1 for t in planned)
         tasks = {q: bar.add_task(f"quantize → {q}", total=rows) for q in pending}
         outputs = [(q, self.file_for(ws, ckpt.name, q), self._quantize_options(ctx, options, q, imatrix, False))
                    for q in pending]
-        base_bytes = gguf_tensor_bytes_for(conv)
+        base_bytes = conv.tensor_bytes()
         with FusedQuantizer(outputs, threads=ctx.threads, base_bytes=base_bytes,
                             on_rows=lambda q, n: bar.advance(tasks[q], n)) if outputs else nullcontext() as fused, \
                 disk_guard(dst.parent, base_bytes):
@@ -250,9 +249,8 @@ class GGUFBackend(GGUFSections):
         ws.record_step("gguf.convert", fp, files)
         made: dict[str, tuple[Path, str]] = {}
         for q in pending:
-            fp_q = self._fp_quantize(fp, q, options, imatrix_info)
-            ws.record_step(f"gguf.quantize.{q}", fp_q, fused.files(q))
-            made[q] = (fused.files(q)[0], fp_q)
+            ws.record_step(f"gguf.quantize.{q}", fps[q], fused.files(q))
+            made[q] = (fused.files(q)[0], fps[q])
         return files[0], fp, made
 
     @staticmethod
@@ -394,10 +392,6 @@ class GGUFBackend(GGUFSections):
 
         return LlamaScorer(path, n_ctx=n_ctx)
 
-
-def gguf_tensor_bytes_for(conv: Any) -> int:
-    """Bytes of the tensor data a converter will write (its planned tensors in their storage types)."""
-    return sum(int(np.prod(t.shape, dtype=np.int64)) * conv._storage(t.qtype)[1] for t in conv.plan())
 
 
 def _recorded_sha(ws: Workspace, path: Path) -> str | None:

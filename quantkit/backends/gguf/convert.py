@@ -20,7 +20,7 @@ import gguf
 import numpy as np
 
 from quantkit import __version__, console
-from quantkit.backends.gguf.fused import TensorSpec
+from quantkit.backends.gguf.fused import STORAGE, TensorSpec
 from quantkit.backends.gguf.kvpack import fast_arrays
 from quantkit.backends.gguf.tokenizer import add_vocab, vocab_token_count
 from quantkit.errors import QuantkitError
@@ -52,6 +52,11 @@ class PlannedTensor:
     load: Callable[[], np.ndarray]  # returns the data already in the output storage type
     # a stacked tensor (experts) is written in slices, one source tensor at a time: peak memory is one slice
     chunks: Callable[[], Iterator[np.ndarray]] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor's data in its storage type (BF16, F16 or F32)."""
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(STORAGE[self.qtype]).itemsize
 
 
 def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
@@ -298,10 +303,9 @@ class Converter:
 
         return load
 
-    @staticmethod
-    def _storage(qtype: gguf.GGMLQuantizationType) -> tuple[type, int]:
-        return {gguf.GGMLQuantizationType.BF16: (np.uint16, 2), gguf.GGMLQuantizationType.F16: (np.float16, 2),
-                gguf.GGMLQuantizationType.F32: (np.float32, 4)}[qtype]
+    def tensor_bytes(self) -> int:
+        """The size the converted GGUF's tensor data will have."""
+        return sum(t.nbytes for t in self.plan())
 
     def write(self, out: Path, *, split_max_size: int = 0, on_tensor: Callable[[str, int], None] | None = None,
               sink: FusedQuantizer | None = None) -> list[Path]:
@@ -316,35 +320,28 @@ class Converter:
         planned = self.plan()
         if self.arch.skip_note and len(self.ckpt.canonical_names) < len(self.src.tensors):
             console.info(f"{self.ckpt.name}: {self.arch.skip_note}")
-        total = 0
-        for t in planned:
-            total += int(np.prod(t.shape, dtype=np.int64)) * self._storage(t.qtype)[1]
-        check_disk(out.parent, int(total * 1.02) + (64 << 20), out.name)
+        check_disk(out.parent, int(self.tensor_bytes() * 1.02) + (64 << 20), out.name)
         with staging_dir(out) as stage:
             writer = gguf.GGUFWriter(stage.work / out.name, gguf.MODEL_ARCH_NAMES[self.gguf_arch],
                                      split_max_size=split_max_size)
             fast_arrays(writer)
             self.write_metadata(writer)
             for t in planned:
-                dtype, size = self._storage(t.qtype)
-                writer.add_tensor_info(t.name, t.shape, np.dtype(dtype),
-                                       int(np.prod(t.shape, dtype=np.int64)) * size, raw_dtype=t.qtype)
+                writer.add_tensor_info(t.name, t.shape, np.dtype(STORAGE[t.qtype]), t.nbytes, raw_dtype=t.qtype)
             writer.write_header_to_file(stage.work / out.name)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             if sink is not None:
                 sink.start(writer._pack_val, list(writer.kv_data[0].items()),
-                           [TensorSpec(t.name, tuple(t.shape), int(t.qtype),
-                                       int(np.prod(t.shape, dtype=np.int64)) * self._storage(t.qtype)[1])
-                            for t in planned], writer.data_alignment, base=stage.work / out.name)
+                           [TensorSpec(t.name, tuple(t.shape), int(t.qtype), t.nbytes) for t in planned],
+                           writer.data_alignment, base=stage.work / out.name)
                 for t in planned:
                     if t.name in sink.early and t.chunks is None:
                         sink.tensor(t.name, int(t.qtype), t.load(), base=False)
             for t in planned:
                 if t.chunks is not None:
-                    nbytes = _write_chunks(writer, t.chunks(),
-                                           int(np.prod(t.shape, dtype=np.int64)) * self._storage(t.qtype)[1],
-                                           None if sink is None else _expert_feed(sink, t))
+                    feed = None if sink is None else _expert_feed(sink, t)
+                    nbytes = _write_chunks(writer, t.chunks(), t.nbytes, feed)
                 else:
                     data = t.load()
                     writer.write_tensor_data(data)
@@ -396,8 +393,7 @@ def _write_chunks(writer: gguf.GGUFWriter, chunks: Iterator[np.ndarray], nbytes:
 
 def gguf_tensor_bytes(ckpt: Checkpoint, outtype: str = "bf16") -> int:
     """The size the converted GGUF's tensor data will have."""
-    conv = Converter(ckpt, outtype)
-    return sum(int(np.prod(t.shape, dtype=np.int64)) * conv._storage(t.qtype)[1] for t in conv.plan())
+    return Converter(ckpt, outtype).tensor_bytes()
 
 
 def iter_parts(first: Path) -> Iterator[Path]:

@@ -40,7 +40,7 @@ from quantkit.workspace import DiskFull, check_disk, remember_sha256, staging_di
 
 SLAB_BYTES = 16 << 20  # float32 bytes of rows converted and quantized by one task
 _T = gguf.GGMLQuantizationType
-_STORAGE = {_T.BF16: np.uint16, _T.F16: np.float16, _T.F32: np.float32}
+STORAGE = {_T.BF16: np.uint16, _T.F16: np.float16, _T.F32: np.float32}  # unquantized types → numpy storage
 _SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
 
 _ggml: Any = None
@@ -242,7 +242,6 @@ class FusedQuantizer:
                 self._base_at = {t.name: len(head) + o for t, o in zip(tensors, offsets, strict=True)}
                 self.base_hash = OrderedHash(_extents(head, tensors, offsets), len(head) + data)
                 self.base_hash.add(0, head)
-        self._experts = {t.name: t.shape[0] if len(t.shape) == 3 else 1 for t in tensors}
         self._specs = sizes
         for out, stage in zip(self.outputs, self._stages, strict=True):
             order = llama_types(pack, kv, tensors, alignment, out.opts, self._scratch.work)
@@ -273,7 +272,7 @@ class FusedQuantizer:
         shape = self._specs[name].shape
         n_cols = shape[-1]
         per = shape[-2] if len(shape) == 3 else 1 << 62  # llama.cpp takes the third dimension for experts
-        rows = np.ascontiguousarray(data).view(_STORAGE[_T(qtype)]).reshape(-1, n_cols)
+        rows = np.ascontiguousarray(data).view(STORAGE[_T(qtype)]).reshape(-1, n_cols)
         step = max(1, SLAB_BYTES // (4 * rows.shape[1]))
         a = 0
         while a < rows.shape[0]:
@@ -344,7 +343,8 @@ class FusedQuantizer:
         values = (out.opts.imatrix or {}).get(name)
         if values is None:
             return None
-        if values.size != n_cols * self._experts[name]:
+        shape = self._specs[name].shape
+        if values.size != n_cols * (shape[0] if len(shape) == 3 else 1):  # llama.cpp: one row per expert (ne[2])
             if name == "token_embd.weight":
                 return None  # llama.cpp ignores a mismatched embedding entry
             raise QuantkitError(f"the importance matrix has {values.size} values for {name} (rows of {n_cols})",

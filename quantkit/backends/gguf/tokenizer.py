@@ -35,6 +35,12 @@ class VocabInfo:
     pre_method: str = ""  # hash | structure | trial | override ("" for SentencePiece)
 
 
+def _stamp(path: Path) -> tuple[str, int, int]:
+    """A file's version as the per-process caches below key it: resolved path, size, modification time."""
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
 @lru_cache(maxsize=2)
 def _parsed(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
     return json.loads(Path(path).read_text(encoding="utf-8"))
@@ -43,9 +49,7 @@ def _parsed(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
 def tokenizer_json(folder: Path) -> dict[str, Any]:
     """``tokenizer.json`` parsed once per process while the file is unchanged (a 152k-token vocabulary is ~10 MB of
     JSON; conversion, detection and the vocabulary writer all read it). Do not modify the result."""
-    path = Path(folder) / "tokenizer.json"
-    st = path.stat()
-    return _parsed(str(path.resolve()), st.st_size, st.st_mtime_ns)
+    return _parsed(*_stamp(Path(folder) / "tokenizer.json"))
 
 
 @lru_cache(maxsize=2)
@@ -58,9 +62,7 @@ def _fast(path: str, size: int, mtime_ns: int) -> Any:
 def fast_tokenizer(folder: Path) -> Any:
     """``tokenizers.Tokenizer`` of the folder's ``tokenizer.json``, built once per process while the file is
     unchanged (detection and the vocabulary writer both need it; building one for 152k tokens takes ~0.3 s)."""
-    path = Path(folder) / "tokenizer.json"
-    st = path.stat()
-    return _fast(str(path.resolve()), st.st_size, st.st_mtime_ns)
+    return _fast(*_stamp(Path(folder) / "tokenizer.json"))
 
 
 def uses_sentencepiece(folder: Path, arch: Architecture) -> bool:
@@ -118,9 +120,7 @@ def bpe_vocab(folder: Path, vocab_size: int) -> tuple[list[str], list[int]]:
 def _bpe_vocab_once(folder: Path, vocab_size: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """`bpe_vocab` as tuples, built once per process while ``tokenizer.json`` is unchanged: a second writer gets the
     very same objects, so `kvpack` reuses their packed bytes."""
-    path = Path(folder) / "tokenizer.json"
-    st = path.stat()
-    return _bpe_vocab(str(path.resolve()), st.st_size, st.st_mtime_ns, vocab_size)
+    return _bpe_vocab(*_stamp(Path(folder) / "tokenizer.json"), vocab_size)
 
 
 @lru_cache(maxsize=2)
@@ -177,11 +177,8 @@ def _token_ids(raw: dict[str, Any], tok: Any) -> dict[str, int]:
 def _spm_vocab_once(folder: Path, vocab_size: int) -> tuple[tuple[bytes, ...], tuple[float, ...], tuple[int, ...]]:
     """`_spm_vocab` as tuples, built once per process while the files it reads are unchanged: a second writer gets
     the very same objects, so `kvpack` reuses their packed bytes."""
-    stamps = []
-    for name in ("tokenizer.model", "added_tokens.json", "tokenizer_config.json"):
-        path = Path(folder) / name
-        st = path.stat() if path.exists() else None
-        stamps.append((str(path.resolve()), st.st_size, st.st_mtime_ns) if st else None)
+    paths = [Path(folder) / name for name in ("tokenizer.model", "added_tokens.json", "tokenizer_config.json")]
+    stamps = [_stamp(path) if path.exists() else None for path in paths]
     return _spm_vocab_cached(str(Path(folder).resolve()), tuple(stamps), vocab_size)
 
 
@@ -283,8 +280,7 @@ def special_vocab(folder: Path, *, load_merges: bool = False, n_vocab: int | Non
     path = folder / "tokenizer.json"
     if not path.is_file():
         return gguf.SpecialVocab(folder, load_merges=load_merges, n_vocab=n_vocab)
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = _stamp(path)
     raw = _parsed(*key)
     merges = _merges(*key) if load_merges else None
     if not isinstance(raw, dict) or (load_merges and merges is None):

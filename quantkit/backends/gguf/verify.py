@@ -32,6 +32,14 @@ WINDOW = 128  # tokens of the eval text the forward check runs when the run does
 TIE = 0.01  # positions whose top two reference log-probabilities are this close are ties at any precision
 
 
+def window(evaluation: tuple[str, int] | None, n_ctx: int = WINDOW) -> tuple[str, int, str]:
+    """The forward check's text, window length and reference step: evaluation's first chunk and its reference when
+    the run evaluates, else the eval text's first `n_ctx` tokens under verification's own step."""
+    if evaluation:
+        return evaluation[0], evaluation[1], "eval.reference"
+    return EVAL_SPEC, n_ctx, "gguf.verify.reference"
+
+
 class Verifier:
     """Verification of the files of one checkpoint: the tokenizer and its ids of the sample text loaded once."""
 
@@ -44,8 +52,7 @@ class Verifier:
         (`Prepared`)."""
         self.ckpt, self.ws = ckpt, workspace
         self.text = sample_text()
-        self.spec, self.n_ctx = evaluation or (EVAL_SPEC, n_ctx)
-        self.step = "eval.reference" if evaluation else "gguf.verify.reference"
+        self.spec, self.n_ctx, self.step = window(evaluation, n_ctx)
         self._given = given
         if given is not None:
             self.hf_ids: list[int] = given[0]
@@ -155,8 +162,7 @@ class Prepared:
 
         self.ckpt, self.ws, self.evaluation = ckpt, workspace, evaluation
         self._done: tuple[Any, Any] | None = None
-        spec, n_ctx = evaluation or (EVAL_SPEC, WINDOW)
-        self.step = "eval.reference" if evaluation else "gguf.verify.reference"
+        spec, n_ctx, self.step = window(evaluation)
         self.dir = private_temp_name(workspace.root / "verify")  # a dead run's is removed with its other partials
         self.dir.mkdir(parents=True, exist_ok=True)
         job = {"ckpt": ckpt, "spec": spec, "n_ctx": n_ctx, "step": self.step, "workspace": str(workspace.root),
