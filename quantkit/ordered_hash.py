@@ -3,20 +3,27 @@
 A writer that places pieces at known offsets (a quantizer writing tensors where the header says they go) hands each
 piece to `OrderedHash.add` as it writes it; a piece is hashed as soon as everything before it has been, so only
 pieces that arrive early are held. The workspace then records the digest without reading the file again.
+
+Given a `DirectFile`, it also writes the pieces, in order, so that they can go around the page cache; past its
+memory limit it gives up the hash and writes each piece where it goes instead.
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from quantkit.direct_file import DirectFile
 
 
 class OrderedHash:
     """The sha256 of a `size`-byte file whose bytes arrive as pieces; `extents` are the (start, end) ranges that
     will be added (sorted, not overlapping), and every byte outside them is zero (padding)."""
 
-    def __init__(self, extents: list[tuple[int, int]], size: int, *, limit: int = 512 << 20) -> None:
+    def __init__(self, extents: list[tuple[int, int]], size: int, *, limit: int = 512 << 20,
+                 writer: DirectFile | None = None) -> None:
         self._h = hashlib.sha256()
         self._lock = threading.Lock()
         self._pending: dict[int, Any] = {}
@@ -25,6 +32,8 @@ class OrderedHash:
         self._held = 0
         self._limit = limit  # bytes held before giving up (the workspace then reads the file instead)
         self._draining = False
+        self._writer = writer  # writes the pieces too, in order (until the hash gives up, then as they come)
+        self._spilled = False  # given up, and everything held has been handed to the writer
         self.failed = False
         at = 0
         for start, end in [*extents, (size, size)]:
@@ -37,24 +46,54 @@ class OrderedHash:
         """Bytes `piece` (bytes, memoryview or a contiguous numpy array) written at offset `at`."""
         view = memoryview(piece).cast("B")
         with self._lock:
-            if self.failed:
-                return
-            self._pending[at] = view
-            self._held += len(view)
-            if self._held > self._limit:
-                self.failed = True
-                self._pending.clear()
-                return
-            if self._draining:
-                return
-            self._draining = True
+            spilled = self._spilled
+            if not spilled:
+                self._pending[at] = view
+                self._held += len(view)
+                if self._held > self._limit:
+                    self.failed = True
+                if self._draining:
+                    return
+                self._draining = True
+        if spilled:
+            if self._writer is not None:
+                self._writer.write_at(at, view)
+            return
+        try:
+            self._drain()
+        except BaseException:
+            with self._lock:
+                self._draining = False
+            raise
+
+    def _drain(self) -> None:
+        ready = False
         while True:
             with self._lock:
-                nxt = self._pending.pop(self._pos, None) if not self.failed else None
-                if nxt is None:
-                    self._draining = False
-                    return
+                failing = self.failed
+                if failing:
+                    spill = sorted(self._pending.items())
+                    self._pending.clear()
+                    self._held = 0
+                    if not spill and ready:
+                        self._spilled = True
+                        self._draining = False
+                        return
+                else:
+                    nxt = self._pending.pop(self._pos, None)
+                    if nxt is None:
+                        self._draining = False
+                        return
+            if failing:  # what is held is written where it goes, and so is every later piece
+                if self._writer is not None:
+                    self._writer.to_random()
+                    for at, view in spill:
+                        self._writer.write_at(at, view)
+                ready = True
+                continue
             self._h.update(nxt)  # outside the lock: hashlib lets other threads run meanwhile
+            if self._writer is not None:
+                self._writer.append(nxt)
             with self._lock:
                 self._pos += len(nxt)
                 self._held -= len(nxt)

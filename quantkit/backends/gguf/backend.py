@@ -240,7 +240,10 @@ class GGUFBackend(GGUFSections):
         outputs = [(q, self.file_for(ws, ckpt.name, q), self._quantize_options(ctx, options, q, imatrix, False))
                    for q in pending]
         base_bytes = conv.tensor_bytes()
-        with FusedQuantizer(outputs, threads=ctx.threads, base_bytes=base_bytes,
+        # files that this run reads again (verification, evaluation, size targets) are better left in the page
+        # cache; the others go around it (`quantkit.direct_file`)
+        direct = not (options.verify or options.targets or ctx.evaluation is not None)
+        with FusedQuantizer(outputs, threads=ctx.threads, base_bytes=base_bytes, direct=direct,
                             on_rows=lambda q, n: bar.advance(tasks[q], n)) if outputs else nullcontext() as fused, \
                 disk_guard(dst.parent, base_bytes):
             files = conv.write(dst, split_max_size=split, on_tensor=lambda name, n: bar.advance(task), sink=fused)

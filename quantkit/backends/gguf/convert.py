@@ -331,20 +331,24 @@ class Converter:
             writer.write_header_to_file(stage.work / out.name)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
+            writer.flush()
+            taken = False  # the sink writes the data (around the page cache)
             if sink is not None:
                 sink.start(writer._pack_val, list(writer.kv_data[0].items()),
                            [TensorSpec(t.name, tuple(t.shape), int(t.qtype), t.nbytes) for t in planned],
                            writer.data_alignment, base=stage.work / out.name)
+                taken = sink.writes_base
                 for t in planned:
                     if t.name in sink.early and t.chunks is None:
                         sink.tensor(t.name, int(t.qtype), t.load(), base=False)
             for t in planned:
                 if t.chunks is not None:
                     feed = None if sink is None else _expert_feed(sink, t)
-                    nbytes = _write_chunks(writer, t.chunks(), t.nbytes, feed)
+                    nbytes = _write_chunks(writer, t.chunks(), t.nbytes, feed, to_file=not taken)
                 else:
                     data = t.load()
-                    writer.write_tensor_data(data)
+                    if not taken:
+                        writer.write_tensor_data(data)
                     if sink is not None:
                         sink.tensor(t.name, int(t.qtype), data, quantize=t.name not in sink.early)
                     nbytes = data.nbytes
@@ -368,9 +372,17 @@ def _expert_feed(sink: FusedQuantizer, t: PlannedTensor) -> Callable[[int, np.nd
 
 
 def _write_chunks(writer: gguf.GGUFWriter, chunks: Iterator[np.ndarray], nbytes: int,
-                  feed: Callable[[int, np.ndarray], None] | None = None) -> int:
+                  feed: Callable[[int, np.ndarray], None] | None = None, *, to_file: bool = True) -> int:
     """`GGUFWriter.write_tensor_data` for a tensor given in consecutive slices (gguf 0.19's writer, one slice in
-    memory at a time): the same padding before and after, the same bookkeeping of which file and tensor is next."""
+    memory at a time): the same padding before and after, the same bookkeeping of which file and tensor is next.
+    Without `to_file` the slices only go to `feed` (which writes them)."""
+    if not to_file:
+        assert feed is not None
+        written = 0
+        for i, chunk in enumerate(chunks):
+            feed(i, chunk)
+            written += chunk.nbytes
+        return _check_stacked(written, nbytes)
     assert writer.fout is not None
     file_id = next(i for i, tensors in enumerate(writer.tensors) if tensors)
     fout = writer.fout[file_id]
@@ -383,11 +395,16 @@ def _write_chunks(writer: gguf.GGUFWriter, chunks: Iterator[np.ndarray], nbytes:
         written += chunk.nbytes
         if feed is not None:
             feed(i, chunk)
+    _check_stacked(written, nbytes)
+    writer.write_padding(fout, nbytes)
+    writer.state = gguf.gguf_writer.WriterState.WEIGHTS
+    return written
+
+
+def _check_stacked(written: int, nbytes: int) -> int:
     if written != nbytes:
         raise QuantkitError(f"a stacked tensor came out {written} bytes instead of {nbytes}",
                             "the checkpoint's experts differ in shape; report it with the model id")
-    writer.write_padding(fout, nbytes)
-    writer.state = gguf.gguf_writer.WriterState.WEIGHTS
     return written
 
 

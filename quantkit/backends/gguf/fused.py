@@ -34,6 +34,7 @@ import gguf
 import numpy as np
 
 from quantkit.backends.gguf.quantize import FILE_TYPES, QuantizeOptions, quantize
+from quantkit.direct_file import DirectFile
 from quantkit.errors import QuantkitError
 from quantkit.ordered_hash import OrderedHash
 from quantkit.workspace import DiskFull, check_disk, remember_sha256, staging_dir
@@ -164,16 +165,19 @@ class _Output:
     fd: int = -1
     files: list[Path] = field(default_factory=list)
     hash: OrderedHash | None = None
+    writer: DirectFile | None = None  # when written around the page cache (through `hash`, in order)
 
 
 class FusedQuantizer:
     """The quantized files of one conversion, written while it runs (`Converter.write(..., sink=...)`).
 
     Use as a context manager around the conversion: on success each file is moved into place when the block ends;
-    on any error or interrupt nothing is left behind."""
+    on any error or interrupt nothing is left behind. With `direct`, every file (the converted one too, which it
+    then writes itself: `writes_base`) goes around the page cache (`quantkit.direct_file`): for a run that does not
+    read them again."""
 
     def __init__(self, outputs: list[tuple[str, Path, QuantizeOptions]], *, threads: int, base_bytes: int = 0,
-                 on_rows: Callable[[str, int], None] | None = None) -> None:
+                 on_rows: Callable[[str, int], None] | None = None, direct: bool = False) -> None:
         self.outputs = [_Output(q, dst, opts) for q, dst, opts in outputs]
         self.base_bytes = base_bytes  # what the converted file still has to write, for the disk check
         self.threads = max(1, threads)
@@ -184,6 +188,10 @@ class FusedQuantizer:
         self._futures: list[Future[None]] = []
         self._stages: list[Any] = []
         self.base_hash: OrderedHash | None = None
+        self.direct = direct
+        self.writes_base = False  # the converted file's data is written here, not by the converter
+        self._base_writer: DirectFile | None = None
+        self._base_size = 0
         self.early: set[str] = set()
 
     def __enter__(self) -> FusedQuantizer:
@@ -200,6 +208,9 @@ class FusedQuantizer:
         try:
             if self._pool is not None:
                 self._pool.shutdown(wait=True, cancel_futures=True)
+            for writer in [self._base_writer, *(o.writer for o in self.outputs)]:
+                if writer is not None:
+                    writer.abort()  # closed already when the pass finished
             for out in self.outputs:
                 if out.fd >= 0:
                     os.close(out.fd)
@@ -240,7 +251,12 @@ class FusedQuantizer:
             same = head[: len(got)] == got and not any(head[len(got) :])
             if same:  # the converter's writer laid it out as expected: hash its tensors as they go by
                 self._base_at = {t.name: len(head) + o for t, o in zip(tensors, offsets, strict=True)}
-                self.base_hash = OrderedHash(_extents(head, tensors, offsets), len(head) + data)
+                self._base_size = len(head) + data
+                if self.direct:  # and write them: the header again, then the data, around the page cache
+                    self._base_writer = DirectFile(base)
+                    self.writes_base = True
+                self.base_hash = OrderedHash(_extents(head, tensors, offsets), self._base_size,
+                                             writer=self._base_writer)
                 self.base_hash.add(0, head)
         self._specs = sizes
         for out, stage in zip(self.outputs, self._stages, strict=True):
@@ -253,11 +269,14 @@ class FusedQuantizer:
             out.types = dict(order)
             out.offsets = {s.name: len(head) + o for s, o in zip(specs, offsets, strict=True)}
             out.size = len(head) + data
-            out.hash = OrderedHash(_extents(head, specs, offsets), out.size)
-            out.hash.add(0, head)
             path = stage.work / out.dst.name
-            out.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            _pwrite(out.fd, memoryview(head), 0)
+            if self.direct:
+                out.writer = DirectFile(path)
+            else:
+                out.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                _pwrite(out.fd, memoryview(head), 0)
+            out.hash = OrderedHash(_extents(head, specs, offsets), out.size, writer=out.writer)
+            out.hash.add(0, head)
         need = self.base_bytes + sum(out.size for out in self.outputs)
         check_disk(self.outputs[0].dst.parent, need + (16 << 20),
                    ", ".join([*(o.dst.name for o in self.outputs), "the converted file"]))
@@ -291,9 +310,14 @@ class FusedQuantizer:
             f.result()
         self._futures.clear()
         for out in self.outputs:
+            if out.writer is not None:
+                out.writer.close(out.size)
+                continue
             os.ftruncate(out.fd, out.size)  # the padding after the last tensor
             os.close(out.fd)
             out.fd = -1
+        if self._base_writer is not None:
+            self._base_writer.close(self._base_size)
 
     # -- workers -----------------------------------------------------------------------------------------
     def _raise_failed(self) -> None:
@@ -330,9 +354,10 @@ class FusedQuantizer:
                                             f"{name} produced invalid data",
                                             "the weights hold NaN or infinite values: check the checkpoint")
                     at = out.offsets[name] + first_row * size
-                _pwrite(out.fd, memoryview(buf), at)
+                if out.writer is None:
+                    _pwrite(out.fd, memoryview(buf), at)
                 assert out.hash is not None
-                out.hash.add(at, buf)
+                out.hash.add(at, buf)  # with a writer, this writes it
                 if self.on_rows:
                     self.on_rows(out.quant, n_rows)
         finally:
