@@ -260,7 +260,7 @@ def measure(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path 
             check: bool = True) -> Run:
     """Run `cmd` in a fresh process under ``/usr/bin/time -v``: wall time from here, peak RSS from ``time``."""
     gnu_time = Path("/usr/bin/time")
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+    with tempfile.TemporaryFile("w+", errors="replace") as out, tempfile.TemporaryFile("w+", errors="replace") as err, \
             tempfile.NamedTemporaryFile("r", suffix=".time") as rep:
         full = [str(gnu_time), "-v", "-o", rep.name, *map(str, cmd)] if gnu_time.exists() else list(map(str, cmd))
         t0 = time.perf_counter()

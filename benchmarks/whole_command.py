@@ -1,6 +1,7 @@
 """The whole ``quantkit gguf`` command, as a user runs it, against llama.cpp's own tools on real-size checkpoints.
 
-Checkpoints: `real_shapes.py` (real tokenizers, Qwen2.5-0.5B / Llama-3.2-1B shapes, random bf16 weights).
+Checkpoints: `real_shapes.py` (real-size vocabularies: Qwen2, Llama-3, tekken, SentencePiece 32k and 129k;
+0.5–1.2B parameters of random bf16 weights).
 Each round runs, in fresh processes and alternating the order:
 
 * ``quantkit gguf CKPT --q8_0 --no-imatrix`` (verification on) into a fresh workspace;
