@@ -35,6 +35,7 @@ class OrderedHash:
         self._writer = writer  # writes the pieces too, in order (until the hash gives up, then as they come)
         self._spilled = False  # given up, and everything held has been handed to the writer
         self.failed = False
+        self.peak = 0  # the most bytes held at once (pieces that came before their turn)
         at = 0
         for start, end in [*extents, (size, size)]:
             if start > at:
@@ -50,6 +51,7 @@ class OrderedHash:
             if not spilled:
                 self._pending[at] = view
                 self._held += len(view)
+                self.peak = max(self.peak, self._held)
                 if self._held > self._limit:
                     self.failed = True
                 if self._draining:
@@ -97,6 +99,11 @@ class OrderedHash:
             with self._lock:
                 self._pos += len(nxt)
                 self._held -= len(nxt)
+
+    @property
+    def held(self) -> int:
+        """Bytes that came before their turn, or that wait for the thread that hashes (and writes) them."""
+        return self._held
 
     def hexdigest(self) -> str | None:
         """The digest once every byte has been hashed; None when pieces are missing or too many were held."""

@@ -74,6 +74,16 @@ def readahead_bytes(path: Path) -> int:
     return 128 << 10
 
 
+@pytest.fixture(scope="module")
+def wide_qwen2(ckpt_root: Path) -> Path:
+    """A Qwen2 fixture with 8192-wide MLPs (55 MB): tensors larger than a readahead window and than one slab."""
+    path = ckpt_root / "wide-qwen2"
+    if not (path / "config.json").exists():
+        build_checkpoint(path, "qwen2", instruct=True, vocab_size=2048, hidden=512, layers=2, heads=4, kv_heads=2,
+                         ffn=8192)
+    return path
+
+
 def _pieces(size: int, seed: int) -> tuple[bytes, list[tuple[int, int]], list[tuple[int, bytes]]]:
     """A file of `size` bytes as tensors with zero padding between them, cut into pieces, shuffled."""
     rng = random.Random(seed)
@@ -176,18 +186,14 @@ def test_one_pass_around_the_page_cache(qwen2_ckpt: Path, gigachat3_ckpt: Path, 
         assert fq.base_hash is not None and fq.base_hash.hexdigest() == hashlib.sha256(base.read_bytes()).hexdigest()
 
 
-def test_the_backend_goes_around_the_cache_only_when_nothing_reads_back(ckpt_root: Path, tmp_path: Path) -> None:
+def test_the_backend_goes_around_the_cache_only_when_nothing_reads_back(wide_qwen2: Path, tmp_path: Path) -> None:
     """`--no-verify` without evaluation writes around the page cache, with the bytes of a verified run (whose files
     go through the cache: verification loads every one of them in llama.cpp). Reading a file's tensor table (the
     workspace's check) may pull in one readahead window after the header; the model is wide enough that the
     tensor data is well beyond that."""
     if not _o_direct_works(tmp_path):
         pytest.skip(f"the file system under {tmp_path} refuses O_DIRECT or lives in memory")
-    path = ckpt_root / "wide-qwen2"
-    if not (path / "config.json").exists():
-        build_checkpoint(path, "qwen2", instruct=True, vocab_size=2048, hidden=512, layers=2, heads=4, kv_heads=2,
-                         ffn=8192)
-    ck = load_local(path, name=path.name, source=str(path))
+    ck = load_local(wide_qwen2, name=wide_qwen2.name, source=str(wide_qwen2))
     shas = []
     for verify in (False, True):
         ws = Workspace(tmp_path / f"ws-{verify}")
@@ -203,3 +209,27 @@ def test_the_backend_goes_around_the_cache_only_when_nothing_reads_back(ckpt_roo
         assert all(ws.steps[s]["checks"][ws.rel(a.path)]["sha256"] == shas[-1][a.quant]
                    for a in arts for s in ws.steps if ws.rel(a.path) in (ws.steps[s].get("checks") or {}))
     assert shas[0] == shas[1]
+
+
+def test_pieces_arrive_in_file_order(wide_qwen2: Path, tmp_path: Path) -> None:
+    """The quantized files hold a block's tensors in llama.cpp's order (attention before MLP), the converter reads
+    them in the checkpoint's (MLP first); the one pass quantizes each block in the files' order, so with one worker
+    no file's writer holds more than the piece at hand (before: a block's three MLP matrices, 13 MB per Q8_0 file
+    here, ~420 MB on a 32B model)."""
+    ck = load_local(wide_qwen2, name=wide_qwen2.name, source=str(wide_qwen2))
+    out = tmp_path / "f"
+    out.mkdir()
+    opts = [QuantizeOptions(q, threads=1) for q in ("Q8_0", "Q4_K_M")]
+    with FusedQuantizer([(o.file_type, out / f"{o.file_type}.gguf", o) for o in opts], threads=1) as fq:
+        base = Converter(ck, "bf16").write(out / "base.gguf", sink=fq)[0]
+    names = [t.name for t in read_info(base).tensors]
+    assert names.index("blk.0.ffn_down.weight") < names.index("blk.0.attn_q.weight")  # the orders do differ
+    for o in opts:
+        h = next(x for x in fq.outputs if x.quant == o.file_type).hash
+        largest = max(t.n_bytes for t in read_info(fq.files(o.file_type)[0]).tensors)
+        assert h is not None and h.hexdigest() is not None
+        assert h.peak <= largest + (64 << 10), (o.file_type, h.peak, largest)
+        ref = quantize(base, tmp_path / f"ref-{o.file_type}.gguf", o)[0]
+        assert fq.files(o.file_type)[0].read_bytes() == ref.read_bytes()
+    assert fq.base_hash is not None and fq.base_hash.peak <= max(t.n_bytes for t in read_info(base).tensors) + (
+        64 << 10)

@@ -333,24 +333,27 @@ class Converter:
             writer.write_ti_data_to_file()
             writer.flush()
             taken = False  # the sink writes the data (around the page cache)
+            ahead: list[PlannedTensor] = []  # to quantize, in the quantized files' order (`quantize_order`)
             if sink is not None:
                 sink.start(writer._pack_val, list(writer.kv_data[0].items()),
                            [TensorSpec(t.name, tuple(t.shape), int(t.qtype), t.nbytes) for t in planned],
                            writer.data_alignment, base=stage.work / out.name)
                 taken = sink.writes_base
-                for t in planned:
-                    if t.name in sink.early and t.chunks is None:
-                        sink.tensor(t.name, int(t.qtype), t.load(), base=False)
+                ahead = sink.quantize_order(planned)
+            lead = done = 0  # bytes handed on to quantize, and to the converted file: the first kept just ahead
             for t in planned:
+                done += t.nbytes
+                while ahead and lead < done:
+                    lead += _quantize(sink, ahead.pop(0))
                 if t.chunks is not None:
-                    feed = None if sink is None else _expert_feed(sink, t)
+                    feed = None if sink is None else _expert_feed(sink, t, quantize=False)
                     nbytes = _write_chunks(writer, t.chunks(), t.nbytes, feed, to_file=not taken)
                 else:
                     data = t.load()
                     if not taken:
                         writer.write_tensor_data(data)
                     if sink is not None:
-                        sink.tensor(t.name, int(t.qtype), data, quantize=t.name not in sink.early)
+                        sink.tensor(t.name, int(t.qtype), data, quantize=False)
                     nbytes = data.nbytes
                     del data
                 if on_tensor:
@@ -361,14 +364,27 @@ class Converter:
         return stage.files
 
 
-def _expert_feed(sink: FusedQuantizer, t: PlannedTensor) -> Callable[[int, np.ndarray], None]:
-    """Hands each expert's slice of a stacked tensor to the fused quantizer, at its rows in the stack."""
+def _expert_feed(sink: FusedQuantizer, t: PlannedTensor, *, quantize: bool) -> Callable[[int, np.ndarray], None]:
+    """Hands each expert's slice of a stacked tensor to the fused quantizer, at its rows in the stack: to quantize,
+    or for the converted file."""
     rows = int(np.prod(t.shape[1:-1], dtype=np.int64))
 
     def feed(i: int, chunk: np.ndarray) -> None:
-        sink.tensor(t.name, int(t.qtype), chunk, i * rows)
+        sink.tensor(t.name, int(t.qtype), chunk, i * rows, quantize=quantize, base=not quantize)
 
     return feed
+
+
+def _quantize(sink: FusedQuantizer | None, t: PlannedTensor) -> int:
+    """Give one tensor to the fused quantizer to quantize (not for the converted file); returns its bytes."""
+    assert sink is not None
+    if t.chunks is None:
+        sink.tensor(t.name, int(t.qtype), t.load(), base=False)
+    else:
+        feed = _expert_feed(sink, t, quantize=True)
+        for i, chunk in enumerate(t.chunks()):
+            feed(i, chunk)
+    return t.nbytes
 
 
 def _write_chunks(writer: gguf.GGUFWriter, chunks: Iterator[np.ndarray], nbytes: int,

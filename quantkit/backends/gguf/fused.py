@@ -23,6 +23,7 @@ import shutil
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -40,6 +41,7 @@ from quantkit.ordered_hash import OrderedHash
 from quantkit.workspace import DiskFull, check_disk, remember_sha256, staging_dir
 
 SLAB_BYTES = 16 << 20  # float32 bytes of rows converted and quantized by one task
+HOLD_SOFT = 64 << 20  # bytes a file's ordered writer may hold before new work waits for it
 _T = gguf.GGMLQuantizationType
 STORAGE = {_T.BF16: np.uint16, _T.F16: np.float16, _T.F32: np.float32}  # unquantized types → numpy storage
 _SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
@@ -177,7 +179,8 @@ class FusedQuantizer:
     read them again."""
 
     def __init__(self, outputs: list[tuple[str, Path, QuantizeOptions]], *, threads: int, base_bytes: int = 0,
-                 on_rows: Callable[[str, int], None] | None = None, direct: bool = False) -> None:
+                 on_rows: Callable[[str, int], None] | None = None, direct: bool = False,
+                 hold_limit: int = 512 << 20) -> None:
         self.outputs = [_Output(q, dst, opts) for q, dst, opts in outputs]
         self.base_bytes = base_bytes  # what the converted file still has to write, for the disk check
         self.threads = max(1, threads)
@@ -192,7 +195,8 @@ class FusedQuantizer:
         self.writes_base = False  # the converted file's data is written here, not by the converter
         self._base_writer: DirectFile | None = None
         self._base_size = 0
-        self.early: set[str] = set()
+        self.rank: dict[str, int] = {}  # a tensor's place in the quantized files (llama.cpp's order)
+        self.hold_limit = hold_limit  # per file: pieces held before its hash gives up (`OrderedHash`)
 
     def __enter__(self) -> FusedQuantizer:
         # workers take the GIL back after each C call; a thread busy in Python (verification's imports) would make
@@ -256,7 +260,7 @@ class FusedQuantizer:
                     self._base_writer = DirectFile(base)
                     self.writes_base = True
                 self.base_hash = OrderedHash(_extents(head, tensors, offsets), self._base_size,
-                                             writer=self._base_writer)
+                                             limit=self.hold_limit, writer=self._base_writer)
                 self.base_hash.add(0, head)
         self._specs = sizes
         for out, stage in zip(self.outputs, self._stages, strict=True):
@@ -275,19 +279,20 @@ class FusedQuantizer:
             else:
                 out.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 _pwrite(out.fd, memoryview(head), 0)
-            out.hash = OrderedHash(_extents(head, specs, offsets), out.size, writer=out.writer)
+            out.hash = OrderedHash(_extents(head, specs, offsets), out.size, limit=self.hold_limit,
+                                   writer=out.writer)
             out.hash.add(0, head)
         need = self.base_bytes + sum(out.size for out in self.outputs)
         check_disk(self.outputs[0].dst.parent, need + (16 << 20),
                    ", ".join([*(o.dst.name for o in self.outputs), "the converted file"]))
-        self.early = _early(tensors, [list(o.types) for o in self.outputs])
+        self.rank = {name: i for i, name in enumerate(self.outputs[0].types)}  # the same order in every file
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="quantkit-quantize")
 
     def tensor(self, name: str, qtype: int, data: np.ndarray, first_row: int = 0, *, quantize: bool = True,
                base: bool = True) -> None:
         """Rows of one tensor in the converter's storage type; `first_row` counts rows of the whole tensor (all
-        its experts, for a stacked one). A tensor in `early` is given twice: first to be quantized
-        (`base=False`), then in the converted file's order."""
+        its experts, for a stacked one). Each tensor is given twice (`quantize_order`): to be quantized
+        (`base=False`), and for the converted file (`quantize=False`)."""
         shape = self._specs[name].shape
         n_cols = shape[-1]
         per = shape[-2] if len(shape) == 3 else 1 << 62  # llama.cpp takes the third dimension for experts
@@ -298,6 +303,7 @@ class FusedQuantizer:
             row = first_row + a
             b = min(rows.shape[0], a + step, a + per - row % per)  # a slab never spans two experts
             self._raise_failed()
+            self._wait_for_writers()
             self._slots.acquire()
             assert self._pool is not None
             self._futures.append(self._pool.submit(self._slab, name, qtype, rows[a:b], row,
@@ -319,7 +325,24 @@ class FusedQuantizer:
         if self._base_writer is not None:
             self._base_writer.close(self._base_size)
 
+    def quantize_order(self, tensors: list[Any]) -> list[Any]:
+        """`tensors` (anything with a GGUF `name`) in the quantized files' order. llama.cpp writes the blocks in
+        numeric order, each one's tensors by name; the converter follows the checkpoint (``blk.10`` before
+        ``blk.2``, a block's MLP before its attention). Quantized in the files' order, each file's pieces arrive in
+        order and its writer holds none of them; in the converter's, a 1B model's Q8_0 file held 430 MB (six
+        blocks) and a 30B model's would pass the hash's limit. The converted file gets each tensor in its own
+        order, loaded again: for bf16 a second view of the checkpoint."""
+        return sorted(tensors, key=lambda t: self.rank.get(t.name, len(self.rank)))
+
     # -- workers -----------------------------------------------------------------------------------------
+    def _wait_for_writers(self) -> None:
+        """Hold back new work while a file's ordered writer lags (a slow disk under direct writes): its pieces
+        would pile up in memory. Every piece a writer waits for is already submitted, so this always ends."""
+        hashes = [h for h in (self.base_hash, *(o.hash for o in self.outputs)) if h is not None and not h.failed]
+        while any(h.held > HOLD_SOFT for h in hashes):
+            self._raise_failed()
+            time.sleep(0.001)
+
     def _raise_failed(self) -> None:
         done = [f for f in self._futures if f.done()]
         for f in done:
@@ -376,15 +399,6 @@ class FusedQuantizer:
                                 "recompute the importance matrix for this model")
         arr = np.ascontiguousarray(values, dtype=np.float32)
         return arr if expert is None else arr[expert * n_cols : (expert + 1) * n_cols]
-
-
-def _early(tensors: list[TensorSpec], orders: list[list[str]]) -> set[str]:
-    """Tensors to quantize before the others: llama.cpp writes the tensors outside the blocks (output, its norm)
-    first, the converter after the blocks; quantized first, they let each file's hash follow its writes instead
-    of holding the whole file until the end."""
-    first_block = next((i for i, t in enumerate(tensors) if t.name.startswith("blk.")), len(tensors))
-    late = {t.name for t in tensors[first_block:] if not t.name.startswith("blk.")}
-    return {n for order in orders for n in order if n in late}
 
 
 def _extents(head: bytes, tensors: list[TensorSpec], offsets: list[int]) -> list[tuple[int, int]]:
