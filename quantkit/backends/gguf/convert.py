@@ -340,20 +340,21 @@ class Converter:
                            writer.data_alignment, base=stage.work / out.name)
                 taken = sink.writes_base
                 ahead = sink.quantize_order(planned)
+            hashed = sink if sink is not None and sink.base_hash is not None else None  # hashes (writes) the file
             lead = done = 0  # bytes handed on to quantize, and to the converted file: the first kept just ahead
             for t in planned:
                 done += t.nbytes
                 while ahead and lead < done:
                     lead += _quantize(sink, ahead.pop(0))
                 if t.chunks is not None:
-                    feed = None if sink is None else _expert_feed(sink, t, quantize=False)
+                    feed = None if hashed is None else _expert_feed(hashed, t, quantize=False)
                     nbytes = _write_chunks(writer, t.chunks(), t.nbytes, feed, to_file=not taken)
                 else:
                     data = t.load()
                     if not taken:
                         writer.write_tensor_data(data)
-                    if sink is not None:
-                        sink.tensor(t.name, int(t.qtype), data, quantize=False)
+                    if hashed is not None:
+                        hashed.tensor(t.name, int(t.qtype), data, quantize=False)
                     nbytes = data.nbytes
                     del data
                 if on_tensor:
