@@ -82,14 +82,14 @@ class DirectFile:
             return
         self._random = True
         if self._block is not None and self._fill:
-            _pwrite(self._fd, memoryview(self._block)[: self._fill], self._pos - self._fill)
+            pwrite_all(self._fd, memoryview(self._block)[: self._fill], self._pos - self._fill)
         self._block = None
 
     def write_at(self, at: int, data: Any) -> None:
         """Bytes at offset `at`, through the page cache (after `to_random`)."""
         assert self._random
         self._raise_error()
-        _pwrite(self._fd, memoryview(data).cast("B"), at)
+        pwrite_all(self._fd, memoryview(data).cast("B"), at)
 
     # -- ending ------------------------------------------------------------------------------------------
     def close(self, size: int) -> None:
@@ -140,13 +140,13 @@ class DirectFile:
     def _write_block(self, at: int, view: memoryview) -> None:
         if self.direct:
             try:
-                _pwrite(self._dfd, view, at)
+                pwrite_all(self._dfd, view, at)
                 return
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
                 self.direct = False  # the file system takes O_DIRECT at open but not at write
-        _pwrite(self._fd, view, at)
+        pwrite_all(self._fd, view, at)
 
     def _stop(self) -> None:
         if self._thread.is_alive():
@@ -164,7 +164,8 @@ class DirectFile:
             raise self._error
 
 
-def _pwrite(fd: int, buf: memoryview, at: int) -> None:
+def pwrite_all(fd: int, buf: memoryview, at: int) -> None:
+    """`os.pwrite` until all of `buf` is written (it may write less than asked)."""
     done = 0
     while done < len(buf):
         done += os.pwrite(fd, buf[done:], at + done)

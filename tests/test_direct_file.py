@@ -149,7 +149,10 @@ def test_writer_error_reaches_the_caller(tmp_path: Path) -> None:
     assert writer._fd == -1  # descriptors closed either way
 
 
-def _o_direct_works(folder: Path) -> bool:
+def cache_measurable(folder: Path) -> bool:
+    """Whether files under `folder` can be written around the page cache and be seen to be: the file system takes
+    O_DIRECT and is not itself in memory. Elsewhere the same writes go through the cache (the buffered fallback),
+    and the tests below check everything but where the pages are."""
     if not page_cache_kept(folder):
         return False
     w = DirectFile(folder / "probe.bin")
@@ -162,10 +165,9 @@ def _o_direct_works(folder: Path) -> bool:
 
 def test_one_pass_around_the_page_cache(qwen2_ckpt: Path, gigachat3_ckpt: Path, tmp_path: Path) -> None:
     """The one pass with `direct`: the files are llama.cpp's, byte for byte (a dense model and a mixture of
-    experts), the streamed hashes the files', and almost none of their pages are left in the page cache."""
-    if not _o_direct_works(tmp_path):
-        pytest.skip(f"the file system under {tmp_path} refuses O_DIRECT or lives in memory (the buffered fallback "
-                    "is tested above)")
+    experts), the streamed hashes the files', and almost none of their pages are left in the page cache (where the
+    file system can show it: `cache_measurable`)."""
+    measurable = cache_measurable(tmp_path)
     for ckpt in (qwen2_ckpt, gigachat3_ckpt):
         ck = load_local(ckpt, name=ckpt.name, source=str(ckpt))
         out = tmp_path / ckpt.name
@@ -176,7 +178,8 @@ def test_one_pass_around_the_page_cache(qwen2_ckpt: Path, gigachat3_ckpt: Path, 
             base = Converter(ck, "bf16").write(out / "base.gguf", sink=fq)[0]
         assert fq.writes_base
         files = [base, *(fq.files(o.file_type)[0] for o in opts)]
-        assert max(cached_fraction(f) for f in files) < 0.3, [cached_fraction(f) for f in files]
+        if measurable:
+            assert max(cached_fraction(f) for f in files) < 0.3, [cached_fraction(f) for f in files]
         for o in opts:
             ref = quantize(base, tmp_path / f"ref-{ckpt.name}-{o.file_type}.gguf", o)[0]
             mine = fq.files(o.file_type)[0]
@@ -190,16 +193,16 @@ def test_the_backend_goes_around_the_cache_only_when_nothing_reads_back(wide_qwe
     """`--no-verify` without evaluation writes around the page cache, with the bytes of a verified run (whose files
     go through the cache: verification loads every one of them in llama.cpp). Reading a file's tensor table (the
     workspace's check) may pull in one readahead window after the header; the model is wide enough that the
-    tensor data is well beyond that."""
-    if not _o_direct_works(tmp_path):
-        pytest.skip(f"the file system under {tmp_path} refuses O_DIRECT or lives in memory")
+    tensor data is well beyond that. Where the file system cannot show the cache (`cache_measurable`), the bytes
+    and hashes are still checked."""
+    measurable = cache_measurable(tmp_path)
     ck = load_local(wide_qwen2, name=wide_qwen2.name, source=str(wide_qwen2))
     shas = []
     for verify in (False, True):
         ws = Workspace(tmp_path / f"ws-{verify}")
         arts = GGUFBackend().run(JobContext(checkpoint=ck, workspace=ws),
                                  GGUFOptions(types=["Q8_0"], imatrix=False, verify=verify))
-        if not verify:
+        if measurable and not verify:
             for a in arts:
                 size = a.path.stat().st_size
                 allowed = read_info(a.path).data_start + 2 * readahead_bytes(a.path) + (1 << 20)

@@ -11,6 +11,7 @@ written before the next is read, so peak memory is about one tensor whatever the
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -333,19 +334,19 @@ class Converter:
             writer.write_ti_data_to_file()
             writer.flush()
             taken = False  # the sink writes the data (around the page cache)
-            ahead: list[PlannedTensor] = []  # to quantize, in the quantized files' order (`quantize_order`)
+            ahead: deque[PlannedTensor] = deque()  # to quantize, in the quantized files' order (`quantize_order`)
             if sink is not None:
                 sink.start(writer._pack_val, list(writer.kv_data[0].items()),
                            [TensorSpec(t.name, tuple(t.shape), int(t.qtype), t.nbytes) for t in planned],
                            writer.data_alignment, base=stage.work / out.name)
                 taken = sink.writes_base
-                ahead = sink.quantize_order(planned)
+                ahead = deque(sink.quantize_order(planned))
             hashed = sink if sink is not None and sink.base_hash is not None else None  # hashes (writes) the file
             lead = done = 0  # bytes handed on to quantize, and to the converted file: the first kept just ahead
             for t in planned:
                 done += t.nbytes
                 while ahead and lead < done:
-                    lead += _quantize(sink, ahead.pop(0))
+                    lead += _quantize(sink, ahead.popleft())
                 if t.chunks is not None:
                     feed = None if hashed is None else _expert_feed(hashed, t, quantize=False)
                     nbytes = _write_chunks(writer, t.chunks(), t.nbytes, feed, to_file=not taken)
@@ -393,35 +394,28 @@ def _write_chunks(writer: gguf.GGUFWriter, chunks: Iterator[np.ndarray], nbytes:
     """`GGUFWriter.write_tensor_data` for a tensor given in consecutive slices (gguf 0.19's writer, one slice in
     memory at a time): the same padding before and after, the same bookkeeping of which file and tensor is next.
     Without `to_file` the slices only go to `feed` (which writes them)."""
-    if not to_file:
+    if to_file:
+        assert writer.fout is not None
+        file_id = next(i for i, tensors in enumerate(writer.tensors) if tensors)
+        fout = writer.fout[file_id]
+        info = writer.tensors[file_id].pop(next(iter(writer.tensors[file_id])))
+        assert info.nbytes == nbytes
+        writer.write_padding(fout, fout.tell())
+    else:
         assert feed is not None
-        written = 0
-        for i, chunk in enumerate(chunks):
-            feed(i, chunk)
-            written += chunk.nbytes
-        return _check_stacked(written, nbytes)
-    assert writer.fout is not None
-    file_id = next(i for i, tensors in enumerate(writer.tensors) if tensors)
-    fout = writer.fout[file_id]
-    info = writer.tensors[file_id].pop(next(iter(writer.tensors[file_id])))
-    assert info.nbytes == nbytes
-    writer.write_padding(fout, fout.tell())
     written = 0
     for i, chunk in enumerate(chunks):
-        chunk.tofile(fout)
+        if to_file:
+            chunk.tofile(fout)
         written += chunk.nbytes
         if feed is not None:
             feed(i, chunk)
-    _check_stacked(written, nbytes)
-    writer.write_padding(fout, nbytes)
-    writer.state = gguf.gguf_writer.WriterState.WEIGHTS
-    return written
-
-
-def _check_stacked(written: int, nbytes: int) -> int:
     if written != nbytes:
         raise QuantkitError(f"a stacked tensor came out {written} bytes instead of {nbytes}",
                             "the checkpoint's experts differ in shape; report it with the model id")
+    if to_file:
+        writer.write_padding(fout, nbytes)
+        writer.state = gguf.gguf_writer.WriterState.WEIGHTS
     return written
 
 

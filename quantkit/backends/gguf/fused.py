@@ -35,7 +35,7 @@ import gguf
 import numpy as np
 
 from quantkit.backends.gguf.quantize import FILE_TYPES, QuantizeOptions, quantize
-from quantkit.direct_file import DirectFile
+from quantkit.direct_file import DirectFile, pwrite_all
 from quantkit.errors import QuantkitError
 from quantkit.ordered_hash import OrderedHash
 from quantkit.workspace import DiskFull, check_disk, remember_sha256, staging_dir
@@ -179,8 +179,7 @@ class FusedQuantizer:
     read them again."""
 
     def __init__(self, outputs: list[tuple[str, Path, QuantizeOptions]], *, threads: int, base_bytes: int = 0,
-                 on_rows: Callable[[str, int], None] | None = None, direct: bool = False,
-                 hold_limit: int = 512 << 20) -> None:
+                 on_rows: Callable[[str, int], None] | None = None, direct: bool = False) -> None:
         self.outputs = [_Output(q, dst, opts) for q, dst, opts in outputs]
         self.base_bytes = base_bytes  # what the converted file still has to write, for the disk check
         self.threads = max(1, threads)
@@ -192,11 +191,8 @@ class FusedQuantizer:
         self._stages: list[Any] = []
         self.base_hash: OrderedHash | None = None
         self.direct = direct
-        self.writes_base = False  # the converted file's data is written here, not by the converter
         self._base_writer: DirectFile | None = None
         self._base_size = 0
-        self.rank: dict[str, int] = {}  # a tensor's place in the quantized files (llama.cpp's order)
-        self.hold_limit = hold_limit  # per file: pieces held before its hash gives up (`OrderedHash`)
 
     def __enter__(self) -> FusedQuantizer:
         # workers take the GIL back after each C call; a thread busy in Python (verification's imports) would make
@@ -258,9 +254,8 @@ class FusedQuantizer:
                 self._base_size = len(head) + data
                 if self.direct:  # and write them: the header again, then the data, around the page cache
                     self._base_writer = DirectFile(base)
-                    self.writes_base = True
                 self.base_hash = OrderedHash(_extents(head, tensors, offsets), self._base_size,
-                                             limit=self.hold_limit, writer=self._base_writer)
+                                             writer=self._base_writer)
                 self.base_hash.add(0, head)
         self._specs = sizes
         for out, stage in zip(self.outputs, self._stages, strict=True):
@@ -278,14 +273,12 @@ class FusedQuantizer:
                 out.writer = DirectFile(path)
             else:
                 out.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                _pwrite(out.fd, memoryview(head), 0)
-            out.hash = OrderedHash(_extents(head, specs, offsets), out.size, limit=self.hold_limit,
-                                   writer=out.writer)
+                pwrite_all(out.fd, memoryview(head), 0)
+            out.hash = OrderedHash(_extents(head, specs, offsets), out.size, writer=out.writer)
             out.hash.add(0, head)
         need = self.base_bytes + sum(out.size for out in self.outputs)
         check_disk(self.outputs[0].dst.parent, need + (16 << 20),
                    ", ".join([*(o.dst.name for o in self.outputs), "the converted file"]))
-        self.rank = {name: i for i, name in enumerate(self.outputs[0].types)}  # the same order in every file
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="quantkit-quantize")
 
     def tensor(self, name: str, qtype: int, data: np.ndarray, first_row: int = 0, *, quantize: bool = True,
@@ -332,7 +325,13 @@ class FusedQuantizer:
         order and its writer holds none of them; in the converter's, a 1B model's Q8_0 file held 430 MB (six
         blocks) and a 30B model's would pass the hash's limit. The converted file gets each tensor in its own
         order, loaded again: for bf16 a second view of the checkpoint."""
-        return sorted(tensors, key=lambda t: self.rank.get(t.name, len(self.rank)))
+        rank = {name: i for i, name in enumerate(self.outputs[0].types)}  # the same order in every file
+        return sorted(tensors, key=lambda t: rank.get(t.name, len(rank)))
+
+    @property
+    def writes_base(self) -> bool:
+        """Whether the converted file's data is written here (around the page cache), not by the converter."""
+        return self._base_writer is not None
 
     # -- workers -----------------------------------------------------------------------------------------
     def _wait_for_writers(self) -> None:
@@ -378,7 +377,7 @@ class FusedQuantizer:
                                             "the weights hold NaN or infinite values: check the checkpoint")
                     at = out.offsets[name] + first_row * size
                 if out.writer is None:
-                    _pwrite(out.fd, memoryview(buf), at)
+                    pwrite_all(out.fd, memoryview(buf), at)
                 assert out.hash is not None
                 out.hash.add(at, buf)  # with a writer, this writes it
                 if self.on_rows:
@@ -423,8 +422,3 @@ def _to_f32(rows: np.ndarray, qtype: int) -> np.ndarray:
     fn(rows.ctypes.data, out.ctypes.data, rows.size)
     return out
 
-
-def _pwrite(fd: int, buf: memoryview, at: int) -> None:
-    done = 0
-    while done < len(buf):
-        done += os.pwrite(fd, buf[done:], at + done)
