@@ -139,7 +139,7 @@ QUANTKIT_CONVERT = """
 import json, sys, time
 t0 = time.perf_counter()
 from pathlib import Path
-from quantkit.backends.gguf.convert import Converter
+from quantkit.backends.gguf.convert.converter import Converter
 from quantkit.source import load_local
 src, out = Path(sys.argv[1]), Path(sys.argv[2])
 t1 = time.perf_counter()
@@ -151,7 +151,7 @@ QUANTKIT_IMATRIX = """
 import sys
 from pathlib import Path
 from transformers import AutoTokenizer
-from quantkit.backends.gguf.imatrix import compute_imatrix, write_imatrix
+from quantkit.backends.gguf.quantize.imatrix import compute_imatrix, write_imatrix
 from quantkit.calibration import token_rows
 from quantkit.source import load_local
 src, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -166,8 +166,8 @@ QUANTKIT_QUANTIZE = """
 import json, sys, time
 t0 = time.perf_counter()
 from pathlib import Path
-from quantkit.backends.gguf.imatrix import read_imatrix
-from quantkit.backends.gguf.quantize import QuantizeOptions, quantize
+from quantkit.backends.gguf.quantize.imatrix import read_imatrix
+from quantkit.backends.gguf.quantize.core import QuantizeOptions, quantize
 src, dst, ftype, imatrix = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 t1 = time.perf_counter()
 data = read_imatrix(Path(imatrix)) if imatrix != "-" else None

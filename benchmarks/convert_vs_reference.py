@@ -58,7 +58,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def detected_pre(ckpt: Path) -> str:
     """The pre-tokenizer name quantkit writes for this checkpoint ("-" for SentencePiece)."""
-    from quantkit.backends.gguf.tokenizer import pre_tokenizer_for, uses_sentencepiece
+    from quantkit.backends.gguf.tokenizer.files import uses_sentencepiece
+    from quantkit.backends.gguf.tokenizer.writer import pre_tokenizer_for
 
     arch = common.load_checkpoint(ckpt).arch
     if uses_sentencepiece(ckpt, arch):

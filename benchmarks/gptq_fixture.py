@@ -102,16 +102,17 @@ def self_peak_mb() -> float:
 
 def run_ours(src: Path, group: int, samples: int, seq_len: int) -> tuple[float, Path, dict[str, Any]]:
     from quantkit.backends.base import JobContext
-    from quantkit.backends.gptq import GPTQBackend, GPTQOptions
+    from quantkit.backends.gptq import GPTQOptions
+    from quantkit.pipeline import make
     from quantkit.source import resolve
     from quantkit.workspace import Workspace
 
     ws_root = WORK / "ws"
     shutil.rmtree(ws_root, ignore_errors=True)
-    ctx = JobContext(checkpoint=resolve(str(src)), workspace=Workspace(ws_root), calib_samples=samples,
+    ctx = JobContext.of(resolve(str(src)), Workspace(ws_root), calib_samples=samples,
                      calib_seq_len=seq_len, command="benchmarks/gptq_fixture.py")
     start = time.perf_counter()
-    (art,) = GPTQBackend().run(ctx, GPTQOptions(bits=4, group_size=group))
+    (art,) = make(ctx, "gptq", GPTQOptions(bits=4, group_size=group))
     return time.perf_counter() - start, art.path, {"size": art.size, "bpw": art.bpw}
 
 

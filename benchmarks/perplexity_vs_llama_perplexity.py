@@ -45,7 +45,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 from quantkit.backends.gguf.llamacpp import LlamaModel
 from quantkit.calibration import load
-from quantkit.evaluate import compute_reference, eval_tokens
+from quantkit.quality.evaluate import compute_reference, eval_tokens
 from quantkit.source import load_local
 ckpt_path, gguf_path, text_path, ref_path, chunks = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), \\
     Path(sys.argv[4]), int(sys.argv[5])
@@ -69,7 +69,7 @@ import json, sys, time
 t0 = time.perf_counter()
 from pathlib import Path
 from quantkit.backends.gguf.llamacpp import LlamaScorer
-from quantkit.evaluate import Reference, eval_tokens, score
+from quantkit.quality.evaluate import Reference, eval_tokens, score
 from quantkit.source import load_local
 ckpt_path, gguf_path, ref_path, chunks = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
 ckpt = load_local(ckpt_path, name=ckpt_path.name, source=str(ckpt_path))

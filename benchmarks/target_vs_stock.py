@@ -28,20 +28,21 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=8)
     args = ap.parse_args()
     from quantkit.backends.base import JobContext
-    from quantkit.backends.gguf.backend import GGUFBackend, GGUFOptions
-    from quantkit.evaluate import evaluate_workspace
+    from quantkit.backends.gguf.backend import GGUFOptions
+    from quantkit.pipeline import make
+    from quantkit.quality.evaluate import evaluate_workspace
     from quantkit.workspace import Workspace
 
     ckpt_dir = common.bench_checkpoint()
     ck = common.load_checkpoint(ckpt_dir)
     ws = Workspace(WORK / "target-ws")
-    ctx = JobContext(checkpoint=ck, workspace=ws, calib_samples=16, calib_seq_len=512)
+    ctx = JobContext.of(ck, ws, calib_samples=16, calib_seq_len=512)
     print(f"machine: {common.machine()}; model: {ckpt_dir.name}")
-    stock = {a.quant: a for a in GGUFBackend().run(ctx, GGUFOptions(types=["Q3_K_M", "Q4_K_M"], verify=False))}
+    stock = {a.quant: a for a in make(ctx, "gguf", GGUFOptions(types=["Q3_K_M", "Q4_K_M"], verify=False))}
     q3, q4 = stock["Q3_K_M"], stock["Q4_K_M"]
     targets = [str(q4.size), str((q3.size + q4.size) // 2)]
     t0 = time.perf_counter()
-    arts = GGUFBackend().run(ctx, GGUFOptions(types=["Q4_K_M"], target_sizes=targets, verify=False))
+    arts = make(ctx, "gguf", GGUFOptions(types=["Q4_K_M"], target_sizes=targets, verify=False))
     spent = time.perf_counter() - t0
     rows_by = {r["artifact"]: r for r in evaluate_workspace(ws, model=str(ckpt_dir), chunks=args.chunks)["rows"]}
     rows = []

@@ -50,8 +50,8 @@ import json, sys, time
 t0 = time.perf_counter()
 from pathlib import Path
 from transformers import AutoTokenizer
-from quantkit.backends.gguf.backend import _adds_bos
-from quantkit.backends.gguf.imatrix import compute_imatrix, write_imatrix
+from quantkit.backends.gguf.steps import _adds_bos
+from quantkit.backends.gguf.quantize.imatrix import compute_imatrix, write_imatrix
 from quantkit.calibration import export_text, token_rows
 from quantkit.source import load_local
 src, out, n, text = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -20,13 +21,24 @@ from rich.progress import (
 
 _state: dict[str, Any] = {"quiet": False, "json": False}
 
+__all__ = ["configure", "console", "emit_json", "error", "escape", "info", "is_quiet", "progress", "styled",
+           "table_console", "warn"]
+
 console = Console(stderr=True, highlight=False)
 
 
 def table_console() -> Console:
-    """Where result tables go (stdout); wide enough not to squash columns when stdout is not a terminal."""
-    out = Console(highlight=False)
-    return out if out.is_terminal else Console(highlight=False, width=200)
+    """Where result tables go (stdout); wide enough not to squash columns when stdout is not a terminal. Plain text:
+    model names, paths and notes are shown as they are, never read as markup (styles come as `styled`)."""
+    out = Console(highlight=False, markup=False)
+    return out if out.is_terminal else Console(highlight=False, markup=False, width=200)
+
+
+def styled(text: str, style: str) -> Any:
+    """`text` in `style`, for plain-text consoles and table cells."""
+    from rich.text import Text
+
+    return Text(str(text), style=style)
 
 
 def configure(*, quiet: bool = False, json_output: bool = False) -> None:
@@ -56,15 +68,25 @@ def is_quiet() -> bool:
     return bool(_state["quiet"])
 
 
-def info(message: str) -> None:
-    """A status line on stderr, hidden under --quiet/--json."""
+def info(message: str, *, markup: bool = False) -> None:
+    """A status line on stderr, hidden under --quiet/--json. Plain text (a path with ``[...]`` in it stays as it
+    is) unless `markup`, whose caller escapes what it puts in (`escape`)."""
     if not _state["quiet"]:
-        console.print(message)
+        console.print(message, markup=markup)
 
 
 def warn(message: str) -> None:
-    """A warning on stderr; always shown."""
-    console.print(f"[yellow]warning:[/] {message}")
+    """A warning on stderr (plain text); always shown."""
+    from rich.text import Text
+
+    console.print(Text.assemble(("warning:", "yellow"), " ", message))
+
+
+def error(message: str) -> None:
+    """An error line on stderr (plain text)."""
+    from rich.text import Text
+
+    console.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True)
 
 
 def emit_json(payload: Any) -> None:
@@ -86,7 +108,11 @@ class _NullProgress:
 
 @contextmanager
 def progress() -> Iterator[Any]:
-    """A rich progress display, or a silent stand-in under --quiet or when stderr is not a terminal."""
+    """A rich progress display, or a silent stand-in under --quiet or when stderr is not a terminal. Inside an
+    open one (the executor's, while a step evaluates), the same display is used."""
+    if _state.get("bar") is not None:
+        yield _state["bar"]
+        return
     if _state["quiet"] or not console.is_terminal:
         yield _NullProgress()
         return
@@ -99,4 +125,8 @@ def progress() -> Iterator[Any]:
         console=console,
         transient=False,
     ) as bar:
-        yield bar
+        _state["bar"] = bar
+        try:
+            yield bar
+        finally:
+            _state["bar"] = None

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from quantkit.errors import QuantkitError
-from quantkit.workspace import file_sha256
+from quantkit.files import file_sha256
 
 CACHE_NAME = "weight-hashes.json"
 _BLOB = re.compile(r"^[0-9a-f]{40}$|^[0-9a-f]{64}$")
@@ -82,7 +82,7 @@ def content_hash(path: Path) -> str:
 
 def _remember(path: str, size: int, mtime_ns: int, digest: str) -> None:
     """Add one entry to the cache file (re-read first, written atomically; entries of files gone are dropped)."""
-    from quantkit.workspace import write_json_atomic
+    from quantkit.files import write_json_atomic
 
     cache = {k: v for k, v in _load_cache().items() if os.path.exists(k)}
     cache[path] = {"size": size, "mtime_ns": mtime_ns, "sha256": digest}

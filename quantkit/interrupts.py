@@ -44,12 +44,16 @@ def exit_code(exc: BaseException) -> int:
     return exc.exit_code if isinstance(exc, Interrupted) else 128 + signal.SIGINT
 
 
+# modules whose functions run as ctypes callbacks inside native code (an engine's log callback adds itself)
+NATIVE_CALLBACK_MODULES: set[str] = {"llama_cpp"}
+
+
 def _in_native_callback(frame: FrameType | None) -> bool:
-    """True when `frame` runs inside a ctypes callback called from llama.cpp's C code (llama-cpp-python's, or
-    quantkit's log callback)."""
+    """True when `frame` runs inside a ctypes callback called from native code (llama-cpp-python's, or a log
+    callback registered in `NATIVE_CALLBACK_MODULES`)."""
     depth = 0
     while frame is not None and depth < 40:
-        if str(frame.f_globals.get("__name__", "")).startswith(("llama_cpp", "quantkit.backends.gguf.llamalog")):
+        if str(frame.f_globals.get("__name__", "")).startswith(tuple(NATIVE_CALLBACK_MODULES)):
             return True
         frame = frame.f_back
         depth += 1
@@ -64,6 +68,8 @@ def _handler(signum: int, frame: FrameType | None) -> None:
             else:
                 with contextlib.suppress(OSError):
                     path.unlink()
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # a step's staging folder leaves no empty `.staging` behind
         with contextlib.suppress(Exception):
             sys.stdout.flush()
         err = sys.stderr
@@ -94,3 +100,28 @@ def removing_on_kill(path: Path) -> Iterator[None]:
     finally:
         with contextlib.suppress(ValueError):
             _work.remove(path)
+
+
+PARENT_ENV = "QUANTKIT_PARENT_PID"
+
+
+def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a worker process that calls `die_with_parent` first: it names this process."""
+    return {**(env if env is not None else os.environ), PARENT_ENV: str(os.getpid())}
+
+
+def die_with_parent() -> None:
+    """Called first thing in a worker process that quantkit starts: the worker is killed when the process that
+    started it dies, even by SIGKILL (Linux's parent-death signal), so no worker of a dead run goes on writing into
+    its staging folder. Elsewhere (no prctl) it does nothing."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    parent = os.environ.get(PARENT_ENV)
+    if parent and parent.isdigit() and os.getppid() != int(parent):  # it died before the signal was armed
+        os._exit(1)

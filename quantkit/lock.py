@@ -79,7 +79,8 @@ def acquire(root: Path, *, clean: bool = True) -> None:
         if previous and previous != os.getpid():
             from quantkit import console
 
-            console.info(f"[dim]took over the workspace lock left by PID {previous} (no longer running)[/]")
+            console.info(f"[dim]took over the workspace lock left by PID {previous} (no longer running)[/]",
+                         markup=True)
         remove_stale_partials(root)
 
 

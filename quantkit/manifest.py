@@ -26,7 +26,8 @@ class OutputCheck(BaseModel):
 
 
 class StepRecord(BaseModel):
-    """A finished step: its fingerprint, its outputs (workspace-relative) and their checks."""
+    """A finished step: its fingerprint, its outputs (workspace-relative) and their checks, the artifacts it made,
+    its title (for the card's "how it was made") and what its action reported."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -34,6 +35,8 @@ class StepRecord(BaseModel):
     outputs: list[str] = Field(default_factory=list)
     checks: dict[str, OutputCheck | None] = Field(default_factory=dict)
     finished: str = ""
+    title: str = ""
+    artifacts: list[str] = Field(default_factory=list)
     info: dict[str, Any] = Field(default_factory=dict)
 
 

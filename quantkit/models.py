@@ -8,6 +8,7 @@ said before anything is downloaded.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,26 @@ class KnownModel:
     params_b: float  # parameter count in billions, for size estimates when the model cannot be reached
     note: str = ""
     license_note: str = ""  # said by `quantkit models` and in the card when the licence restricts use
+    builder: str = ""  # a model quantkit builds itself: "module:function" that builds it and returns its folder
+    locator: str = ""  # and "module:function" that says where it is (or will be), building nothing
+    file_name: str = ""  # the name its files and workspace get (default: the alias)
+
+    @property
+    def name(self) -> str:
+        return self.file_name or self.alias
+
+    @property
+    def built_here(self) -> bool:
+        """quantkit builds this model itself (nothing is downloaded)."""
+        return bool(self.builder)
+
+    def folder(self) -> Path | None:
+        """Where a model quantkit builds lives once built (None for a Hub model); nothing is built."""
+        return _call(self.locator) if self.locator else None
+
+    def build(self) -> Path:
+        """Build (once; cached) a model quantkit builds itself, and return its folder."""
+        return _call(self.builder)
 
     @property
     def family(self) -> str:
@@ -79,12 +100,40 @@ KNOWN_MODELS: tuple[KnownModel, ...] = (
 )
 
 DEMO_ALIAS = "demo"
+# the embedded default: a tiny Llama-3-style model quantkit trains on its own Russian text (README's first command)
+DEMO = KnownModel(DEMO_ALIAS, "", "LlamaForCausalLM", False, "apache-2.0", 0.0013,
+                  "built locally: a tiny Llama-3-style model trained on quantkit's Russian text",
+                  builder="quantkit.demo:ensure_demo_model", locator="quantkit.demo:demo_folder",
+                  file_name="quantkit-demo-ru")
+KNOWN_MODELS = (*KNOWN_MODELS, DEMO)
 
 
 def find_known(name: str) -> KnownModel | None:
     """Look up by alias or Hub id, case-insensitively."""
     low = name.lower()
+    if not low:
+        return None
     for model in KNOWN_MODELS:
-        if low in (model.alias.lower(), model.hub_id.lower()):
+        if low == model.alias.lower() or (model.hub_id and low == model.hub_id.lower()):
             return model
     return None
+
+
+def default_name(spec: str) -> str:
+    """The name `resolve` gives a source, without resolving it."""
+    known = find_known(spec)
+    if known is not None and known.built_here:
+        return known.name
+    local = Path(spec).expanduser()
+    if local.exists():
+        return local.resolve().name
+    if known is not None:
+        return known.name
+    return spec.rstrip("/").split("/")[-1]
+
+
+def _call(target: str) -> Path:
+    from importlib import import_module
+
+    module, _, func = target.partition(":")
+    return Path(getattr(import_module(module), func)())

@@ -20,17 +20,25 @@ from typing import Any
 
 from quantkit.errors import QuantkitError
 
-BINARY_SUFFIXES = frozenset({".safetensors", ".gguf", ".bin", ".pt", ".pth", ".parquet", ".npy", ".npz", ".dat"})
+BINARY_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".parquet", ".npy", ".npz", ".dat"})
 _PATHLIKE = re.compile(r"^(?:~|\.{1,2})?/|^[A-Za-z]:[\\/]")
 
 
 def _public_path(value: str, replace: dict[str, str]) -> str:
     if value in replace:
         return replace[value]
-    if _PATHLIKE.match(value):
+    if _PATHLIKE.match(value) or (("/" in value or "\\" in value) and _exists(value)):
         name = PurePosixPath(value.replace("\\", "/").rstrip("/")).name
         return name or value
     return value
+
+
+def _exists(value: str) -> bool:
+    """A relative path of this machine (``quants/x``, ``models/a``): one that is there (a Hub id is not)."""
+    try:
+        return Path(value).expanduser().exists()
+    except (OSError, ValueError):
+        return False
 
 
 def public_command(argv: Iterable[str], replace: dict[str, str] | None = None) -> str:
@@ -85,17 +93,21 @@ def _mentions(text: str, path: str) -> bool:
     return False
 
 
-def _texts(path: Path) -> list[tuple[str, str]]:
-    """(where, text) pieces of a file worth scanning."""
+def _texts(path: Path, fmt: str | None = None) -> list[tuple[str, str, bool]]:
+    """(where, text, whether machine paths matter there) pieces of a file worth scanning: the format's backend reads
+    its own files (`BackendBase.file_texts`), the rest is read here."""
+    if fmt:
+        from quantkit.backends.base import sections_for
+
+        own = sections_for(fmt).file_texts(path)
+        if own is not None:
+            return own
+    return [(where, text, True) for where, text in _generic_texts(path)]
+
+
+def _generic_texts(path: Path) -> list[tuple[str, str]]:
     with open(path, "rb") as fh:
         head = fh.read(8)
-    if head[:4] == b"GGUF":
-        from quantkit.backends.gguf.check import metadata_strings
-
-        try:  # the vocabulary is searched for the token only (a piece like "/tmp" is nobody's path)
-            return [(f"metadata {k}", v) for k, v in metadata_strings(path, vocabulary=True)]
-        except Exception:  # noqa: BLE001 - not a readable GGUF: scan its first megabyte as bytes
-            return [("", path.open("rb").read(1 << 20).decode("utf-8", errors="replace"))]
     if path.suffix == ".safetensors" and len(head) == 8:
         (n,) = struct.unpack("<Q", head)
         if n < 100_000_000:
@@ -109,18 +121,23 @@ def _texts(path: Path) -> list[tuple[str, str]]:
             return [(f"metadata {k}", str(v)) for k, v in meta.items()]
     if path.suffix in BINARY_SUFFIXES:
         return []
+    if path.stat().st_size > 64 << 20:  # a large file no backend reads: its first megabyte, as text
+        with open(path, "rb") as fh:
+            return [("", fh.read(1 << 20).decode("utf-8", errors="replace"))]
     return [("", path.read_bytes().decode("utf-8", errors="replace"))]
 
 
-def scan_files(files: Iterable[tuple[str, Path]], *, token: str | None, paths: list[str]) -> None:
-    """Raise a `QuantkitError` for the first file (shown by its name in the repo) holding the token or a path."""
+def scan_files(files: Iterable[tuple[str, Path]], *, token: str | None, paths: list[str],
+               fmt: str | None = None) -> None:
+    """Raise a `QuantkitError` for the first file (shown by its name in the repo) holding the token or a path;
+    `fmt`'s backend reads its own files."""
     for shown, local in files:
-        for where, text in _texts(local):
+        for where, text, paths_matter in _texts(local, fmt):
             at = f"{shown}" + (f" ({where})" if where else "")
             if token and token in text:
                 raise QuantkitError(f"{at} contains your Hugging Face token; refusing to upload it",
                                     "remove the token from that file (and revoke the token if it was ever shared)")
-            if where.startswith("metadata tokenizer.ggml.") and where != "metadata tokenizer.ggml.pre":
+            if not paths_matter:
                 continue
             for p in paths:
                 if _mentions(text, p):

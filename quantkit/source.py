@@ -14,7 +14,7 @@ from typing import Any
 from quantkit.arch import Architecture, for_checkpoint, lookup, unsupported
 from quantkit.errors import QuantkitError
 from quantkit.hubname import HUB_ID as _HUB_ID
-from quantkit.models import DEMO_ALIAS, KnownModel, find_known
+from quantkit.models import KnownModel, find_known
 from quantkit.safetensors_io import FLOAT_DTYPES, TensorSource
 
 DOWNLOAD_PATTERNS = [
@@ -193,10 +193,8 @@ def resolve(spec: str, *, revision: str | None = None, allow_download: bool = Tr
     """
     known = find_known(spec)
     local = Path(spec).expanduser()
-    if spec == DEMO_ALIAS:
-        from quantkit.demo import ensure_demo_model
-
-        return _checked(load_local(ensure_demo_model(), name="quantkit-demo-ru", source=spec), require)
+    if known is not None and known.built_here:
+        return _checked(load_local(known.build(), name=known.name, source=spec), require)
     if local.exists():
         if not local.is_dir():
             raise QuantkitError(f"{spec} is a file, not a checkpoint folder",

@@ -16,14 +16,15 @@ from test_cli import one_line_error, qk
 from quantkit.arch import Architecture, registered
 from quantkit.arch.qwen import Qwen2, Qwen3
 from quantkit.backends.base import JobContext
-from quantkit.backends.gguf.backend import GGUFBackend, GGUFOptions
-from quantkit.backends.gguf.convert import Converter
-from quantkit.backends.gguf.pretokenizer import by_structure, runtime_names
-from quantkit.backends.gguf.tokenizer import pre_tokenizer_for
+from quantkit.backends.gguf.backend import GGUFOptions
+from quantkit.backends.gguf.convert.converter import Converter
+from quantkit.backends.gguf.tokenizer.pretokenizer import by_structure, runtime_names
+from quantkit.backends.gguf.tokenizer.writer import pre_tokenizer_for
+from quantkit.backends.gguf.verify.checks import verify_gguf
 from quantkit.demo import FIXTURES
 from quantkit.errors import QuantkitError
+from quantkit.pipeline import make
 from quantkit.source import load_local
-from quantkit.verify import verify_gguf
 from quantkit.workspace import Workspace
 
 
@@ -140,8 +141,8 @@ def test_imatrix_quantize_verify(fixture: str, request: pytest.FixtureRequest, t
     """Russian imatrix, Q4_K_M with it, both files verified (load, tokenizer parity, BF16 vs transformers)."""
     ck = _ckpt(request.getfixturevalue(fixture))
     ws = Workspace(tmp_path / "ws")
-    ctx = JobContext(checkpoint=ck, workspace=ws, calib_samples=8, calib_seq_len=256)
-    arts = GGUFBackend().run(ctx, GGUFOptions(types=["Q4_K_M"]))
+    ctx = JobContext.of(ck, ws, calib_samples=8, calib_seq_len=256)
+    arts = make(ctx, "gguf", GGUFOptions(types=["Q4_K_M"]))
     assert sorted(a.quant for a in arts) == ["BF16", "Q4_K_M"]
     for a in arts:
         assert ws.artifacts[ws.rel(a.path)]["verify"]["tokenizer_parity"] is True
@@ -218,7 +219,7 @@ SPARSE_CONFIGS: dict[str, dict[str, object]] = {
 
 
 def _metadata(arch: Architecture, tmp: Path) -> dict[str, object]:
-    from quantkit.backends.gguf.convert import write_common_metadata
+    from quantkit.backends.gguf.convert.converter import write_common_metadata
 
     w = gguf.GGUFWriter(tmp / "m.gguf", gguf.MODEL_ARCH_NAMES[arch.gguf_model_arch()])
     write_common_metadata(w, arch.hparams, gguf.LlamaFileType.MOSTLY_BF16)
@@ -251,7 +252,7 @@ def test_real_tokenizers_are_named_by_llama_cpp_hash(module: str, rel: str, name
     converter gives them by the hash of their ids for its probe text — and the structure agrees."""
     import importlib.util
 
-    from quantkit.backends.gguf.pretokenizer import by_hash
+    from quantkit.backends.gguf.tokenizer.pretokenizer import by_hash
 
     spec = importlib.util.find_spec(module)
     assert spec is not None and spec.origin, f"{module} is missing: run scripts/install.sh"

@@ -106,12 +106,12 @@ def _gate(ev: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_workspace(root: Path, fmt: str = "gguf", *, file_size: int = 3000, gate_fail: bool = True,
-                    local: bool = False) -> Workspace:
+                    local: bool = False, verified: bool = True) -> Workspace:
     """The synthetic example: fake artifacts of one format (small files) and manifest entries whose numbers are
     synthetic test inputs, not measurements.
 
     `gate_fail` makes the smallest artifact fail the quality gate; `local` makes the model a local folder (no
-    Hub id).
+    Hub id); `verified` records every file's hash and a passed verification of those bytes, as a run would.
     """
     ws = Workspace(root)
     ws.set_model({
@@ -170,8 +170,19 @@ def build_workspace(root: Path, fmt: str = "gguf", *, file_size: int = 3000, gat
                 "format": "gptq", "quant": name, "files": files, "size": int(bpw / 8 * 7.6e9), "bpw": bpw,
                 "tools": tools, "command": f"quantkit gptq {HUB_ID} --bits {name[0]} --group-size 128 --eval",
                 "eval": ev, "gate": _gate(ev), **common}
+    if verified:
+        mark_verified(ws)
     ws.save()
     return ws
+
+
+def mark_verified(ws: Workspace) -> None:
+    """Each artifact's files hashed, and verified as those bytes (what a run records)."""
+    from quantkit.quality.verify import current_hashes
+
+    for entry in ws.artifacts.values():
+        hashes = current_hashes(ws, entry)
+        entry.update(sha256=hashes, verify={"passed": True, "sha256": hashes})
 
 
 def front_matter(text: str) -> dict[str, Any]:
@@ -309,8 +320,9 @@ def measured_workspace(llama3_ckpt: Path, tmp_path_factory: pytest.TempPathFacto
     """tiny-llama3 quantized to Q4_K_M and Q8_0 (plus the BF16 reference) with a small imatrix, then evaluated:
     every size and score in it was measured here."""
     from quantkit.backends.base import JobContext
-    from quantkit.backends.gguf.backend import GGUFBackend, GGUFOptions
-    from quantkit.evaluate import evaluate_workspace
+    from quantkit.backends.gguf.backend import GGUFOptions
+    from quantkit.pipeline import make
+    from quantkit.quality.evaluate import evaluate_workspace
     from quantkit.source import load_local
     from quantkit.workspace import record_model
 
@@ -323,8 +335,8 @@ def measured_workspace(llama3_ckpt: Path, tmp_path_factory: pytest.TempPathFacto
         mp.delenv("HF_TOKEN", raising=False)
         ws = Workspace(root / "ws")
         ckpt = load_local(llama3_ckpt, name="tiny-llama3", source=str(llama3_ckpt))
-        ctx = JobContext(checkpoint=ckpt, workspace=ws, calib_samples=8, calib_seq_len=128)
-        GGUFBackend().run(ctx, GGUFOptions(types=["Q4_K_M", "Q8_0"], verify=False))
+        ctx = JobContext.of(ckpt, ws, calib_samples=8, calib_seq_len=128)
+        make(ctx, "gguf", GGUFOptions(types=["Q4_K_M", "Q8_0"], verify=False))
         record_model(ws, ckpt)
         evaluate_workspace(ws, n_ctx=128, chunks=4)
         yield ws

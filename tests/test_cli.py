@@ -89,7 +89,8 @@ def test_dry_run_plans_without_writing(llama3_ckpt: Path, tmp_path: Path) -> Non
     proc = qk("gguf", str(llama3_ckpt), "--q4_k_m", "--q8_0", "--dry-run", "--json", "-w", str(tmp_path / "w"))
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)["plan"]
-    assert [s["output"] for s in plan][-2:] == ["gguf/tiny-llama3-Q4_K_M.gguf", "gguf/tiny-llama3-Q8_0.gguf"]
+    assert [s["output"] for s in plan if s["kind"] == "quantize"] == ["gguf/tiny-llama3-Q4_K_M.gguf",
+                                                                     "gguf/tiny-llama3-Q8_0.gguf"]
     assert not list((tmp_path / "w").rglob("*.gguf"))
 
 

@@ -224,7 +224,7 @@ def test_plan_publish_done_follows_the_repo(tmp_path: Path, llama3_ckpt: Path, h
         recipe.write_text(yaml.safe_dump({
             "defaults": {"workspace": "ws", "namespace": USER, "publish": True, "eval": False,
                          "calib_samples": 4, "calib_seq_len": 64},
-            "models": [{"source": "models/tiny", "name": "tiny", "gguf": {"types": ["Q8_0"], "verify": False},
+            "models": [{"source": "models/tiny", "name": "tiny", "gguf": {"types": ["Q8_0"]},
                         "publish": {"repos": {"gguf": repo}}}]}), encoding="utf-8")
 
     def publish_step() -> dict[str, Any]:
@@ -258,7 +258,7 @@ def test_changed_weights_rerun_every_step_local_folder(tmp_path: Path, llama3_ck
     first = qk("gguf", str(model), "--q8_0", *QUICK, "-w", str(ws), cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     before = _steps(ws)
-    assert {"gguf.convert", "gguf.imatrix", "gguf.quantize.Q8_0"} <= set(before)
+    assert {"gguf/convert/BF16", "gguf/imatrix", "gguf/quantize/Q8_0"} <= set(before)
     # the content hash is cached by (path, size, mtime): a rerun does not read the weights again
     cache = json.loads((Path(os.environ["QUANTKIT_CACHE"]) / "weight-hashes.json").read_text(encoding="utf-8"))
     entry = cache[str((model / "model.safetensors").resolve())]

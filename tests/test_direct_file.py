@@ -1,4 +1,4 @@
-"""Outputs written around the page cache (`quantkit.direct_file`), through the ordered hash and the one-pass quantizer.
+"""Outputs written around the page cache (GGUF's `direct_file`), through the ordered hash and the one-pass quantizer.
 
 What must hold: the bytes are the same as a plain write's (llama.cpp's, for the GGUF files), pieces may come in any
 order from any thread, a hash that gives up still leaves a whole file, and the pages of a file written this way are
@@ -19,14 +19,15 @@ import numpy as np
 import pytest
 
 from quantkit.backends.base import JobContext
-from quantkit.backends.gguf.backend import GGUFBackend, GGUFOptions
-from quantkit.backends.gguf.convert import Converter
-from quantkit.backends.gguf.fused import FusedQuantizer
+from quantkit.backends.gguf.backend import GGUFOptions
+from quantkit.backends.gguf.convert.converter import Converter
 from quantkit.backends.gguf.ggufinfo import read_info
-from quantkit.backends.gguf.quantize import QuantizeOptions, quantize
+from quantkit.backends.gguf.quantize.core import QuantizeOptions, quantize
+from quantkit.backends.gguf.quantize.direct_file import ALIGN, BLOCK, DirectFile
+from quantkit.backends.gguf.quantize.fused import FusedQuantizer
+from quantkit.backends.gguf.quantize.ordered_hash import OrderedHash
 from quantkit.demo import build_checkpoint
-from quantkit.direct_file import ALIGN, BLOCK, DirectFile
-from quantkit.ordered_hash import OrderedHash
+from quantkit.pipeline import make
 from quantkit.source import load_local
 from quantkit.workspace import Workspace
 
@@ -200,7 +201,7 @@ def test_the_backend_goes_around_the_cache_only_when_nothing_reads_back(wide_qwe
     shas = []
     for verify in (False, True):
         ws = Workspace(tmp_path / f"ws-{verify}")
-        arts = GGUFBackend().run(JobContext(checkpoint=ck, workspace=ws),
+        arts = make(JobContext.of(ck, ws), "gguf",
                                  GGUFOptions(types=["Q8_0"], imatrix=False, verify=verify))
         if measurable and not verify:
             for a in arts:

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quantkit import drift
 from quantkit.errors import QuantkitError
+from quantkit.quality import drift
 
 QK = [sys.executable, "-m", "quantkit.cli.app"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,23 +176,24 @@ def _continuations(path: Path, n: int = 10) -> Path:
 @pytest.fixture(scope="module")
 def drift_ws(llama3_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
     from quantkit.backends.base import JobContext
-    from quantkit.backends.gguf.backend import GGUFBackend, GGUFOptions
+    from quantkit.backends.gguf.backend import GGUFOptions
+    from quantkit.pipeline import make
     from quantkit.source import load_local
     from quantkit.workspace import Workspace, record_model
 
     root = tmp_path_factory.mktemp("drift")
     ws = Workspace(root / "ws")
     ck = load_local(llama3_ckpt, name="tiny-llama3", source=str(llama3_ckpt))
-    ctx = JobContext(checkpoint=ck, workspace=ws, calib_samples=8, calib_seq_len=256)
-    GGUFBackend().run(ctx, GGUFOptions(types=["Q2_K", "Q8_0"], verify=False))
+    ctx = JobContext.of(ck, ws, calib_samples=8, calib_seq_len=256)
+    make(ctx, "gguf", GGUFOptions(types=["Q2_K", "Q8_0"], verify=False))
     record_model(ws, ck)
     return ws, _continuations(root / "cont.jsonl")
 
 
 @pytest.mark.slow
 def test_bf16_gguf_answers_like_bf16_and_drift_is_cached(drift_ws: tuple[object, Path]) -> None:
-    from quantkit.evaluate import evaluate_workspace
-    from quantkit.generate import DriftSettings
+    from quantkit.quality.evaluate import evaluate_workspace
+    from quantkit.quality.generate import DriftSettings
     from quantkit.workspace import Workspace
 
     ws, prompts = drift_ws
@@ -209,9 +210,10 @@ def test_bf16_gguf_answers_like_bf16_and_drift_is_cached(drift_ws: tuple[object,
     ws2 = Workspace(ws.root)
     assert ws2.artifacts["gguf/tiny-llama3-BF16.gguf"]["drift"]["identical"] == 10
     assert ws2.artifacts["gguf/tiny-llama3-Q8_0.gguf"]["gate"]["max_drift"] == settings.max_drift
-    ref_step = ws2.steps["eval.drift-reference"]
+    (ref_file,) = (ws.root / "eval").glob("drift-reference-*.json")  # the bf16 answers, cached
+    ref_mtime = ref_file.stat().st_mtime_ns
     # a second run reads the cached bf16 answers and the artifacts' results
-    import quantkit.generate as gen
+    import quantkit.quality.generate as gen
 
     def boom(*_a: object, **_k: object) -> None:
         raise AssertionError("answers generated again")
@@ -225,7 +227,7 @@ def test_bf16_gguf_answers_like_bf16_and_drift_is_cached(drift_ws: tuple[object,
     finally:
         gen.load_hf = saved
         llamacpp.LlamaScorer.generate_many = saved_gen  # type: ignore[method-assign]
-    assert Workspace(ws.root).steps["eval.drift-reference"] == ref_step
+    assert ref_file.stat().st_mtime_ns == ref_mtime
     assert [r["drift"]["kept"] for r in again["rows"]] == [r["drift"]["kept"] for r in report["rows"]]
 
 
@@ -236,7 +238,15 @@ def test_generation_paths_agree(drift_ws: tuple[object, Path], llama3_ckpt: Path
     from transformers import AutoTokenizer
 
     from quantkit.backends.gguf.llamacpp import LlamaScorer
-    from quantkit.generate import generator_for, hf_greedy, hf_greedy_many, load_hf, render, scorer_greedy, stop_ids
+    from quantkit.quality.generate import (
+        generator_for,
+        hf_greedy,
+        hf_greedy_many,
+        load_hf,
+        render,
+        scorer_greedy,
+        stop_ids,
+    )
     from quantkit.source import load_local
 
     ws, prompts = drift_ws
@@ -262,7 +272,7 @@ def test_generation_paths_agree(drift_ws: tuple[object, Path], llama3_ckpt: Path
 def test_render_uses_chat_template_for_instruct(qwen2_ckpt: Path, llama3_ckpt: Path) -> None:
     from transformers import AutoTokenizer
 
-    from quantkit.generate import render, stop_ids
+    from quantkit.quality.generate import render, stop_ids
     from quantkit.source import load_local
 
     ps = [drift.Prompt("Почему небо голубое?"), drift.Prompt("Волга берёт начало", "continuation")]
@@ -335,7 +345,7 @@ def test_recipe_drift_setting(tmp_path: Path) -> None:
 def test_prompt_longer_than_the_context(llama3_ckpt: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from quantkit.generate import DriftCheck, DriftSettings
+    from quantkit.quality.generate import DriftCheck, DriftSettings
     from quantkit.source import load_local
     from quantkit.workspace import Workspace
 
@@ -352,8 +362,8 @@ def test_gptq_answers_through_its_transformers_model(llama3_ckpt: Path, tmp_path
     """A GPTQ folder generates through the transformers model its scorer loads (KV cache), on the CPU here."""
     import os
 
-    from quantkit.evaluate import evaluate_workspace
-    from quantkit.generate import DriftSettings
+    from quantkit.quality.evaluate import evaluate_workspace
+    from quantkit.quality.generate import DriftSettings
     from quantkit.workspace import Workspace
 
     ws = tmp_path / "ws"
@@ -372,7 +382,7 @@ def test_gptq_answers_through_its_transformers_model(llama3_ckpt: Path, tmp_path
 
 
 def test_reference_that_does_not_fit_is_refused(llama3_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import quantkit.generate as gen
+    import quantkit.quality.generate as gen
     from quantkit.source import load_local
 
     monkeypatch.setattr(gen, "_available_memory", lambda: 1 << 20)

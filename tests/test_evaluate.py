@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from quantkit.backends.base import JobContext
-from quantkit.backends.gguf.backend import GGUFBackend, GGUFOptions
+from quantkit.backends.gguf.backend import GGUFOptions
 from quantkit.errors import EXIT_GATE, QuantkitError
-from quantkit.evaluate import evaluate_workspace
+from quantkit.pipeline import make
+from quantkit.quality.evaluate import evaluate_workspace
 from quantkit.source import load_local
 from quantkit.workspace import Workspace
 
@@ -23,8 +24,8 @@ QK = [sys.executable, "-m", "quantkit.cli.app"]
 def ladder(llama3_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     ws = Workspace(tmp_path_factory.mktemp("eval") / "ws")
     ck = load_local(llama3_ckpt, name="tiny-llama3", source=str(llama3_ckpt))
-    ctx = JobContext(checkpoint=ck, workspace=ws, calib_samples=16, calib_seq_len=256)
-    GGUFBackend().run(ctx, GGUFOptions(types=["Q2_K", "Q4_K_M", "Q8_0"], verify=False))
+    ctx = JobContext.of(ck, ws, calib_samples=16, calib_seq_len=256)
+    make(ctx, "gguf", GGUFOptions(types=["Q2_K", "Q4_K_M", "Q8_0"], verify=False))
     from quantkit.workspace import record_model
 
     record_model(ws, ck)

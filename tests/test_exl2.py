@@ -31,6 +31,7 @@ from quantkit.backends.exl2 import (
     work_state,
 )
 from quantkit.errors import QuantkitError
+from quantkit.pipeline import Made, Step, make, plan_for
 from quantkit.source import load_local
 from quantkit.workspace import Workspace
 
@@ -47,9 +48,20 @@ HAS_CUDA = _cuda()
 QUANTKIT = Path(sys.executable).with_name("quantkit")
 
 
-def _ctx(ckpt: Path, ws: Path, **kw: object) -> JobContext:
-    return JobContext(checkpoint=load_local(ckpt, name=ckpt.name, source=str(ckpt)), workspace=Workspace(ws),
-                      **kw)  # type: ignore[arg-type]
+def _ctx(ckpt: Path, ws: Path, *, command: str = "", **kw: object) -> JobContext:
+    return JobContext.of(load_local(ckpt, name=ckpt.name, source=str(ckpt)), Workspace(ws), command=command,
+                         **kw)  # type: ignore[arg-type]
+
+
+def _steps(ctx: JobContext, opts: EXL2Options) -> dict[str, Step]:
+    """The EXL2 steps of a job, by key (planned as the executor would run them)."""
+    return {s.key: s for s in plan_for(ctx, "exl2", opts) if s.format == "exl2"}
+
+
+def _run(ctx: JobContext, opts: EXL2Options, *, verify: bool = False) -> list[Made]:
+    """Make the EXL2 artifacts; the stand-in converter writes no loadable model, so verification is left out."""
+    keys = [k for k, s in _steps(ctx, opts).items() if verify or s.kind != "verify"]
+    return make(ctx, "exl2", opts, only={"model/resolve", *keys})
 
 
 def _tokenizer(path: Path):  # noqa: ANN202 - a transformers tokenizer
@@ -108,14 +120,16 @@ def test_converter_arguments(tmp_path: Path, llama31_ckpt: Path) -> None:
 
 def test_plan_lists_steps_folders_sizes_and_tokens(tmp_path: Path, llama31_ckpt: Path) -> None:
     ctx = _ctx(llama31_ckpt, tmp_path / "ws", calib_samples=32, calib_seq_len=256)
-    steps = EXL2Backend().plan(ctx, EXL2Options(bits="4.0,6.5", head_bits=8))
-    assert [s["output"] for s in steps] == ["exl2/calibration.parquet", "exl2/measurement.json", "exl2/4.0bpw/",
-                                           "exl2/6.5bpw/"]
-    assert not any(s["done"] for s in steps)
-    cal = steps[0]
+    steps = list(_steps(ctx, EXL2Options(bits="4.0,6.5", head_bits=8)).values())
+    assert [s.key for s in steps] == ["exl2/calibrate", "exl2/measure", "exl2/quantize/4.0bpw",
+                                      "exl2/quantize/6.5bpw", "exl2/verify/4.0bpw", "exl2/verify/6.5bpw"]
+    assert [s.outputs[0] for s in steps[:4]] == ["exl2/calibration.parquet", "exl2/measurement.json",
+                                                 "exl2/4.0bpw/", "exl2/6.5bpw/"]
+    assert not any(s.done for s in steps) and all(s.resources.gpus == 1.0 for s in steps[1:])
+    cal = dict(steps[0].extra)
     assert cal["tokens_needed"] == 32 * 256
     texts_tokens = cal["tokens_present"]
-    assert texts_tokens > 32 * 256 and f"{texts_tokens:,}" in cal["step"] and cal["problem"] is None
+    assert texts_tokens > 32 * 256 and f"{texts_tokens:,}" in steps[0].title and cal["problem"] is None
 
     # size: linear weights at the bitrate, head at its bits, embeddings and norms in fp16
     ckpt = ctx.checkpoint
@@ -128,54 +142,50 @@ def test_plan_lists_steps_folders_sizes_and_tokens(tmp_path: Path, llama31_ckpt:
             other += n
         else:
             lin += n
-    for step, bits in zip(steps[2:], (4.0, 6.5), strict=True):
-        assert step["bits"] == bits
+    for step, bits in zip(steps[2:4], (4.0, 6.5), strict=True):
+        assert dict(step.extra)["bits"] == bits
         expected = lin * bits / 8 + head * HEAD_BPW[8] / 8 + other * 2
-        assert step["estimated_size"] == pytest.approx(expected, rel=1e-6)
-    assert steps[3]["estimated_size"] > steps[2]["estimated_size"]
+        assert step.estimated_size == pytest.approx(expected, rel=1e-6)
+    assert steps[3].estimated_size > steps[2].estimated_size
     assert not (tmp_path / "ws" / "exl2" / "calibration.parquet").exists()  # a plan writes nothing
 
 
 def test_plan_says_when_tokens_are_too_few(tmp_path: Path, llama31_ckpt: Path) -> None:
     ctx = _ctx(llama31_ckpt, tmp_path / "ws")
-    cal = EXL2Backend().plan(ctx, EXL2Options(bits="4.0", rows=1000, length=2048))[0]
-    assert cal["tokens_needed"] == 2_048_000 and cal["tokens_present"] < 2_048_000
-    assert "too few" in cal["step"] and "2,048,000" in cal["problem"]
+    cal = _steps(ctx, EXL2Options(bits="4.0", rows=1000, length=2048))["exl2/calibrate"]
+    extra = dict(cal.extra)
+    assert extra["tokens_needed"] == 2_048_000 and extra["tokens_present"] < 2_048_000
+    assert "too few" in cal.title and "2,048,000" in extra["problem"]
 
 
 # -- calibration parquet ---------------------------------------------------------------------------------
 
-def test_parquet_is_chat_formatted_and_counted(tmp_path: Path, llama31_ckpt: Path) -> None:
+def test_parquet_is_chat_formatted_and_counted(tmp_path: Path, llama31_ckpt: Path, fake_converter: Path) -> None:
     calib = _chat_jsonl(tmp_path / "chat.jsonl")
     ctx = _ctx(llama31_ckpt, tmp_path / "ws", calibration=str(calib))
     tok = _tokenizer(llama31_ckpt)
-    backend = EXL2Backend()
-    cal = backend.prepare_calibration(ctx, tok)
-    assert cal.path == ctx.workspace.root / "exl2" / "calibration.parquet" and cal.path.exists()
-    texts = read_parquet_texts(cal.path)
-    assert len(texts) == 60 and cal.documents == 60 and cal.chat
+    make(ctx, "exl2", EXL2Options(bits="4.0", rows=16, length=128), only={"exl2/calibrate"})
+    path = ctx.workspace.root / "exl2" / "calibration.parquet"
+    texts = read_parquet_texts(path)
+    rec = Workspace(ctx.workspace.root).steps["exl2/calibrate"]
+    assert len(texts) == 60 and rec["info"]["documents"] == 60 and rec["info"]["chat"]
     assert all("<|start_header_id|>user<|end_header_id|>" in t for t in texts)  # the instruct model's template
-    assert cal.tokens == sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
-    rec = ctx.workspace.steps["exl2/calibration"]
-    assert rec["outputs"] == ["exl2/calibration.parquet"] and rec["info"]["tokens"] == cal.tokens
+    assert rec["info"]["tokens"] == sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    assert rec["outputs"] == ["exl2/calibration.parquet"]
 
-    mtime = cal.path.stat().st_mtime_ns
-    again = backend.prepare_calibration(ctx, tok)  # same inputs: reused, not rewritten
-    assert again.fingerprint == cal.fingerprint and again.tokens == cal.tokens
-    assert cal.path.stat().st_mtime_ns == mtime
+    mtime = path.stat().st_mtime_ns
+    make(ctx, "exl2", EXL2Options(bits="4.0", rows=16, length=128), only={"exl2/calibrate"})  # reused
+    assert path.stat().st_mtime_ns == mtime
 
 
-def test_too_few_tokens_fails_before_any_gpu_work(tmp_path: Path, llama31_ckpt: Path) -> None:
+def test_too_few_tokens_fails_before_any_gpu_work(tmp_path: Path, llama31_ckpt: Path, fake_converter: Path) -> None:
     calib = _chat_jsonl(tmp_path / "chat.jsonl", n=10)
     ctx = _ctx(llama31_ckpt, tmp_path / "ws", calibration=str(calib))
     with pytest.raises(QuantkitError) as err:
-        EXL2Backend().run(ctx, EXL2Options(bits="4.0", rows=64, length=512))
+        _run(ctx, EXL2Options(bits="4.0", rows=64, length=512))
     msg = str(err.value)
     assert "32,768" in msg and "tokens" in msg and "--rows" in msg
-    present = ctx.workspace.steps["exl2/calibration"]["info"]["tokens"]
-    assert f"{present:,}" in msg
-    assert not (ctx.workspace.root / "exl2" / "work").exists()
-    assert not (ctx.workspace.root / "exl2" / "source").exists()
+    assert not (ctx.workspace.root / "exl2").exists() and not _calls(fake_converter)
 
 
 # -- the config fix --------------------------------------------------------------------------------------
@@ -230,56 +240,52 @@ def _fake_exl2_folder(folder: Path, bits: float) -> None:
     (folder / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "exl2", "bits": bits}}))
 
 
-def test_measurement_with_same_fingerprint_is_reused(tmp_path: Path, llama31_ckpt: Path) -> None:
+def test_measurement_with_same_fingerprint_is_reused(tmp_path: Path, llama31_ckpt: Path,
+                                                     fake_converter: Path) -> None:
     ctx = _ctx(llama31_ckpt, tmp_path / "ws", calib_samples=16, calib_seq_len=256)
-    backend, opts = EXL2Backend(), EXL2Options(bits="4.0")
-    cal = backend.prepare_calibration(ctx, _tokenizer(llama31_ckpt))
-    ws = ctx.workspace
-    measurement = ws.root / "exl2" / "measurement.json"
-    measurement.write_text('{"measurement": {}, "last_module_idx": 0}')
-    ws.record_step("exl2/measurement", backend.measurement_fingerprint(ctx, opts, cal.fingerprint), [measurement])
+    opts = EXL2Options(bits="4.0")
+    _run(ctx, opts)
+    assert len(_calls(fake_converter)) == 2  # one measurement, one conversion
+    steps = _steps(ctx, opts)
+    assert all(s.done for k, s in steps.items() if "verify" not in k)
+    # another measurement length is another measurement; head bits and bitrate change only the conversion
+    other = _steps(ctx, EXL2Options(bits="4.0", measure_length=512))
+    assert other["exl2/measure"].fingerprint != steps["exl2/measure"].fingerprint
+    assert _steps(ctx, EXL2Options(bits="5.0", head_bits=8))["exl2/measure"].fingerprint == \
+        steps["exl2/measure"].fingerprint
+    assert _steps(ctx, EXL2Options(bits="4.0", head_bits=8))["exl2/quantize/4.0bpw"].fingerprint != \
+        steps["exl2/quantize/4.0bpw"].fingerprint
+    # a new bitrate reuses the measurement
+    _run(ctx, EXL2Options(bits="4.0,5.0"))
+    calls = _calls(fake_converter)
+    assert len(calls) == 3 and "-m" in calls[2]["argv"] and "-om" not in calls[2]["argv"]
 
-    steps = backend.plan(ctx, opts)
-    assert steps[0]["done"] and steps[1]["done"] and not steps[2]["done"]
-    # another measurement length, or another parquet, is another measurement
-    assert not backend.plan(ctx, EXL2Options(bits="4.0", measure_length=512))[1]["done"]
-    assert backend.measurement_fingerprint(ctx, opts, "other") != backend.measurement_fingerprint(
-        ctx, opts, cal.fingerprint)
-    # the bitrates hang off the measurement: head bits and bitrate change only the conversion
-    assert backend.measurement_fingerprint(ctx, EXL2Options(bits="5.0", head_bits=8), cal.fingerprint) == \
-        backend.measurement_fingerprint(ctx, opts, cal.fingerprint)
 
-
-def test_finished_bitrate_is_skipped_and_recorded(tmp_path: Path, llama31_ckpt: Path) -> None:
-    """With measurement and 4.0 bpw done, `run` does no GPU work (so it works here) and records the artifact."""
+def test_finished_bitrate_is_skipped_and_recorded(tmp_path: Path, llama31_ckpt: Path, fake_converter: Path) -> None:
+    """With measurement and 4.0 bpw done, a run does no GPU work and keeps the artifact's record."""
     ctx = _ctx(llama31_ckpt, tmp_path / "ws", calib_samples=16, calib_seq_len=256, command="quantkit exl2 x")
-    backend, opts = EXL2Backend(), EXL2Options(bits="4.0")
-    ws = ctx.workspace
-    cal = backend.prepare_calibration(ctx, _tokenizer(llama31_ckpt))
-    measurement = ws.root / "exl2" / "measurement.json"
-    measurement.write_text("{}")
-    ws.record_step("exl2/measurement", backend.measurement_fingerprint(ctx, opts, cal.fingerprint), [measurement])
-    final = ws.root / "exl2" / "4.0bpw"
-    _fake_exl2_folder(final, 4.0)
-    fp = backend.bits_fingerprint(ctx, opts, cal.fingerprint, 4.0)
-    ws.record_step("exl2/4.0bpw", fp, [final])
-
-    assert all(s["done"] for s in backend.plan(ctx, opts))
-    [art] = backend.run(ctx, opts)
+    opts = EXL2Options(bits="4.0")
+    [art] = _run(ctx, opts)
+    final = ctx.workspace.root / "exl2" / "4.0bpw"
     assert art.quant == "4.0bpw" and art.path == final and art.bpw == 4.0
     assert art.size == sum(p.stat().st_size for p in final.iterdir())
-    entry = Workspace(ws.root).artifacts["exl2/4.0bpw"]
+    ws = Workspace(ctx.workspace.root)
+    entry = ws.artifacts["exl2/4.0bpw"]
+    fp = ws.steps["exl2/quantize/4.0bpw"]["fingerprint"]
     assert entry["format"] == "exl2" and entry["fingerprint"] == fp and entry["command"] == "quantkit exl2 x"
-    assert entry["calibration"]["tokens"] == cal.tokens and entry["calibration"]["rows"] == 16
-    assert entry["calibration"]["parquet"] == "exl2/calibration.parquet"
+    assert entry["calibration"]["tokens"] == ws.steps["exl2/calibrate"]["info"]["tokens"]
+    assert entry["calibration"]["rows"] == 16 and entry["calibration"]["parquet"] == "exl2/calibration.parquet"
     assert "exllamav2" in entry["tools"] and entry["tools"]["quantkit"]
-    assert sorted(entry["files"]) == ["exl2/4.0bpw/config.json", "exl2/4.0bpw/output.safetensors"]
+    assert {"exl2/4.0bpw/config.json", "exl2/4.0bpw/output.safetensors"} <= set(entry["files"]) == set(
+        entry["sha256"])
 
-    # 6.5 bpw is still to do, and that needs the GPU: refused here with the one-line reason
-    if not HAS_CUDA:
-        with pytest.raises(QuantkitError, match="NVIDIA GPU with CUDA"):
-            backend.run(ctx, EXL2Options(bits="4.0,6.5"))
-        assert ws.is_done("exl2/4.0bpw", fp)
+    (ws.root / "exl2" / "measurement.json").unlink()  # not needed again: every bitrate is finished
+    status = {k: s.status for k, s in _steps(ctx, opts).items()}
+    assert status["exl2/measure"] == "not needed" and status["exl2/quantize/4.0bpw"] == "done"
+    [again] = _run(ctx, opts)
+    assert again.path == final and len(_calls(fake_converter)) == 2  # no GPU work
+    assert Workspace(ws.root).steps["exl2/quantize/4.0bpw"]["finished"] == ws.steps["exl2/quantize/4.0bpw"][
+        "finished"]
 
 
 def test_resume_decisions(tmp_path: Path) -> None:
@@ -408,7 +414,7 @@ def test_run_measures_once_converts_each_bitrate_and_resumes(tmp_path: Path, lla
     assert backend.check() is None
     root = ctx.workspace.root / "exl2"
 
-    arts = backend.run(ctx, EXL2Options(bits="4.0,5.0", head_bits=8))
+    arts = _run(ctx, EXL2Options(bits="4.0,5.0", head_bits=8))
     calls = _calls(fake_converter)
     assert len(calls) == 3  # one measurement, then one conversion per bitrate reusing it
     assert "-om" in calls[0]["argv"] and all("-m" in c["argv"] and "-om" not in c["argv"] for c in calls[1:])
@@ -426,20 +432,20 @@ def test_run_measures_once_converts_each_bitrate_and_resumes(tmp_path: Path, lla
     assert not list(root.glob(".*.partial"))
     assert (root / "logs" / "measurement.log").read_text().count("[STATUS]") == 1
     manifest = Workspace(ctx.workspace.root)
-    assert {"exl2/calibration", "exl2/measurement", "exl2/4.0bpw", "exl2/5.0bpw"} <= set(manifest.steps)
+    assert {"exl2/calibrate", "exl2/measure", "exl2/quantize/4.0bpw", "exl2/quantize/5.0bpw"} <= set(manifest.steps)
     assert set(manifest.artifacts) >= {"exl2/4.0bpw", "exl2/5.0bpw"}
 
     # a rerun does nothing; a new bitrate reuses the measurement
-    backend.run(ctx, EXL2Options(bits="4.0,5.0", head_bits=8))
+    _run(ctx, EXL2Options(bits="4.0,5.0", head_bits=8))
     assert len(_calls(fake_converter)) == 3
 
     # a conversion that stops half way (the converter exits 0) is an error, and the next run resumes it
     monkeypatch.setenv("FAKE_EXL2_STOP_AT", "Quantizing")
     with pytest.raises(QuantkitError, match="did not finish: Error: out of memory"):
-        backend.run(ctx, EXL2Options(bits="4.0,6.0", head_bits=8))
+        _run(ctx, EXL2Options(bits="4.0,6.0", head_bits=8))
     assert not (root / "6.0bpw").exists() and (root / "work" / "6.0bpw" / "job_new.json").exists()
     monkeypatch.delenv("FAKE_EXL2_STOP_AT")
-    [_, six] = backend.run(ctx, EXL2Options(bits="4.0,6.0", head_bits=8))
+    [_, six] = _run(ctx, EXL2Options(bits="4.0,6.0", head_bits=8))
     calls = _calls(fake_converter)
     assert len(calls) == 5 and not calls[3]["resumed"] and calls[4]["resumed"]
     assert calls[4]["argv"][calls[4]["argv"].index("-o") + 1] == str(root / "work" / "6.0bpw")
@@ -447,7 +453,7 @@ def test_run_measures_once_converts_each_bitrate_and_resumes(tmp_path: Path, lla
         "quantization_config"]["bits"] == 6.0
 
     # other head bits: same measurement, new conversions replacing the old folders
-    backend.run(ctx, EXL2Options(bits="4.0", head_bits=6))
+    _run(ctx, EXL2Options(bits="4.0", head_bits=6))
     calls = _calls(fake_converter)
     assert len(calls) == 6 and "-m" in calls[5]["argv"]
     assert json.loads((root / "4.0bpw" / "config.json").read_text())["quantization_config"]["head_bits"] == 6
@@ -522,7 +528,7 @@ def test_exl2_end_to_end_cuda(tmp_path: Path, llama3_ckpt: Path) -> None:
     ctx = _ctx(llama3_ckpt, tmp_path / "ws", calib_samples=16, calib_seq_len=512)
     backend = EXL2Backend()
     assert backend.check() is None
-    [art] = backend.run(ctx, EXL2Options(bits="4.0"))
+    [art] = _run(ctx, EXL2Options(bits="4.0"), verify=True)
     assert art.path == ctx.workspace.root / "exl2" / "4.0bpw" and backend.owns(art.path)
     assert (ctx.workspace.root / "exl2" / "measurement.json").exists()
     assert not (ctx.workspace.root / "exl2" / "work" / "4.0bpw").exists()
@@ -556,5 +562,5 @@ def test_exl2_end_to_end_cuda(tmp_path: Path, llama3_ckpt: Path) -> None:
     assert ratio < 1.10, (ppl_q, ppl_ref)
 
     mtime = (art.path / "config.json").stat().st_mtime_ns
-    [again] = backend.run(ctx, EXL2Options(bits="4.0"))  # everything done: skipped
+    [again] = _run(ctx, EXL2Options(bits="4.0"), verify=True)  # everything done: skipped
     assert again.path == art.path and (art.path / "config.json").stat().st_mtime_ns == mtime

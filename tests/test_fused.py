@@ -1,4 +1,4 @@
-"""Convert and quantize in one pass (`quantkit.backends.gguf.fused`): the files are llama.cpp's, byte for byte.
+"""Convert and quantize in one pass (`quantkit.backends.gguf.quantize.fused`): the files are llama.cpp's, byte for byte.
 
 Each quantized file written during the conversion is compared with what ``llama_model_quantize`` writes from the
 converted file (the code ``llama-quantize`` runs), for every registered architecture, with and without an importance
@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 
 from quantkit.backends.base import JobContext
-from quantkit.backends.gguf.backend import GGUFBackend, GGUFOptions
-from quantkit.backends.gguf.convert import Converter
-from quantkit.backends.gguf.fused import FusedQuantizer
+from quantkit.backends.gguf.backend import GGUFOptions
+from quantkit.backends.gguf.convert.converter import Converter
 from quantkit.backends.gguf.ggufinfo import read_info
-from quantkit.backends.gguf.quantize import QuantizeOptions, parse_ggml_type, parse_tensor_types, quantize
+from quantkit.backends.gguf.quantize.core import QuantizeOptions, parse_ggml_type, parse_tensor_types, quantize
+from quantkit.backends.gguf.quantize.fused import FusedQuantizer
+from quantkit.backends.gguf.quantize.ordered_hash import OrderedHash
 from quantkit.errors import QuantkitError
-from quantkit.ordered_hash import OrderedHash
+from quantkit.pipeline import make
 from quantkit.source import load_local
 from quantkit.workspace import Workspace
 
@@ -104,16 +105,16 @@ def test_pipeline_records_streamed_hashes_and_falls_back(qwen2_ckpt: Path, tmp_p
     later is redone from the converted file by llama.cpp, with the same bytes."""
     ck = load_local(qwen2_ckpt, name=qwen2_ckpt.name, source=str(qwen2_ckpt))
     ws = Workspace(tmp_path / "ws")
-    ctx = JobContext(checkpoint=ck, workspace=ws)
+    ctx = JobContext.of(ck, ws)
     opts = GGUFOptions(types=["Q8_0", "Q4_K_M"], imatrix=False, verify=False)
-    arts = GGUFBackend().run(ctx, opts)
+    arts = make(ctx, "gguf", opts)
     files = {a.quant: a.path for a in arts}
     for quant, path in files.items():
-        step = "gguf.convert" if quant == "BF16" else f"gguf.quantize.{quant}"
+        step = "gguf/convert/BF16" if quant == "BF16" else f"gguf/quantize/{quant}"
         assert ws.steps[step]["checks"][ws.rel(path)]["sha256"] == _sha(path)
     q4 = files["Q4_K_M"].read_bytes()
     files["Q4_K_M"].unlink()
-    again = {a.quant: a.path for a in GGUFBackend().run(JobContext(checkpoint=ck, workspace=Workspace(ws.root)),
+    again = {a.quant: a.path for a in make(JobContext.of(ck, Workspace(ws.root)), "gguf",
                                                           opts)}
     assert again["Q4_K_M"].read_bytes() == q4
     assert not [p for p in (ws.root / "gguf").iterdir() if p.name.startswith(".")]

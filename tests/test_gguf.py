@@ -10,11 +10,12 @@ import pytest
 from conftest import llama_tool, run_tool
 
 from quantkit.backends.base import JobContext
-from quantkit.backends.gguf.backend import GGUFBackend, GGUFOptions
-from quantkit.backends.gguf.convert import Converter
-from quantkit.backends.gguf.imatrix import read_imatrix
+from quantkit.backends.gguf.backend import GGUFOptions
+from quantkit.backends.gguf.convert.converter import Converter
 from quantkit.backends.gguf.llamacpp import LlamaModel
-from quantkit.backends.gguf.verify import verify_gguf
+from quantkit.backends.gguf.quantize.imatrix import read_imatrix
+from quantkit.backends.gguf.verify.checks import verify_gguf
+from quantkit.pipeline import make, plan_for
 from quantkit.source import load_local
 from quantkit.workspace import Workspace
 
@@ -61,8 +62,8 @@ def test_converter_metadata_and_tensors(llama31_ckpt: Path, qwen2_ckpt: Path, tm
 def _run(ckpt_path: Path, ws_root: Path, **opts: object) -> tuple[Workspace, list]:
     ck = _ckpt(ckpt_path)
     ws = Workspace(ws_root)
-    ctx = JobContext(checkpoint=ck, workspace=ws, calib_samples=8, calib_seq_len=256)
-    return ws, GGUFBackend().run(ctx, GGUFOptions(**opts))
+    ctx = JobContext.of(ck, ws, calib_samples=8, calib_seq_len=256)
+    return ws, make(ctx, "gguf", GGUFOptions(**opts))
 
 
 @pytest.mark.slow
@@ -95,11 +96,14 @@ def test_pipeline_imatrix_resume_and_llama_quantize_parity(llama3_ckpt: Path, tm
     # the plan knows what is done, and what a different calibration would redo
     ck = _ckpt(llama3_ckpt)
     opts = GGUFOptions(types=["Q4_K_M", "IQ4_XS"])
-    same = GGUFBackend().plan(JobContext(checkpoint=ck, workspace=ws, calib_samples=8, calib_seq_len=256), opts)
-    assert all(step["done"] for step in same)
-    other = GGUFBackend().plan(JobContext(checkpoint=ck, workspace=ws, calib_samples=8, calib_seq_len=256, seed=7),
-                               opts)
-    assert other[0]["done"] and not any(step["done"] for step in other[1:])
+    same = plan_for(JobContext.of(ck, ws, calib_samples=8, calib_seq_len=256), "gguf", opts)
+    assert all(step.done for step in same)
+    other = {s.key: s.done for s in plan_for(JobContext.of(ck, ws, calib_samples=8, calib_seq_len=256, seed=7),
+                                              "gguf", opts)}
+    # another calibration: the conversion stands, the rows, the matrix and what was quantized with it do not
+    assert other["model/resolve"] and other["gguf/convert/BF16"] and other["gguf/verify/BF16"]
+    assert not any(done for key, done in other.items() if key not in ("model/resolve", "gguf/convert/BF16",
+                                                                        "gguf/verify/BF16"))
 
     # a rerun resumes: nothing is recomputed
     capsys.readouterr()

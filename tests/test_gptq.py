@@ -19,6 +19,7 @@ from quantkit.backends.base import JobContext, Scorer, get_backend
 from quantkit.backends.gptq import GPTQBackend, GPTQOptions, TransformersScorer, check_group_size, estimate_size
 from quantkit.card import render_card
 from quantkit.errors import QuantkitError
+from quantkit.pipeline import make, plan_for
 from quantkit.safetensors_io import read_header
 from quantkit.source import resolve
 from quantkit.workspace import Workspace, record_model
@@ -139,8 +140,9 @@ def test_cli_dry_run_plans_without_work(llama3_ckpt: Path, tmp_path: Path) -> No
     assert res.returncode == 0, res.stderr
     plan = json.loads(res.stdout)
     assert plan["dry_run"] and plan["format"] == "gptq"
-    (step,) = [s for s in plan["plan"] if str(s.get("output") or "").startswith("gptq/")]  # the backend's step
-    assert step["step"] == "gptq:4bit-g64" and step["output"] == "gptq/4bit-g64" and step["done"] is False
+    (step,) = [s for s in plan["plan"] if s["kind"] == "quantize"]  # the backend's step
+    assert step["key"] == "gptq/quantize/4bit-g64" and step["output"] == "gptq/4bit-g64/" and step["done"] is False
+    assert [s["kind"] for s in plan["plan"]] == ["resolve", "calibrate", "quantize", "verify"]
     ckpt = resolve(str(llama3_ckpt))
     assert 0.25 * ckpt.n_params * 2 < step["estimated_size"] < ckpt.n_params * 2  # bf16 source = params x 2 bytes
     assert not (tmp_path / "ws" / "gptq").exists()
@@ -230,7 +232,7 @@ def test_llama3_manifest_records_the_artifact(llama3_gptq: dict[str, Any], llama
     assert entry["bpw"] == pytest.approx(bits / sum(o * i for o, i in shapes), abs=1e-3)
     assert estimate_size(resolve(str(llama3_ckpt)), GPTQOptions(group_size=64)) == pytest.approx(
         (ws.abs("gptq/4bit-g64") / "model.safetensors").stat().st_size, rel=0.02)
-    step = ws.steps["gptq:4bit-g64"]
+    step = ws.steps["gptq/quantize/4bit-g64"]
     assert step["outputs"] == ["gptq/4bit-g64"] and step["info"]["calibration"]["fingerprint"]
 
 
@@ -252,13 +254,14 @@ def test_llama3_loads_in_transformers_and_scores_close_to_bf16(llama3_gptq: dict
 def test_rerun_skips_the_step(llama3_gptq: dict[str, Any], llama3_ckpt: Path) -> None:
     ws = Workspace(llama3_gptq["ws"])
     weights = llama3_gptq["folder"] / "model.safetensors"
-    before = (weights.stat().st_ino, weights.stat().st_mtime_ns, ws.steps["gptq:4bit-g64"]["finished"])
-    ctx = JobContext(checkpoint=resolve(str(llama3_ckpt)), workspace=ws, calib_samples=16, calib_seq_len=256)
+    before = (weights.stat().st_ino, weights.stat().st_mtime_ns, ws.steps["gptq/quantize/4bit-g64"]["finished"])
+    ctx = JobContext.of(resolve(str(llama3_ckpt)), ws, calib_samples=16, calib_seq_len=256)
     opts = GPTQOptions(group_size=64)
-    assert GPTQBackend().plan(ctx, opts)[0]["done"] is True
-    (art,) = GPTQBackend().run(ctx, opts)
+    assert {s.key: s.status for s in plan_for(ctx, "gptq", opts)}["gptq/quantize/4bit-g64"] == "done"
+    (art,) = make(ctx, "gptq", opts)
     assert art.path == llama3_gptq["folder"] and art.bpw and art.size
-    after = (weights.stat().st_ino, weights.stat().st_mtime_ns, Workspace(ws.root).steps["gptq:4bit-g64"]["finished"])
+    after = (weights.stat().st_ino, weights.stat().st_mtime_ns,
+             Workspace(ws.root).steps["gptq/quantize/4bit-g64"]["finished"])
     assert after == before
 
 
@@ -266,10 +269,10 @@ def test_rerun_skips_the_step(llama3_gptq: dict[str, Any], llama3_ckpt: Path) ->
 def test_qwen2_instruct(qwen2_ckpt: Path, tmp_path: Path) -> None:
     """Qwen2: attention biases, tied embeddings, chat-formatted calibration; 4-bit g64 through the library."""
     ws = Workspace(tmp_path / "ws")
-    ctx = JobContext(checkpoint=resolve(str(qwen2_ckpt)), workspace=ws, calib_samples=16, calib_seq_len=256)
-    (art,) = GPTQBackend().run(ctx, GPTQOptions(group_size=64))
+    ctx = JobContext.of(resolve(str(qwen2_ckpt)), ws, calib_samples=16, calib_seq_len=256)
+    (art,) = make(ctx, "gptq", GPTQOptions(group_size=64))
     assert art.quant == "4bit-g64" and art.path == ws.root / "gptq" / "4bit-g64"
-    assert ws.steps["gptq:4bit-g64"]["info"]["calibration"]["chat_template"] is True
+    assert ws.steps["gptq/quantize/4bit-g64"]["info"]["calibration"]["chat_template"] is True
     assert ws.artifacts["gptq/4bit-g64"]["calibration"]["chat_template"] is True
     record_model(ws, ctx.checkpoint)
     assert "rendered with the model's chat template" in render_card(ws, "gptq")  # as the GGUF card says
@@ -284,8 +287,8 @@ def test_per_column_groups_load_on_cpu(llama3_ckpt: Path, tmp_path: Path) -> Non
     """g-1 quantizes (GPTQModel's group-aware reordering is off without groups) and loads on the CPU, where the
     int4pack kernel GPTQModel would pick cannot take it."""
     ws = Workspace(tmp_path / "ws")
-    ctx = JobContext(checkpoint=resolve(str(llama3_ckpt)), workspace=ws, calib_samples=8, calib_seq_len=128)
-    (art,) = GPTQBackend().run(ctx, GPTQOptions(group_size=-1))
+    ctx = JobContext.of(resolve(str(llama3_ckpt)), ws, calib_samples=8, calib_seq_len=128)
+    (art,) = make(ctx, "gptq", GPTQOptions(group_size=-1))
     assert art.quant == "4bit-g-1" and 4.0 < (art.bpw or 0) < 4.3
     assert json.loads((art.path / "config.json").read_text())["quantization_config"]["group_size"] == -1
     scorer = GPTQBackend().scorer(art.path, n_ctx=N_CTX)
@@ -305,8 +308,8 @@ def test_new_families(fixture: str, request: pytest.FixtureRequest, tmp_path: Pa
     experts) through GPTQModel, scored against bf16."""
     ckpt_dir = request.getfixturevalue(fixture)
     ws = Workspace(tmp_path / "ws")
-    ctx = JobContext(checkpoint=resolve(str(ckpt_dir)), workspace=ws, calib_samples=16, calib_seq_len=256)
-    (art,) = GPTQBackend().run(ctx, GPTQOptions(group_size=64))
+    ctx = JobContext.of(resolve(str(ckpt_dir)), ws, calib_samples=16, calib_seq_len=256)
+    (art,) = make(ctx, "gptq", GPTQOptions(group_size=64))
     tensors = read_header(art.path / "model.safetensors")[0]
     assert "model.layers.0.mlp.down_proj.qweight" in tensors
     if fixture == "gigachat3_ckpt":

@@ -65,7 +65,7 @@ def manifest(ws: Path) -> dict[str, Any]:
 
 def assert_recorded_outputs_intact(ws: Path) -> None:
     """Every output the manifest records is there with its size and hash; every GGUF parses and loads."""
-    from quantkit.backends.gguf.check import check_gguf
+    from quantkit.backends.gguf.convert.check import check_gguf
     from quantkit.backends.gguf.llamacpp import LlamaModel
     from quantkit.workspace import output_check
 
@@ -98,7 +98,7 @@ def test_two_runs_one_workspace(llama3_ckpt: Path, tmp_path: Path) -> None:
     assert_recorded_outputs_intact(ws)
     assert not list(ws.rglob("*.partial"))
     # the importance matrix names the calibration file, not where it lies on this machine
-    from quantkit.backends.gguf.check import metadata_strings
+    from quantkit.backends.gguf.convert.check import metadata_strings
 
     strings = dict(metadata_strings(ws / "gguf" / "imatrix.gguf"))
     assert strings.get("imatrix.datasets") == "calib.txt", strings
@@ -152,8 +152,8 @@ def test_incomplete_gguf_is_never_recorded(tmp_path: Path) -> None:
     stub = ws.dir("gguf") / "m-BF16.gguf"
     stub.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 16)  # 24 bytes
     with pytest.raises(QuantkitError, match="incomplete GGUF|truncated"):
-        ws.record_step("gguf.convert", "fp", [stub])
-    assert "gguf.convert" not in Workspace(ws.root).steps
+        ws.record_step("gguf/convert/BF16", "fp", [stub])
+    assert "gguf/convert/BF16" not in Workspace(ws.root).steps
     from quantkit.lock import release
 
     release(ws.root)
@@ -215,8 +215,16 @@ def big_ckpt(llama3_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return out
 
 
+def _in_staging(ws: Path, text: str, min_size: int) -> list[Path]:
+    """Files a step is writing (under the workspace's staging folder) whose name holds `text`."""
+    try:
+        return [f for f in (ws / ".staging").rglob(f"*{text}*") if f.is_file() and f.stat().st_size >= min_size]
+    except OSError:  # the folder went away between two looks
+        return []
+
+
 def _quant_partial(ws: Path, quant: str, min_size: int) -> list[Path]:
-    return [f for f in (ws / "gguf").glob(f".*{quant}*.partial/*") if f.is_file() and f.stat().st_size >= min_size]
+    return _in_staging(ws, quant, min_size)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -237,22 +245,23 @@ def test_signal_during_quantization(big_ckpt: Path, tmp_path: Path, sig: int) ->
     assert ("interrupted" if sig == signal.SIGINT else "stopped by SIGTERM") in lines[0]
     assert "run the same command to resume" in lines[0]
     assert "Traceback" not in err and "Exception ignored" not in err
-    assert not list((ws / "gguf").glob("*IQ4_XS*")), "a final-named or staging file was left"
-    assert "gguf.quantize.IQ4_XS" not in manifest(ws)["steps"]
+    assert not list((ws / "gguf").glob("*IQ4_XS*")), "a final-named file was left"
+    assert not (ws / ".staging").exists(), "a staging folder was left"
+    assert "gguf/quantize/IQ4_XS" not in manifest(ws)["steps"]
 
 
 def test_sigint_during_conversion(big_ckpt: Path, tmp_path: Path) -> None:
     ws = tmp_path / "w"
     run = start("gguf", str(big_ckpt), "--q8_0", "--no-imatrix", "--no-verify", "-w", str(ws))
-    wait_for(lambda: [f for f in (ws / "gguf").glob(".*BF16*.partial/*") if f.stat().st_size > 20 << 20]
-             if (ws / "gguf").exists() else [], proc=run)
+    wait_for(lambda: _in_staging(ws, "BF16", 20 << 20), proc=run)
     run.send_signal(signal.SIGINT)
     _, err = run.communicate(timeout=300)
     assert run.returncode == 130, err
     assert last_line(err) == ["interrupted: finished steps are kept, unfinished files removed; run the same command "
                               "to resume"], err
-    assert not list((ws / "gguf").iterdir())
-    assert "gguf.convert" not in manifest(ws)["steps"]
+    assert not (ws / "gguf").exists() or not list((ws / "gguf").iterdir())
+    assert not (ws / ".staging").exists()
+    assert "gguf/convert/BF16" not in manifest(ws)["steps"]
 
 
 # -- 3. secrets and machine paths, checked after the card is written ------------------------------------------------
@@ -433,8 +442,7 @@ def test_disk_full_during_conversion_and_quantization(big_ckpt: Path, small_disk
     disk = small_disk(560)
     ws = disk / "w"
     run = start("gguf", str(big_ckpt), "--q4_k_m", "--no-imatrix", "--no-verify", "-w", str(ws))
-    wait_for(lambda: [f for f in (ws / "gguf").glob(".*BF16*.partial/*") if f.stat().st_size > 50 << 20]
-             if (ws / "gguf").exists() else [], proc=run)
+    wait_for(lambda: _in_staging(ws, "BF16", 50 << 20), proc=run)
     _fill(disk, 8 << 20)
     _, err = run.communicate(timeout=300)
     lines = last_line(err)
@@ -442,6 +450,7 @@ def test_disk_full_during_conversion_and_quantization(big_ckpt: Path, small_disk
     assert re.fullmatch(rf"error: disk full at {re.escape(str(ws / 'gguf'))}: need about 4\d\d\.\d\d MB, {FREE}",
                         lines[0]), lines[0]
     assert not list((ws / "gguf").glob("*.gguf")) and not list((ws / "gguf").glob(".*"))
+    assert not (ws / ".staging").exists()
 
     # quantization of a converted file: llama.cpp's write fails; its return code is read with the disk checked
     disk = small_disk(620)
@@ -457,7 +466,7 @@ def test_disk_full_during_conversion_and_quantization(big_ckpt: Path, small_disk
     assert re.fullmatch(rf"error: disk full at {re.escape(str(ws / 'gguf'))}: need about \d+\.\d\d MB, {FREE}",
                         lines[0]), lines[0]
     assert not list((ws / "gguf").glob("*IQ4_XS*"))
-    assert "gguf.quantize.IQ4_XS" not in manifest(ws)["steps"]
+    assert "gguf/quantize/IQ4_XS" not in manifest(ws)["steps"]
 
 
 @pytest.mark.parametrize("message", ["1048576 requested and 402928 written",
@@ -478,8 +487,8 @@ def test_size_bound_is_an_upper_bound(llama3_ckpt: Path, qwen2_ckpt: Path, tmp_p
     import gguf
     import numpy as np
 
-    from quantkit.backends.gguf.quantize import QuantizeOptions, quantize
-    from quantkit.backends.gguf.sizes import quantized_size_bound
+    from quantkit.backends.gguf.quantize.core import QuantizeOptions, quantize
+    from quantkit.backends.gguf.quantize.sizes import quantized_size_bound
 
     types = ["Q2_K", "Q3_K_M", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "IQ2_XXS", "IQ3_XXS", "IQ4_XS"]
     ratios = {}

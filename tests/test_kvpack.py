@@ -1,4 +1,4 @@
-"""The one-pass metadata packing (`quantkit.backends.gguf.kvpack`) and the vocabulary writer's shortcuts
+"""The one-pass metadata packing (`quantkit.backends.gguf.convert.kvpack`) and the vocabulary writer's shortcuts
 (`quantkit.backends.gguf.tokenizer`) against gguf's own code: the same bytes, the same errors."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 import gguf
 import pytest
 
-from quantkit.backends.gguf import kvpack
-from quantkit.backends.gguf import tokenizer as tk
+from quantkit.backends.gguf.convert import kvpack
+from quantkit.backends.gguf.tokenizer import files as tk
 
 T = gguf.GGUFValueType
 N = kvpack.MIN_ITEMS + 3

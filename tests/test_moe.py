@@ -12,11 +12,12 @@ from test_arch import _fields
 from test_cli import one_line_error, qk
 
 from quantkit.backends.base import JobContext
-from quantkit.backends.gguf.backend import GGUFBackend, GGUFOptions
-from quantkit.backends.gguf.convert import Converter
-from quantkit.backends.gguf.imatrix import compute_imatrix, expert_coverage, write_imatrix
+from quantkit.backends.gguf.backend import GGUFOptions
+from quantkit.backends.gguf.convert.converter import Converter
+from quantkit.backends.gguf.quantize.imatrix import compute_imatrix, expert_coverage, write_imatrix
 from quantkit.calibration import token_rows
 from quantkit.errors import QuantkitError
+from quantkit.pipeline import make
 from quantkit.source import load_local
 from quantkit.workspace import Workspace
 
@@ -98,15 +99,15 @@ def test_expert_imatrix_layout_and_coverage(gigachat3_ckpt: Path, tmp_path: Path
 
 @pytest.mark.slow
 def test_quantize_evaluate_and_llama_quantize_parity(gigachat3_ckpt: Path, tmp_path: Path) -> None:
-    from quantkit.evaluate import evaluate_workspace
+    from quantkit.quality.evaluate import evaluate_workspace
 
     ck = _ckpt(gigachat3_ckpt)
     ws = Workspace(tmp_path / "ws")
-    arts = GGUFBackend().run(JobContext(checkpoint=ck, workspace=ws, calib_samples=8, calib_seq_len=256),
+    arts = make(JobContext.of(ck, ws, calib_samples=8, calib_seq_len=256), "gguf",
                              GGUFOptions(types=["Q4_K_M"]))
     bf16, q4 = sorted(arts, key=lambda a: a.quant)
     assert ws.artifacts[ws.rel(bf16.path)]["verify"]["kld_vs_transformers"] <= 0.001
-    assert "expert_coverage" in ws.steps["gguf.imatrix"]["info"]
+    assert "expert_coverage" in ws.steps["gguf/imatrix"]["info"]
     report = evaluate_workspace(ws, chunks=4, model=str(gigachat3_ckpt))
     rows = {r["quant"]: r for r in report["rows"]}
     assert 0 < rows["Q4_K_M"]["kld_mean"] < 0.5 and rows["BF16"]["kld_mean"] < 1e-3
@@ -132,7 +133,7 @@ def test_llama_cpp_log_is_quiet_unless_asked(gigachat3_ckpt: Path, tmp_path: Pat
     import sys
 
     bf16 = Converter(_ckpt(gigachat3_ckpt)).write(tmp_path / "g.gguf")[0]
-    code = ("import sys; from pathlib import Path; from quantkit.backends.gguf.quantize import QuantizeOptions, "
+    code = ("import sys; from pathlib import Path; from quantkit.backends.gguf.quantize.core import QuantizeOptions, "
             "quantize; quantize(Path(sys.argv[1]), Path(sys.argv[2]), QuantizeOptions(file_type='Q4_K_M'))")
     for debug, expect in (("0", False), ("1", True)):
         env = {**os.environ, "QUANTKIT_DEBUG": debug}

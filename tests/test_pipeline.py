@@ -19,16 +19,21 @@ def test_plan_is_typed_and_wired(tmp_path: Path, llama3_ckpt: Path) -> None:
               formats=(FormatJob("gguf", (GGUFOptions(types=["Q8_0", "Q4_K_M"]),), repo="me/tiny-GGUF"),),
               workspace=tmp_path / "ws")
     steps = plan_job(job)["steps"]
-    assert [s.kind for s in steps] == ["resolve", "calibrate", "convert", "imatrix", "quantize", "quantize",
-                                       "evaluate", "publish"]
+    assert [s.kind for s in steps] == ["resolve", "calibrate", "imatrix", "convert", "quantize", "quantize",
+                                       "verify", "verify", "verify", "evaluate", "publish"]
     keys = [s.key for s in steps]
+    assert keys[:6] == ["model/resolve", "model/calibrate", "gguf/imatrix", "gguf/convert/BF16",
+                        "gguf/quantize/Q8_0", "gguf/quantize/Q4_K_M"]
     assert len(set(keys)) == len(keys)
     for i, s in enumerate(steps):  # every input is an earlier step: the plan is in dependency order
         assert set(s.inputs) <= set(keys[:i]), (s.key, s.inputs)
+        assert s.fingerprint, s.key  # the checkpoint is here: every step knows what its outputs depend on
     by_kind = {s.kind: s for s in steps}
     assert by_kind["convert"].key in steps[4].inputs and by_kind["imatrix"].key in steps[4].inputs
+    assert by_kind["convert"].fuses == ("gguf/quantize/Q8_0", "gguf/quantize/Q4_K_M")  # made in the one pass
+    assert set(by_kind["evaluate"].inputs) >= {"gguf/quantize/Q8_0", "gguf/verify/BF16"}  # after verification
     assert by_kind["publish"].inputs == (by_kind["evaluate"].key,) and by_kind["publish"].repo == "me/tiny-GGUF"
-    assert all(s.status == "to do" for s in steps[1:]) and not (tmp_path / "ws").exists()
+    assert all(s.status == "to do" for s in steps) and not (tmp_path / "ws").exists()
 
 
 def test_format_command_and_recipe_run_the_same_steps(tmp_path: Path, llama3_ckpt: Path) -> None:
@@ -63,23 +68,12 @@ def test_manifest_is_checked_when_read(tmp_path: Path, llama3_ckpt: Path) -> Non
     assert newer.returncode != 0 and "newer quantkit" in error_line(newer)
 
 
-class _NoTokenizer:
-    """Fails the test if anything tokenizes: the rows must come from the workspace."""
-
-    def __getattr__(self, name: str) -> object:
-        raise AssertionError(f"the calibration set was tokenized again ({name})")
-
-    def __call__(self, *args: object, **kwargs: object) -> object:
-        raise AssertionError("the calibration set was tokenized again")
-
-
 def test_calibration_rows_are_built_once_and_shared(tmp_path: Path, llama3_ckpt: Path) -> None:
+    """One calibrate step per workspace: the importance matrix and GPTQ read the same rows, and a second format
+    (or another run) does not tokenize again."""
     import numpy as np
 
-    from quantkit.backends.base import JobContext
     from quantkit.calibration import rows_fingerprint
-    from quantkit.calibration_rows import _MEMO, calibration_rows
-    from quantkit.source import resolve
 
     ws = tmp_path / "ws"
     made = qk("gguf", str(llama3_ckpt), "--q4_k_m", *QUICK, "-w", str(ws), cwd=tmp_path)
@@ -87,16 +81,17 @@ def test_calibration_rows_are_built_once_and_shared(tmp_path: Path, llama3_ckpt:
     w = Workspace(ws)
     rows = np.load(ws / "calibration" / "rows.npy")
     assert rows.shape == (4, 64)
-    assert w.steps["gguf.imatrix"]["info"]["fingerprint"] == rows_fingerprint(rows)  # the imatrix read these rows
-    finished = w.steps["calibration.rows"]["finished"]
-    _MEMO.clear()  # a new consumer (another format, a rerun): the rows come from the workspace
-    ctx = JobContext(checkpoint=resolve(str(llama3_ckpt)), workspace=w, calib_samples=4, calib_seq_len=64)
-    cal = calibration_rows(ctx, tokenizer=_NoTokenizer())
-    assert np.array_equal(cal.rows, rows) and cal.info["fingerprint"] == rows_fingerprint(rows)
-    assert Workspace(ws).steps["calibration.rows"]["finished"] == finished
-    _MEMO.clear()  # another shape is another step: tokenized anew
-    other = JobContext(checkpoint=resolve(str(llama3_ckpt)), workspace=w, calib_samples=2, calib_seq_len=64)
-    assert calibration_rows(other).rows.shape == (2, 64)
+    assert w.steps["gguf/imatrix"]["info"]["fingerprint"] == rows_fingerprint(rows)  # the imatrix read these rows
+    finished = w.steps["model/calibrate"]["finished"]
+    plan = qk("gptq", str(llama3_ckpt), "--bits", "8", "--group-size", "32", "--calib-samples", "4",
+              "--calib-seq-len", "64", "-w", str(ws), "--dry-run", "--json", cwd=tmp_path)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    status = {s["key"]: s["status"] for s in json.loads(plan.stdout)["plan"]}
+    assert status["model/calibrate"] == "done" and status["gptq/quantize/8bit-g32"] == "to do"
+    other = qk("gguf", str(llama3_ckpt), "--q4_k_m", "--calib-samples", "2", "--calib-seq-len", "64", "-w",
+               str(ws), "--dry-run", "--json", cwd=tmp_path)  # another shape is another calibration
+    assert {s["key"]: s["status"] for s in json.loads(other.stdout)["plan"]}["model/calibrate"] == "to do"
+    assert Workspace(ws).steps["model/calibrate"]["finished"] == finished
 
 
 def test_gptq_step_follows_the_thread_count(tmp_path: Path, llama3_ckpt: Path) -> None:
@@ -107,7 +102,7 @@ def test_gptq_step_follows_the_thread_count(tmp_path: Path, llama3_ckpt: Path) -
             "--calib-seq-len", "64", "-w", str(ws))
     first = qk(*args, "--threads", "1", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    step = "gptq:8bit-g32"
+    step = "gptq/quantize/8bit-g32"
     before = Workspace(ws).steps[step]
     again = qk(*args, "--threads", "1", cwd=tmp_path)
     assert again.returncode == 0 and Workspace(ws).steps[step]["finished"] == before["finished"]

@@ -19,14 +19,15 @@ from plugin_dist import write_distribution
 from test_publish import hub  # noqa: F401 - fixture used by name
 
 PLUGIN = '''
-"""f16copy: the checkpoint's weights as float16 safetensors (a test plugin for quantkit)."""
+"""f16copy: the checkpoint's weights as float16 safetensors (a test plugin for quantkit), written as steps only."""
 import json
 import shutil
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from quantkit.backends.base import Artifact, BackendBase, FormatInfo
+from quantkit.backends.base import BackendBase, FormatInfo
+from quantkit.steps import RESOLVE, Step, StepResult
 from quantkit.workspace import fingerprint
 
 
@@ -43,50 +44,42 @@ class F16Backend(BackendBase):
     def check(self):
         return None
 
-    def _out(self, ws, opts):
-        return ws.root / "f16copy" / opts.dtype
+    def steps(self, ctx, options):
+        ckpt = ctx.checkpoint
+        size = ctx.n_params * (2 if options.dtype == "float16" else 4) if ctx.n_params else None
+        return [Step(f"f16copy/convert/{options.dtype}", "convert", f"convert → {options.dtype}",
+                     inputs=(RESOLVE,), outputs=(f"f16copy/{options.dtype}/",), artifact=options.dtype,
+                     fingerprint=fingerprint(ckpt.fingerprint, options.model_dump()) if ckpt else "",
+                     estimated_size=size, action=lambda run: self._convert(run, options))]
 
-    def _fp(self, ctx, opts):
-        return fingerprint(ctx.checkpoint.fingerprint, opts.model_dump())
-
-    def plan(self, ctx, options):
-        out = self._out(ctx.workspace, options)
-        return [{"step": f"convert → {options.dtype}", "output": ctx.workspace.rel(out) + "/",
-                 "estimated_size": ctx.checkpoint.n_params * (2 if options.dtype == "float16" else 4),
-                 "done": ctx.workspace.is_done(f"f16copy.{options.dtype}", self._fp(ctx, options))}]
-
-    def run(self, ctx, options):
+    def _convert(self, run, options):
         import torch
         from safetensors.torch import load_file, save_file
 
-        ws, ckpt = ctx.workspace, ctx.checkpoint
-        out, fp, step = self._out(ws, options), self._fp(ctx, options), f"f16copy.{options.dtype}"
-        if not ws.is_done(step, fp):
-            out.mkdir(parents=True, exist_ok=True)
-            dtype = getattr(torch, options.dtype)
-            for shard in sorted(Path(ckpt.path).glob("*.safetensors")):
-                save_file({k: v.to(dtype) for k, v in load_file(str(shard)).items()}, str(out / shard.name))
-            config = json.loads((Path(ckpt.path) / "config.json").read_text())
-            config["torch_dtype"] = options.dtype
-            (out / "config.json").write_text(json.dumps(config))
-            (out / "f16copy.json").write_text(json.dumps({"dtype": options.dtype}))
-            if options.keep_tokenizer:
-                for name in ("tokenizer.json", "tokenizer_config.json"):
-                    if (Path(ckpt.path) / name).exists():
-                        shutil.copy(Path(ckpt.path) / name, out / name)
-            ws.record_step(step, fp, [out])
-        files = sorted(p for p in out.iterdir() if p.is_file())
-        art = Artifact(format="f16copy", quant=options.dtype, path=out, files=files,
-                       size=sum(p.stat().st_size for p in files), bpw=16.0 if options.dtype == "float16" else 32.0,
-                       info={"fingerprint": fp, "command": ctx.command})
-        ws.record_artifact(out, **art.to_manifest(ws))
-        return [art]
+        ckpt = run.ctx.checkpoint
+        out = run.path(f"f16copy/{options.dtype}")
+        out.mkdir()
+        dtype = getattr(torch, options.dtype)
+        for shard in sorted(Path(ckpt.path).glob("*.safetensors")):
+            save_file({k: v.to(dtype) for k, v in load_file(str(shard)).items()}, str(out / shard.name))
+        config = json.loads((Path(ckpt.path) / "config.json").read_text())
+        config["torch_dtype"] = options.dtype
+        (out / "config.json").write_text(json.dumps(config))
+        (out / "f16copy.json").write_text(json.dumps({"dtype": options.dtype}))
+        if options.keep_tokenizer:
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                if (Path(ckpt.path) / name).exists():
+                    shutil.copy(Path(ckpt.path) / name, out / name)
+        bpw = 16.0 if options.dtype == "float16" else 32.0
+        return StepResult(artifacts=run.artifact(options.dtype, out, bpw=bpw))
 
     def owns(self, path):
         return (Path(path) / "f16copy.json").is_file()
 
-    def scorer(self, path, *, n_ctx):
-        raise NotImplementedError("f16copy has no scorer")
+    def scorer(self, path, *, n_ctx):  # its files load in transformers: quantkit's scorer for such folders
+        from quantkit.quality.scorers import TransformersScorer
+
+        return TransformersScorer(Path(path), n_ctx=n_ctx)
 
     def format_info(self):
         return FormatInfo(title="F16 copy", library="transformers", tag="f16copy", repo_suffix="F16")
@@ -127,7 +120,7 @@ def test_plugin_format_command_card_recipe_and_publish(tmp_path: Path, llama3_ck
     plan = qk("f16copy", str(llama3_ckpt), "--dry-run", "--json", "-w", str(ws), site=site, cwd=tmp_path)
     assert plan.returncode == 0, plan.stderr[-2000:]
     steps = json.loads(plan.stdout)["plan"]
-    assert [s["kind"] for s in steps] == ["resolve", "calibrate", "convert"] and not ws.exists()
+    assert [s["kind"] for s in steps] == ["resolve", "convert", "verify"] and not ws.exists()
     made = qk("f16copy", str(llama3_ckpt), "--json", "-w", str(ws), site=site, cwd=tmp_path)
     assert made.returncode == 0, made.stderr[-2000:]
     (art,) = json.loads(made.stdout)["artifacts"]

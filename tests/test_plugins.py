@@ -24,12 +24,15 @@ from quantkit.backends.base import BackendLoadError, backend_for, describe_backe
 from quantkit.card import render_card
 from quantkit.errors import QuantkitError
 from quantkit.publish import layout, plan_publish
+from quantkit.quality.verify import current_hashes
 from quantkit.workspace import Workspace
 
 PLUGIN = '''
 from pathlib import Path
 
 from pydantic import BaseModel
+
+from quantkit.steps import Step
 
 
 class ToyOptions(BaseModel):
@@ -46,12 +49,9 @@ class ToyBackend:
     def check(self):
         return None
 
-    def plan(self, ctx, options):
-        return [{"step": f"toy {options.bits} bits", "output": f"toyq/{options.bits}bit", "estimated_size": 10,
-                 "done": False}]
-
-    def run(self, ctx, options):
-        raise NotImplementedError("not needed by these tests")
+    def steps(self, ctx, options):
+        return [Step(f"toyq/quantize/{options.bits}bit", "quantize", f"toy {options.bits} bits",
+                     outputs=(f"toyq/{options.bits}bit/",), estimated_size=10, artifact=f"{options.bits}bit")]
 
     def owns(self, path):
         return (Path(path) / "toy.json").is_file()
@@ -92,7 +92,7 @@ def plugin_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def toy_workspace(root: Path) -> Workspace:
-    """A workspace with two toyq artifacts (folders), the smaller one failing the quality gate."""
+    """A workspace with three toyq artifacts (folders), verified, the smallest one failing the quality gate."""
     ws = Workspace(root)
     ws.set_model({"name": MODEL, "source": HUB_ID, "hub_id": HUB_ID, "architecture": "Qwen2ForCausalLM",
                   "instruct": True, "license": "apache-2.0", "readme": "source-README.md"})
@@ -108,6 +108,8 @@ def toy_workspace(root: Path) -> Workspace:
             "gate": {"passed": passed, "reasons": [] if passed else ["KLD 0.9 > 0.1"]},
             "command": f"quantkit toyq {HUB_ID} --bits {bits}",
         }
+        hashes = current_hashes(ws, ws.artifacts[f"toyq/{bits}bit"])
+        ws.artifacts[f"toyq/{bits}bit"].update(sha256=hashes, verify={"passed": True, "sha256": hashes})
     ws.save()
     return Workspace(root)
 
@@ -123,7 +125,7 @@ def test_backends_command_lists_broken_plugins_and_the_rest(plugin_dir: Path) ->
     assert rows["brokenq"]["reason"] == "cannot load: RuntimeError: the toy GPU driver is missing"
     assert rows["importq"]["reason"].startswith("cannot load: ModuleNotFoundError: ")
     assert "quantkit_no_such_engine" in rows["importq"]["reason"]
-    assert rows["halfq"]["reason"] == "cannot load: it lacks options_model, check, plan, run, owns, scorer"
+    assert rows["halfq"]["reason"] == "cannot load: it lacks options_model, check, steps, owns, scorer"
     assert not rows["brokenq"]["available"] and not rows["importq"]["available"] and not rows["halfq"]["available"]
     for name in ("gguf", "gptq", "exl2"):  # the built-ins are described as always
         assert rows[name]["description"] and "cannot load" not in str(rows[name]["reason"])
@@ -187,9 +189,14 @@ def test_plugin_publish_layout_and_plan_estimate(plugin_dir: Path, tmp_path: Pat
     assert {"path": "(3bit, to be made)", "size": 300, "artifact": "toyq/3bit", "planned": True} in files
     assert plan["repo"] == f"<your-username>/{MODEL}-TOYQ"
 
-    settings = {"calibration": "builtin:ru-mix", "calib_samples": 8, "calib_seq_len": 64}
-    steps = sections_for("toyq").estimate_steps(get_backend("toyq").options_model(), 10**9, settings, MODEL)
-    assert steps == [{"step": "toyq quantization", "output": "toyq/", "estimated_size": None, "done": False}]
+    # a model that is not here: the plugin's steps, estimated, plus the verification every format gets
+    from quantkit.pipeline import FormatJob, Job, plan_job
+
+    job = Job(source="t-tech/T-lite-it-2.1", formats=(FormatJob("toyq", (get_backend("toyq").options_model(),)),))
+    steps = plan_job(job)["steps"]
+    assert [(s.key, s.estimated_size, s.status) for s in steps] == [
+        ("model/resolve", 2 * 8_190_000_000, "to do"), ("toyq/quantize/4bit", 10, "to do"),
+        ("toyq/verify/4bit", None, "to do")]
 
 
 def test_plugin_publishes_to_the_hub(plugin_dir: Path, tmp_path: Path, hub, download) -> None:  # noqa: ANN001, F811

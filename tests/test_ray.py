@@ -2,16 +2,20 @@
 
 - two fixture models × two formats (GGUF Q8_0, GPTQ 8-bit) come out as the local executor makes them: the same
   manifest (steps, fingerprints, checks, artifacts; timestamps aside) and byte-identical artifacts;
-- a worker killed mid-step (SIGKILL of the PID that holds the workspace lock) is retried by Ray and finishes only
+- one model's independent steps run side by side (two quantizations from a kept conversion both start before
+  either finishes);
+- a worker killed mid-step (SIGKILL of the Ray worker running the conversion) is retried by Ray and finishes only
   what was left: finished steps keep their timestamps and their files are not rewritten;
 - killing the whole `quantkit run --executor ray` process tree (driver, local cluster, workers) and rerunning
   finishes the rest without redoing finished steps;
 - on a cluster started with `ray start --head` and joined with `--address`, killing the driver alone stops its
-  tasks (Ray's fate sharing) and the rerun finishes the rest and publishes from the workers;
+  tasks (Ray's fate sharing) and the rerun finishes the rest and publishes (from the driver, which holds the token);
 - a node that cannot read the driver's probe file in the workspace folder (a cluster in its own mount namespace
   with an empty file system over that folder) stops the run in one line before any work;
 - a task that raises fails its model with the message (not retried); `strict` re-raises it;
-- the plan (`--dry-run --executor ray`) says which task runs which steps and what each asks for.
+- the Hub token reaches the workers but never Ray's session logs nor a process's command line;
+- an address nothing answers at is one line after the connect timeout; a malformed one is one line at once;
+- the plan (`--dry-run --executor ray`) says which step runs where and what each asks for.
 
 One thread per task (``threads: 1``) in the comparison: GPTQ's bytes depend on torch's thread count (a local run
 with 2 threads and one with 1 differ), and a Ray task uses as many threads as the CPUs it asked for.
@@ -46,7 +50,7 @@ from quantkit.backends.gptq.options import GPTQOptions
 from quantkit.errors import QuantkitError
 from quantkit.pipeline import FormatJob, Job, LocalExecutor, Resources, Settings, get_executor
 from quantkit.pipeline.ray_executor import PROBE_PREFIX, RayExecutor
-from quantkit.pipeline.ray_tasks import Task, ray_options, task_plan, with_threads
+from quantkit.pipeline.ray_tasks import ray_options, task_plan, with_threads
 
 QK = [sys.executable, "-m", "quantkit.cli.app"]
 QUICK = Settings(calib_samples=4, calib_seq_len=64, threads=1)  # one thread: GPTQ's bytes depend on the count
@@ -106,10 +110,25 @@ def wait_until_converted(proc: subprocess.Popen[str], ws: Path) -> None:
     """Until the run `proc` has converted one of the models a and b (it is then mid-run)."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        if any("gguf.convert" in finished(ws / m) for m in ("a", "b")):
+        if any("gguf/convert/BF16" in finished(ws / m) for m in ("a", "b")):
             break
         time.sleep(0.02)
     assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+
+
+def task_pids(text: str) -> list[int]:
+    """Ray workers running a task whose name (quantkit's: ``quantkit <model> <step key>``) contains `text`: Ray
+    shows it as the worker's process title."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "quantkit" in cmd and text in cmd and cmd.startswith("ray::"):
+                out.append(int(entry.name))
+    return out
 
 
 def session_pids(sid: int) -> list[int]:
@@ -131,14 +150,15 @@ def test_plan_says_which_task_runs_which_steps_and_what_it_asks(tmp_path: Path, 
     exl2 = FormatJob("exl2", (EXL2Options(bits=[4.0]),))
     job = Job(source=str(llama3_ckpt), formats=(GGUF, exl2, GPTQ), settings=Settings(threads=3),
               workspace_root=tmp_path / "ws")
-    rows = task_plan([job], gpu_resource="fake_gpu")
-    assert [r["task"] for r in rows] == ["tiny-llama3 gguf", "tiny-llama3 exl2", "tiny-llama3 gptq"]
-    assert [r["after"] for r in rows] == [None, "tiny-llama3 gguf", "tiny-llama3 exl2"]  # in order, one by one
-    assert rows[0]["steps"][0] == "convert" and "quantize" in rows[0]["steps"]
-    assert rows[0]["ray"] == {"num_cpus": 3}  # the job's threads are its CPU request
-    assert rows[1]["ray"] == {"num_cpus": 3, "resources": {"fake_gpu": 1.0}} and rows[1]["asks"] == "3 CPU, 1 fake_gpu"
-    assert rows[2]["ray"]["resources"] == {"fake_gpu": 1.0}
-    assert task_plan([job])[1]["ray"] == {"num_cpus": 3, "num_gpus": 1.0}  # a real cluster's GPUs
+    rows = {r["step"]: r for r in task_plan([job], gpu_resource="fake_gpu")}
+    assert rows["model/resolve"]["asks"] == "the driver" and rows["model/resolve"]["ray"] == {}
+    assert rows["gguf/convert/BF16"]["ray"] == {"num_cpus": 3}  # the job's threads are its CPU request
+    assert rows["gguf/quantize/Q8_0"]["after"] == ["gguf/convert/BF16", "gguf/imatrix"]  # each when its inputs are
+    assert rows["exl2/measure"]["ray"] == {"num_cpus": 3, "resources": {"fake_gpu": 1.0}}
+    assert rows["exl2/quantize/4.0bpw"]["asks"] == "3 CPU, 1 fake_gpu"
+    assert rows["gptq/quantize/8bit-g32"]["ray"]["resources"] == {"fake_gpu": 1.0}
+    real = {r["step"]: r for r in task_plan([job])}
+    assert real["exl2/measure"]["ray"] == {"num_cpus": 3, "num_gpus": 1.0}  # a real cluster's GPUs
     assert not list((tmp_path / "ws").glob("*/manifest.json")), "a plan writes nothing"
 
 
@@ -150,12 +170,13 @@ def test_requests_no_node_could_meet_are_fitted_to_the_cluster() -> None:
     opts, notes = ray_options(Resources(cpus=2, gpus=1), "fake_gpu", {"fake_gpu": 2.0},
                               {"CPU": 8.0, "fake_gpu": 2.0, "memory": 0.0})
     assert opts == {"num_cpus": 2, "resources": {"fake_gpu": 1}} and notes == []
-    # a task runs as many threads as CPUs it got: the job's threads, lowered with its request
+    # a job's tasks use its threads when set, else the most CPUs any of its steps asks for
     job = Job(source="x", formats=(GGUF,), settings=Settings(threads=8))
-    lowered = Task(index=0, order=0, job=job, resources=Resources(cpus=8), name="x gguf", options={"num_cpus": 4.0})
-    assert with_threads(lowered).settings.threads == 4
-    unset = replace(lowered, job=replace(job, settings=Settings()), options={"num_cpus": 2.0})
-    assert with_threads(unset).settings.threads == 2
+    assert with_threads(job, []).settings.threads == 8
+    from quantkit.steps import Step
+
+    steps = [Step("a/b", "b", "b", resources=Resources(cpus=2)), Step("a/c", "c", "c")]
+    assert with_threads(replace(job, settings=Settings()), steps).settings.threads == 2
 
 
 def test_dry_run_with_the_ray_executor_shows_the_tasks(tmp_path: Path, llama3_ckpt: Path) -> None:
@@ -164,8 +185,9 @@ def test_dry_run_with_the_ray_executor_shows_the_tasks(tmp_path: Path, llama3_ck
     proc = subprocess.run([*QK, "run", str(recipe), "--dry-run", "--executor", "ray", "--json"], cwd=tmp_path,
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    tasks = json.loads(proc.stdout)["tasks"]
-    assert [(t["task"], t["asks"]) for t in tasks] == [("a gguf", "1 CPU"), ("a gptq", "1 CPU, 1 fake_gpu")]
+    tasks = {t["task"]: t["asks"] for t in json.loads(proc.stdout)["tasks"]}
+    assert tasks["a model/resolve"] == "the driver" and tasks["a gguf/convert/BF16"] == "1 CPU"
+    assert tasks["a gptq/quantize/8bit-g32"] == "1 CPU, 1 fake_gpu"
     assert not (tmp_path / "ws").exists(), "a dry run starts nothing and writes nothing"
 
 
@@ -212,8 +234,9 @@ def test_ray_makes_what_the_local_executor_makes(tmp_path: Path, llama3_ckpt: Pa
         assert manifest(b) == manifest(a), name
         hashes = artifact_hashes(b)
         assert hashes == artifact_hashes(a) and len(hashes) >= 4, name  # BF16, Q8_0, imatrix, GPTQ files
-        # progress: one line as each task starts (with what it asked for) and as it finishes
-        assert f"{name} gptq: started (1 CPU, 1 fake_gpu)" in err and f"{name} gguf: done" in err, err
+        # progress: one line as each step's task starts (with what it asked for) and as it finishes
+        assert f"{name} gptq/quantize/8bit-g32: started (1 CPU, 1 fake_gpu)" in err, err
+        assert f"{name} gguf/convert/BF16: done" in err, err
     assert not list((tmp_path / "ray").glob(f"{PROBE_PREFIX}*")), "the storage probe is removed"
     print(f"ray executor: {wall:.1f} s")
 
@@ -224,18 +247,19 @@ def test_a_worker_killed_mid_step_is_retried_and_redoes_nothing_finished(tmp_pat
     types = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M"]
     job = Job(source=str(llama3_ckpt), formats=(FormatJob("gguf", (GGUFOptions(types=types, verify=False),)),),
               settings=Settings(calib_samples=16, calib_seq_len=128, threads=1), workspace_root=tmp_path / "ws")
-    steps = {"gguf.convert", "calibration.rows", "gguf.imatrix", *(f"gguf.quantize.{t}" for t in types)}
+    steps = {"model/resolve", "gguf/convert/BF16", "model/calibrate", "gguf/imatrix",
+             *(f"gguf/quantize/{t}" for t in types)}
     seen: dict[str, Any] = {}
 
     def killer() -> None:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             done = finished(ws)
-            pid = lock_holder(ws)
+            pids = task_pids("gguf/convert/BF16")
             # the importance matrix is done and the one pass that converts and quantizes is under way
-            if pid and pid != os.getpid() and "gguf.imatrix" in done and "gguf.convert" not in done:
-                seen.update(pid=pid, done=done, mtime=(ws / "gguf" / "imatrix.gguf").stat().st_mtime_ns)
-                os.kill(pid, signal.SIGKILL)  # the Ray worker running the task, mid-step
+            if pids and "gguf/imatrix" in done and "gguf/convert/BF16" not in done:
+                seen.update(pid=pids[0], done=done, mtime=(ws / "gguf" / "imatrix.gguf").stat().st_mtime_ns)
+                os.kill(pids[0], signal.SIGKILL)  # the Ray worker running the step
                 return
             time.sleep(0.01)
 
@@ -249,8 +273,80 @@ def test_a_worker_killed_mid_step_is_retried_and_redoes_nothing_finished(tmp_pat
     assert set(now) == steps != set(seen["done"])  # what was left when it died is done now
     assert {k: now[k] for k in seen["done"]} == seen["done"]  # finished steps kept their timestamps...
     assert (ws / "gguf" / "imatrix.gguf").stat().st_mtime_ns == seen["mtime"]  # ...and were not rewritten
-    assert int((ws / ".quantkit.lock").read_text().split()[0]) != seen["pid"]  # another worker finished it
+    assert not task_pids("gguf/convert/BF16") and not (ws / ".staging").exists()
     assert sorted(r["quant"] for r in result.rows) == sorted(["BF16", *types])
+
+
+@pytest.mark.slow
+def test_one_models_independent_steps_run_side_by_side(tmp_path: Path, llama3_ckpt: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """With the conversion kept, two more types are two independent steps: both start before either is done."""
+    def job(types: list[str]) -> Job:
+        return Job(source=str(llama3_ckpt), settings=QUICK, workspace_root=tmp_path / "ws",
+                   formats=(FormatJob("gguf", (GGUFOptions(types=types, imatrix=False, verify=False),)),))
+
+    LocalExecutor().run([job(["Q8_0"])])
+    console.configure(quiet=False)
+    (result,) = local_cluster().run([job(["Q8_0", "Q6_K", "Q4_0"])])
+    assert not result.failed
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "gguf/quantize/" in ln]
+    first_done = next(i for i, ln in enumerate(lines) if ": done" in ln)
+    started = {ln.split()[2].rstrip(":") for ln in lines[:first_done] if "started" in ln}
+    assert started == {"gguf/quantize/Q6_K", "gguf/quantize/Q4_0"}, lines
+
+
+@pytest.mark.slow
+def test_the_token_never_reaches_rays_logs_or_command_lines(tmp_path: Path, llama3_ckpt: Path) -> None:
+    """The Hub token goes to each task as an argument: the workers have it (a Hub download there would need it),
+    but no file of Ray's session folder and no process's command line or environment file shows it."""
+    token = "hf_" + "Planted" + "Token0123456789abcdef"
+    job = Job(source=str(llama3_ckpt), formats=(GGUF,), settings=QUICK, workspace_root=tmp_path / "ws")
+    seen_in_ps: list[str] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not stop.is_set():
+            for entry in Path("/proc").iterdir():
+                if entry.name.isdigit():
+                    with contextlib.suppress(OSError):
+                        if token.encode() in (entry / "cmdline").read_bytes():
+                            seen_in_ps.append(entry.name)
+            time.sleep(0.05)
+
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch)
+    os.environ["HF_TOKEN"] = token
+    try:
+        watcher.start()
+        (result,) = local_cluster().run([job])
+    finally:
+        stop.set()
+        watcher.join()
+        del os.environ["HF_TOKEN"]
+    assert not result.failed, result.rows
+    assert not seen_in_ps, "the token was on a command line"
+    sessions = sorted(Path("/tmp/ray").glob("session_2*"), key=lambda p: p.stat().st_mtime)
+    assert sessions, "no Ray session folder to look in"
+    leaked = [str(f) for f in sessions[-1].rglob("*") if f.is_file() and f.stat().st_size < 200_000_000
+              and token.encode() in f.read_bytes()]
+    assert leaked == [], leaked
+
+
+def test_a_bad_ray_address_is_one_line(tmp_path: Path, llama3_ckpt: Path) -> None:
+    recipe = write_recipe(tmp_path, {"a": llama3_ckpt}, gptq=False)
+    base = [*QK, "run", str(recipe), "--executor", "ray"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    started = time.monotonic()
+    proc = subprocess.run([*base, "--address", "127.0.0.1:1", "--connect-timeout", "2"], cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=120)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "cannot reach the Ray cluster at 127.0.0.1:1" in lines[0] and time.monotonic() - started < 60
+    bad = subprocess.run([*base, "--address", "not an address"], cwd=tmp_path, capture_output=True, text=True,
+                         env=env, timeout=120)
+    lines = [ln for ln in bad.stderr.splitlines() if ln.strip()]
+    assert bad.returncode == 2 and len(lines) == 1 and "is not a Ray cluster address" in lines[0], bad.stderr
+    assert not (tmp_path / "ws").exists()
 
 
 @pytest.mark.slow
@@ -274,17 +370,17 @@ def test_killing_the_whole_run_then_rerunning_finishes_only_the_rest(tmp_path: P
         time.sleep(0.1)
     assert not session_pids(proc.pid)
     before = {m: finished(ws / m) for m in ("a", "b")}  # what was recorded when everything died
-    assert any(before.values()) and not all("gguf.quantize.Q8_0" in v for v in before.values()), before  # mid-run
+    assert any(before.values()) and not all("gguf/quantize/Q8_0" in v for v in before.values()), before  # mid-run
     mtimes = {p: p.stat().st_mtime_ns for p in ws.glob("*/gguf/*.gguf")}
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     after = {m: finished(ws / m) for m in ("a", "b")}
     for m in after:  # every step of both models is done now
-        assert {"gguf.convert", "gguf.imatrix", "gguf.quantize.Q8_0"} <= set(after[m]), after
+        assert {"gguf/convert/BF16", "gguf/imatrix", "gguf/quantize/Q8_0"} <= set(after[m]), after
     for m, steps in before.items():
         assert {k: after[m][k] for k in steps} == steps  # finished steps were not run again
     for p, mtime in mtimes.items():
-        if p.name.endswith("-BF16.gguf") and "gguf.convert" in before[p.parent.parent.name]:
+        if p.name.endswith("-BF16.gguf") and "gguf/convert/BF16" in before[p.parent.parent.name]:
             assert p.stat().st_mtime_ns == mtime, p
     rows = json.loads(again.stdout)["rows"]
     assert {(r["model"], r["quant"], r["status"]) for r in rows} == {
@@ -360,8 +456,8 @@ def test_a_node_that_does_not_see_the_workspace_stops_the_run_before_work(tmp_pa
 def test_a_run_on_a_cluster_whose_driver_dies_resumes(tmp_path: Path, llama3_ckpt: Path, qwen2_ckpt: Path,
                                                      ray_head: str, hub: FakeHub) -> None:
     """`--address` of a cluster started with `ray start --head`: when the driver dies, Ray stops its tasks (no
-    writer is left in the workspaces) and the same command finishes only what was left, publishing included: the
-    workers publish with the Hub settings of the driver's shell (the cluster was started without them)."""
+    writer is left in the workspaces) and the same command finishes only what was left, publishing included (the
+    driver publishes with the Hub settings of its shell; the cluster was started without them)."""
     recipe = write_recipe(tmp_path, {"a": llama3_ckpt, "b": qwen2_ckpt}, gptq=False, publish=True)
     cmd = [*QK, "run", str(recipe), "--executor", "ray", "--address", ray_head, "--json"]
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
@@ -371,21 +467,22 @@ def test_a_run_on_a_cluster_whose_driver_dies_resumes(tmp_path: Path, llama3_ckp
     ws = tmp_path / "ws"
     try:
         wait_until_converted(driver, ws)
-        workers = {m: lock_holder(ws / m) for m in ("a", "b")}
+        holders = {m: lock_holder(ws / m) for m in ("a", "b")}
     finally:
         driver.kill()  # the driver alone: the cluster lives on
         driver.wait()
     for _ in range(300):
-        if not any(lock_holder(ws / m) for m in ("a", "b")):
+        if not any(lock_holder(ws / m) for m in ("a", "b")) and not task_pids("quantkit "):
             break
         time.sleep(0.1)
-    assert any(workers.values()) and not any(lock_holder(ws / m) for m in ("a", "b")), workers
+    assert set(holders.values()) == {driver.pid}, holders  # the driver is the one writer of every workspace
+    assert not any(lock_holder(ws / m) for m in ("a", "b")) and not task_pids("quantkit "), "a task lived on"
     before = {m: finished(ws / m) for m in ("a", "b")}
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     for m, steps in before.items():
         after = finished(ws / m)
-        assert {"gguf.convert", "gguf.imatrix", "gguf.quantize.Q8_0"} <= set(after), after
+        assert {"gguf/convert/BF16", "gguf/imatrix", "gguf/quantize/Q8_0"} <= set(after), after
         assert {k: after[k] for k in steps} == steps  # finished steps were not run again
         assert {f"{m}-Q8_0.gguf", "README.md"} <= set(hub.files(f"{USER}/{m}-GGUF"))
     assert {r["url"] for r in json.loads(again.stdout)["rows"]} == {f"{hub.url}/{USER}/{m}-GGUF" for m in "ab"}
@@ -398,7 +495,9 @@ def write_recipe(folder: Path, models: dict[str, Path], *, gptq: bool = True, pu
     entries = []
     for name, ckpt in models.items():
         (folder / "models" / name).symlink_to(ckpt, target_is_directory=True)
-        entry: dict[str, Any] = {"source": f"models/{name}", "name": name, "gguf": {"types": ["Q8_0"], "verify": False}}
+        # what is published must have been verified
+        entry: dict[str, Any] = {"source": f"models/{name}", "name": name,
+                                 "gguf": {"types": ["Q8_0"], "verify": publish}}
         if gptq:
             entry["gptq"] = {"bits": 8, "group_size": 32}
         entries.append(entry)

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 
 from quantkit.backends.base import JobContext
-from quantkit.backends.gguf.backend import GGUFBackend, GGUFOptions
+from quantkit.backends.gguf.backend import GGUFOptions
 from quantkit.backends.gguf.ggufinfo import read_info
-from quantkit.backends.gguf.imatrix import compute_imatrix
-from quantkit.evaluate import Reference, evaluate_workspace
-from quantkit.metrics import kld_full, kld_top, log_softmax, top_k
+from quantkit.backends.gguf.quantize.imatrix import compute_imatrix
+from quantkit.pipeline import make, plan_for
+from quantkit.quality.evaluate import Reference, evaluate_workspace
+from quantkit.quality.metrics import kld_full, kld_top, log_softmax, top_k
 from quantkit.source import load_local
 from quantkit.workspace import Workspace, record_model
 
@@ -52,52 +53,54 @@ def test_bf16_imatrix_matches_float32(llama3_ckpt: Path) -> None:
     assert np.array_equal(fast["blk.0.attn_q.weight"], fast["blk.0.attn_k.weight"])
 
 
+def _references(ws: Workspace) -> list[Path]:
+    """The bf16 reference caches in the workspace (named by what they are a reference of)."""
+    return sorted((ws.root / "eval").glob("reference-*.npz"))
+
+
 def test_verification_window_without_evaluation(llama3_ckpt: Path, tmp_path: Path) -> None:
     """A run that does not evaluate checks the forward on the eval text's first 128 tokens only (a quarter of a
-    chunk), its reference kept under its own step, so evaluation's cache is never overwritten."""
+    chunk), with a reference of its own, so evaluation's cache is never overwritten."""
     ws = Workspace(tmp_path / "ws")
-    arts = GGUFBackend().run(JobContext(checkpoint=_ckpt(llama3_ckpt), workspace=ws),
-                             GGUFOptions(types=["Q8_0"], imatrix=False))
+    arts = make(JobContext.of(_ckpt(llama3_ckpt), ws), "gguf", GGUFOptions(types=["Q8_0"], imatrix=False))
     bf16 = ws.artifacts[ws.rel(arts[0].path)]["verify"]
     assert bf16["kld_vs_transformers"] <= 0.001 and bf16["positions_compared"] == 63
-    assert "eval.reference" not in ws.steps
-    ref = Reference.load(ws.abs(ws.steps["gguf.verify.reference"]["outputs"][0]))
-    assert ref.nll.shape == (1, 63)
+    (ref,) = _references(ws)
+    assert Reference.load(ref).nll.shape == (1, 63)
 
 
 def test_verification_and_eval_share_one_reference(llama3_ckpt: Path, tmp_path: Path) -> None:
     """A run that evaluates next: verification computes the bf16 reference of the eval text's first chunk only and
-    keeps it; `quantkit eval` extends the same file to every chunk, with the first chunk's numbers unchanged."""
+    keeps it; evaluation extends the same file to every chunk, with the first chunk's numbers unchanged."""
     ws = Workspace(tmp_path / "ws")
     ck = _ckpt(llama3_ckpt)
-    arts = GGUFBackend().run(JobContext(checkpoint=ck, workspace=ws, evaluation=("builtin:ru-eval", 512)),
-                             GGUFOptions(types=["Q8_0"], imatrix=False))
+    ctx = JobContext.of(ck, ws, eval="builtin:ru-eval", ctx=512)
+    opts = GGUFOptions(types=["Q8_0"], imatrix=False)
+    arts = make(ctx, "gguf", opts, only=[s.key for s in plan_for(ctx, "gguf", opts) if s.kind != "evaluate"])
     record_model(ws, ck)
     bf16 = ws.artifacts[ws.rel(arts[0].path)]["verify"]
     assert bf16["kld_vs_transformers"] <= 0.001 and bf16["positions_compared"] == 255
     assert "kld_vs_transformers" not in ws.artifacts[ws.rel(arts[1].path)]["verify"]  # quantized: parity only
-    step = ws.steps["eval.reference"]
-    assert step["info"]["chunks"] == 1
-    first = Reference.load(ws.abs(step["outputs"][0]))
+    (path,) = _references(ws)
+    first = Reference.load(path)
+    assert first.n_chunks == 1
     report = evaluate_workspace(ws)
-    step = Workspace(ws.root).steps["eval.reference"]
-    assert step["info"]["chunks"] == report["chunks"] > 1
-    full = Reference.load(ws.abs(step["outputs"][0]))
-    assert full.n_chunks == report["chunks"]
+    assert _references(ws) == [path]  # the same file, extended
+    full = Reference.load(path)
+    assert full.n_chunks == report["chunks"] > 1
     np.testing.assert_array_equal(full.nll[:1], first.nll)
     rows = {r["quant"]: r for r in report["rows"]}
     assert rows["BF16"]["kld_mean"] < 1e-3 < rows["Q8_0"]["kld_mean"] * 1e6
     # a second run finds conversion, quantization and both verifications done: nothing is recorded again
     before = {k: v["finished"] for k, v in Workspace(ws.root).steps.items()}
-    assert {"gguf.verify.BF16", "gguf.verify.Q8_0"} <= set(before)
-    again = GGUFBackend().run(JobContext(checkpoint=ck, workspace=Workspace(ws.root)),
-                              GGUFOptions(types=["Q8_0"], imatrix=False))
+    assert {"gguf/verify/BF16", "gguf/verify/Q8_0"} <= set(before)
+    again = make(JobContext.of(ck, Workspace(ws.root)), "gguf", GGUFOptions(types=["Q8_0"], imatrix=False))
     assert [a.path for a in again] == [a.path for a in arts]
     assert {k: v["finished"] for k, v in Workspace(ws.root).steps.items()} == before
 
 
 def test_tensor_table_reader_matches_gguf(qwen2_ckpt: Path, tmp_path: Path) -> None:
-    from quantkit.backends.gguf.convert import Converter
+    from quantkit.backends.gguf.convert.converter import Converter
 
     out = Converter(_ckpt(qwen2_ckpt)).write(tmp_path / "m.gguf")[0]
     ours = read_info(out)
@@ -133,7 +136,7 @@ def test_plain_run_imports_neither_torch_nor_transformers(qwen2_ckpt: Path, tmp_
 
 
 def test_logsumexp_and_top_k_columns() -> None:
-    from quantkit.metrics import kld_top_q, logsumexp
+    from quantkit.quality.metrics import kld_top_q, logsumexp
 
     rng = np.random.default_rng(1)
     logits = (rng.normal(size=(4, 1000)) * 5).astype(np.float32)
@@ -150,8 +153,8 @@ def test_fast_metadata_packing_writes_the_same_bytes(fixture: str, request: pyte
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """BPE (strings, token types, merges) and SentencePiece (scores too): the whole file is byte-identical with
     gguf's own packing."""
-    from quantkit.backends.gguf import convert
-    from quantkit.backends.gguf.kvpack import MIN_ITEMS, fast_arrays
+    from quantkit.backends.gguf.convert import converter as convert
+    from quantkit.backends.gguf.convert.kvpack import MIN_ITEMS, fast_arrays
     from quantkit.workspace import file_sha256
 
     ckpt = _ckpt(request.getfixturevalue(fixture))
@@ -177,7 +180,7 @@ def test_fast_metadata_packing_writes_the_same_bytes(fixture: str, request: pyte
 def test_verification_worker_failure_and_stop(qwen2_ckpt: Path, tmp_path: Path) -> None:
     """The torch half of verification runs in its own process: its failure is one line naming it, and stopping it
     (an error or interrupt elsewhere) leaves no process and no file behind."""
-    from quantkit.backends.gguf.verify import Prepared
+    from quantkit.backends.gguf.verify.checks import Prepared
     from quantkit.errors import QuantkitError
 
     broken = tmp_path / "broken"

@@ -10,10 +10,11 @@ import pytest
 from conftest import llama_tool, run_tool
 
 from quantkit.backends.base import JobContext
-from quantkit.backends.gguf import target as tg
-from quantkit.backends.gguf.backend import GGUFBackend, GGUFOptions
-from quantkit.backends.gguf.imatrix import read_imatrix
+from quantkit.backends.gguf.backend import GGUFOptions
+from quantkit.backends.gguf.quantize.imatrix import read_imatrix
+from quantkit.backends.gguf.target import allocate as tg
 from quantkit.errors import QuantkitError
+from quantkit.pipeline import make
 from quantkit.source import load_local
 from quantkit.workspace import Workspace
 
@@ -55,15 +56,15 @@ def test_allocation_respects_the_budget_and_favours_sensitive_tensors() -> None:
 def test_targeted_file_beats_stock_types(llama3_ckpt: Path, tmp_path: Path) -> None:
     """At Q4_K_M's own size the mix does less damage and has lower KLD on held-out Russian text; between Q3_K_M and
     Q4_K_M it beats Q3_K_M. Every file is under its target, loads, verifies, and llama-quantize reads the mix."""
-    from quantkit.evaluate import evaluate_workspace
+    from quantkit.quality.evaluate import evaluate_workspace
 
     ck = load_local(llama3_ckpt, name="m", source=str(llama3_ckpt))
     ws = Workspace(tmp_path / "ws")
-    ctx = JobContext(checkpoint=ck, workspace=ws, calib_samples=16, calib_seq_len=256)
-    stock = {a.quant: a for a in GGUFBackend().run(ctx, GGUFOptions(types=["Q3_K_M", "Q4_K_M"], verify=False))}
+    ctx = JobContext.of(ck, ws, calib_samples=16, calib_seq_len=256)
+    stock = {a.quant: a for a in make(ctx, "gguf", GGUFOptions(types=["Q3_K_M", "Q4_K_M"], verify=False))}
     q3, q4 = stock["Q3_K_M"], stock["Q4_K_M"]
     mid = (q3.size + q4.size) // 2
-    arts = GGUFBackend().run(ctx, GGUFOptions(types=["Q4_K_M"], target_sizes=[str(q4.size), str(mid)]))
+    arts = make(ctx, "gguf", GGUFOptions(types=["Q4_K_M"], target_sizes=[str(q4.size), str(mid)]))
     same, between = (next(a for a in arts if a.info.get("target") == str(t)) for t in (q4.size, mid))
     assert same.size <= q4.size and between.size <= mid and same.path.name.endswith("bpw.gguf")
     for a in (same, between):

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from quantkit.errors import QuantkitError
-from quantkit.evaluate import check_tokenizer
+from quantkit.quality.evaluate import check_tokenizer
 
 
 def test_a_transformers_artifact_with_another_tokenizer_is_refused(tmp_path: Path, llama3_ckpt: Path) -> None:
     from transformers import AutoTokenizer
 
-    from quantkit.backends.gptq.scorer import TransformersScorer
+    from quantkit.quality.scorers import TransformersScorer
 
     original = AutoTokenizer.from_pretrained(str(llama3_ckpt))
     same = tmp_path / "same"

@@ -177,7 +177,8 @@ class Architecture:
         missing = [n for n in needed if n not in names]
         layers = {int(n.split(".")[2]) for n in names if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
         missing += [f"model.layers.{i}.*" for i in range(self.n_layer) if i not in layers]
-        return missing
+        return missing + _missing_in_peers(names)
+
 
     def check_gguf(self) -> None:
         """Raise a `QuantkitError` when llama.cpp cannot run this checkpoint although the family is registered."""
@@ -185,6 +186,10 @@ class Architecture:
     # -- GGUF metadata --------------------------------------------------------------------------------------------
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
         """Keys beyond the common ones (written by the converter) that llama.cpp's converter writes for this family."""
+
+    def write_vocab_overrides(self, w: gguf.GGUFWriter, n_tokens: int) -> None:
+        """Tokenizer keys llama.cpp's converter sets for this family after the vocabulary's own (a key written twice
+        keeps its place and takes the later value, as gguf's writer does)."""
 
     # -- the layer-by-layer transformers forward ------------------------------------------------------------------
     def text_config(self, config: Any) -> Any:
@@ -195,7 +200,6 @@ class Architecture:
         """Refill buffers of a module materialised from ``meta`` (not stored in the checkpoint)."""
 
     # -- fixtures -----------------------------------------------------------------------------------------------
-    fixture_tokenizer: ClassVar[str] = "llama3"  # llama3 | qwen2 | spm | tekken | smollm | gpt2
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.hf_name}>"
@@ -219,3 +223,46 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def read_config(folder: Path) -> dict[str, Any]:
     return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(.+)$")
+
+
+def _missing_in_peers(names: set[str]) -> list[str]:
+    """Tensors one layer (or one expert) lacks that the others of its kind hold: every expert of a layer has the
+    same tensors, and layers of one kind (dense or with experts) the same tensors outside the experts. A single
+    tensor dropped from a shard is found this way, whatever the family."""
+    missing: list[str] = []
+    per_layer: dict[int, set[str]] = {}
+    experts: dict[tuple[int, str], dict[int, set[str]]] = {}
+    for name in names:
+        m = _LAYER.match(name)
+        if not m:
+            continue
+        layer, rest = int(m.group(1)), m.group(2)
+        e = _EXPERT.match(rest)
+        if e:
+            experts.setdefault((layer, e.group(1)), {}).setdefault(int(e.group(2)), set()).add(e.group(3))
+            rest = f"{e.group(1)}.*"
+        per_layer.setdefault(layer, set()).add(rest)
+    for (layer, where), by_index in sorted(experts.items()):
+        every = set().union(*by_index.values())
+        for index in range(max(by_index) + 1):
+            missing += [f"model.layers.{layer}.{where}.{index}.{t}" for t in sorted(every - by_index.get(index, set()))]
+    kinds: dict[bool, list[int]] = {}
+    for layer, rests in per_layer.items():
+        kinds.setdefault(any(r.endswith("experts.*") for r in rests), []).append(layer)
+    for layers in kinds.values():
+        if len(layers) < 2:
+            continue
+        # what most layers of this kind hold (a tensor only some layers have by design, like a sliding-window
+        # norm, is held by more than half of them or by fewer than half: only a lone gap counts)
+        counts: dict[str, int] = {}
+        for layer in layers:
+            for r in per_layer[layer]:
+                counts[r] = counts.get(r, 0) + 1
+        usual = {r for r, n in counts.items() if n == len(layers) - 1 or n == len(layers)}
+        for layer in sorted(layers):
+            missing += [f"model.layers.{layer}.{r}" for r in sorted(usual - per_layer[layer])]
+    return missing

@@ -41,7 +41,6 @@ class DeepseekV3(Architecture):
     gptq_layers: ClassVar[re.Pattern[str]] = re.compile(
         r"^model\.layers\.(\d+)\.(self_attn\.\w+_proj(_with_mqa)?|mlp\.(\w+_proj|shared_experts\.\w+_proj"
         r"|experts\.\d+\.\w+_proj))\.weight$")
-    fixture_tokenizer: ClassVar[str] = "llama3"
     config_defaults: ClassVar[dict[str, Any]] = {
         "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
         "num_hidden_layers": 61, "num_attention_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256,
@@ -122,7 +121,7 @@ class DeepseekV3(Architecture):
 
     # -- metadata ------------------------------------------------------------------------------------------------
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
-        from quantkit.backends.gguf.convert import rope_parameters
+        from quantkit.backends.gguf.convert.converter import rope_parameters
 
         h = self.hparams
         kv_lora = int(h.get("kv_lora_rank") or 512)

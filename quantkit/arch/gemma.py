@@ -25,7 +25,6 @@ class Gemma3(Architecture):
     gguf_arch = "GEMMA3"
     norm_shift = 1.0
     space_prefix = "spm_false"
-    fixture_tokenizer: ClassVar[str] = "spm"
     config_defaults: ClassVar[dict[str, Any]] = {
         "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
         "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "rms_norm_eps": 1e-6,

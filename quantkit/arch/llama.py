@@ -29,6 +29,12 @@ class Llama(Architecture):
         w.add_vocab_size(self.vocab_size)
         w.add_rope_dimension_count(self.head_dim)
 
+    def write_vocab_overrides(self, w: gguf.GGUFWriter, n_tokens: int) -> None:
+        # llama.cpp's converter: Llama-architecture models with a 49,152-token vocabulary (Granite and SmolLM2 small
+        # models) add no BOS, stated in the file rather than left to llama.cpp's default for the vocabulary type
+        if self.hparams.get("vocab_size", 32000) == 49152:
+            w.add_add_bos_token(False)
+
     @classmethod
     def fixture_config(cls, common: dict[str, Any], **extra: Any) -> Any:
         from transformers import LlamaConfig
@@ -42,7 +48,6 @@ class Mistral(Llama):
     family = "mistral"
     config_defaults: ClassVar[dict[str, Any]] = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0,
                                                  "max_position_embeddings": 131072, "tie_word_embeddings": False}
-    fixture_tokenizer: ClassVar[str] = "spm"
 
     @classmethod
     def fixture_config(cls, common: dict[str, Any], **extra: Any) -> Any:

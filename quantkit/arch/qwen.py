@@ -14,7 +14,6 @@ class Qwen2(Architecture):
     family = "qwen2"
     gguf_arch = "QWEN2"
     space_prefix = "never"
-    fixture_tokenizer: ClassVar[str] = "qwen2"
     config_defaults: ClassVar[dict[str, Any]] = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0,
                                                  "max_position_embeddings": 32768, "tie_word_embeddings": False}
 

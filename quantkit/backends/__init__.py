@@ -1,5 +1,5 @@
 """Quantization backends (GGUF, GPTQ, EXL2, and any third party's through the ``quantkit.backends`` entry points)."""
 
-from quantkit.backends.base import Artifact, Backend, JobContext, Scorer, get_backend, list_backends
+from quantkit.backends.base import Backend, JobContext, Scorer, get_backend, list_backends
 
-__all__ = ["Artifact", "Backend", "JobContext", "Scorer", "get_backend", "list_backends"]
+__all__ = ["Backend", "JobContext", "Scorer", "get_backend", "list_backends"]

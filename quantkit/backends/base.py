@@ -1,10 +1,10 @@
-"""The backend protocol, the artifacts backends produce, and the registry.
+"""The backend protocol, the context backends plan against, and the registry.
 
-A backend turns a bf16 `Checkpoint` into one or more artifacts in the workspace (`run`), says whether it can
-run on this machine (`check`), recognises its artifacts (`owns`) and scores them for `quantkit eval`
-(`scorer`). It also owns everything else about its format: the card's content, the publish layout and offline
-size estimates (the hooks of `BackendBase`, whose generic defaults any backend gets; `sections_for` supplies them
-to a plugin that does not subclass it). Built-ins are listed in `BUILTIN`; a third-party
+A backend declares the steps that turn a bf16 `Checkpoint` into its artifacts (`steps`, run by the pipeline's
+executor), says whether it can run on this machine (`check`), recognises its artifacts (`owns`) and scores them for
+`quantkit eval` (`scorer`). It also owns everything else about its format: the card's content and the publish
+layout (the hooks of `BackendBase`, whose generic defaults any backend gets; `sections_for` supplies them to a plugin
+that does not subclass it). Built-ins are listed in `BUILTIN`; a third-party
 package adds a format by declaring an entry point in the ``quantkit.backends`` group that points at a `Backend`
 class. A backend that cannot be imported or constructed is reported (`describe_backends`) and skipped, never a
 crash for the others.
@@ -18,54 +18,72 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 from pydantic import BaseModel
 
-from quantkit.calibration import DEFAULT_CALIBRATION, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
 from quantkit.errors import QuantkitError
+from quantkit.settings import Settings
 from quantkit.source import Checkpoint
 from quantkit.workspace import Workspace
 
-
-@dataclass
-class Artifact:
-    """One quantized model: a file (GGUF) or a folder (GPTQ, EXL2), with what the card and eval need."""
-
-    format: str  # gguf | gptq | exl2 | ...
-    quant: str  # Q4_K_M, 4bit-g128, 4.0bpw
-    path: Path  # the main file, or the folder
-    files: list[Path] = field(default_factory=list)  # every file that belongs to it (split parts, shards)
-    size: int = 0  # bytes on disk
-    bpw: float | None = None  # bits per weight over the quantized tensors
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def to_manifest(self, ws: Workspace) -> dict[str, Any]:
-        return {
-            "format": self.format,
-            "quant": self.quant,
-            "files": [ws.rel(p) for p in self.files or [self.path]],
-            "size": self.size,
-            "bpw": self.bpw,
-            **self.info,
-        }
+if TYPE_CHECKING:
+    from quantkit.steps import Step
 
 
 @dataclass
 class JobContext:
-    """Everything a backend run needs besides its own options."""
+    """What a backend plans and runs against: the checkpoint (None when it is not here yet: a plan from the known
+    size), the workspace (None likewise), the run's settings and the command line, for the card."""
 
-    checkpoint: Checkpoint
-    workspace: Workspace
-    calibration: str = DEFAULT_CALIBRATION
-    calib_samples: int = DEFAULT_SAMPLES
-    calib_seq_len: int = DEFAULT_SEQ_LEN
-    seed: int = 0
-    threads: int = 0  # 0 = every core
-    command: str = ""  # the command line, for the card
-    # (eval text, chunk length) when this run evaluates after the backend: checks can share its first chunk
-    evaluation: tuple[str, int] | None = None
+    checkpoint: Checkpoint | None
+    workspace: Workspace | None
+    settings: Settings = field(default_factory=Settings)
+    command: str = ""
+    name: str = ""  # the model's name (files, workspace): the checkpoint's when it is here
+    n_params: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is not None:
+            self.name = self.name or self.checkpoint.name
+            if self.n_params is None:
+                self.n_params = self.checkpoint.n_params
+
+    @classmethod
+    def of(cls, checkpoint: Checkpoint, workspace: Workspace, *, command: str = "", **settings: Any) -> JobContext:
+        """A context for `checkpoint` in `workspace` with these settings (the rest default)."""
+        return cls(checkpoint=checkpoint, workspace=workspace, settings=Settings(**settings), command=command)
+
+    @property
+    def here(self) -> bool:
+        """The checkpoint is here: steps have fingerprints and can run."""
+        return self.checkpoint is not None and self.workspace is not None
+
+    @property
+    def calibration(self) -> str:
+        return self.settings.calibration
+
+    @property
+    def calib_samples(self) -> int:
+        return self.settings.calib_samples
+
+    @property
+    def calib_seq_len(self) -> int:
+        return self.settings.calib_seq_len
+
+    @property
+    def seed(self) -> int:
+        return self.settings.seed
+
+    @property
+    def threads(self) -> int:
+        return self.settings.threads
+
+    @property
+    def evaluation(self) -> tuple[str, int] | None:
+        """(eval text, chunk length) when this run evaluates after the backend: checks can share its first chunk."""
+        return (self.settings.eval, self.settings.ctx) if self.settings.eval else None
 
 
 @runtime_checkable
@@ -93,13 +111,11 @@ class Backend(Protocol):
         """None when this backend can run here; otherwise the reason (missing package, no CUDA)."""
         ...
 
-    def plan(self, ctx: JobContext, options: BaseModel) -> list[dict[str, Any]]:
-        """What `run` would do, without doing it: one dict per step or file
-        (``{"step", "output", "estimated_size", "done"}``), for ``--dry-run`` and recipe plans."""
-        ...
-
-    def run(self, ctx: JobContext, options: BaseModel) -> list[Artifact]:
-        """Produce the artifacts (skipping finished steps) and record them in the workspace manifest."""
+    def steps(self, ctx: JobContext, options: BaseModel) -> list[Step]:
+        """The steps that make this variant's artifacts, in the order they run (`quantkit.steps`): each
+        with its key, inputs, outputs, fingerprint, estimated size and action. Called once per run; the same list
+        serves the dry run, the card and the executors. With ``ctx.checkpoint`` None (a model not here yet) the
+        steps have no fingerprint and sizes are estimated from ``ctx.n_params``."""
         ...
 
     def owns(self, path: Path) -> bool:
@@ -121,11 +137,14 @@ class Backend(Protocol):
     def card_label(self, repo: str, key: str, entry: dict[str, Any], branch: str) -> str: ...
     def card_usage(self, ctx: CardContext) -> str: ...
     def card_provenance(self, ws: Workspace, arts: Entries) -> list[str]: ...
+    def file_texts(self, path: Path) -> list[tuple[str, str, bool]] | None:
+        """The text in one of its files that publishing scans for the Hub token and machine paths: (where, text,
+        whether a path there matters); None to read it the generic way (text whole, safetensors metadata)."""
+        return None
+
     def shared_files(self, ws: Workspace) -> list[str]: ...
     def repo_path(self, ws: Workspace, key: str, file: Path | None) -> str: ...
     def planned_quant(self, name: str, model: str) -> str | None: ...
-    def estimate_steps(self, options: BaseModel, n_params: int | None, settings: Any,
-                       model: str) -> list[dict[str, Any]]: ...
 
 
 Entries = list[tuple[str, dict[str, Any]]]  # (artifact key, manifest entry), best quality first
@@ -200,6 +219,9 @@ class BackendBase:
 
     name: str = ""
     publish_skip: ClassVar[frozenset[str]] = frozenset()  # file names inside artifact folders never published
+    # the pipeline adds a verification per artifact (`quantkit.quality.verify`: it loads in the format's engine,
+    # tokenizes like the original, gives finite logits) unless the backend verifies in steps of its own
+    generic_verify: ClassVar[bool] = True
 
     def format_info(self) -> FormatInfo:
         """Names for the card metadata and headings."""
@@ -251,6 +273,11 @@ class BackendBase:
         """Format-specific lines of "How these files were made", after the calibration lines."""
         return []
 
+    def file_texts(self, path: Path) -> list[tuple[str, str, bool]] | None:
+        """The text in one of its files that publishing scans for the Hub token and machine paths: (where, text,
+        whether a path there matters); None to read it the generic way (text whole, safetensors metadata)."""
+        return None
+
     def shared_files(self, ws: Workspace) -> list[str]:
         """Files of the format folder published on ``main`` beside the card (an importance matrix)."""
         return []
@@ -269,18 +296,9 @@ class BackendBase:
             return None
         return name
 
-    def estimate_steps(self, options: BaseModel, n_params: int | None, settings: Any,
-                       model: str) -> list[dict[str, Any]]:
-        """The steps of `plan` without a checkpoint (recipe and job plans): ``{"step", "output", "estimated_size",
-        "done": False}``, sizes from `n_params` (None: unknown). `settings` is a mapping or an object with
-        ``calibration``, ``calib_samples`` and ``calib_seq_len`` (`calibration_summary`); `model` is the model's
-        name (GGUF file names)."""
-        return [{"step": f"{self.name} quantization", "output": f"{self.name}/", "estimated_size": None,
-                 "done": False}]
-
 
 HOOKS = ("publish_skip", "format_info", "advice", "recommended", "branches", "card_tags", "card_label", "card_usage",
-         "card_provenance", "shared_files", "repo_path", "planned_quant", "estimate_steps")
+         "card_provenance", "file_texts", "shared_files", "repo_path", "planned_quant")
 
 
 class _Adapted(BackendBase):
@@ -313,7 +331,7 @@ BUILTIN: dict[str, str] = {
     "gptq": "quantkit.backends.gptq:GPTQBackend",
     "exl2": "quantkit.backends.exl2:EXL2Backend",
 }
-REQUIRED = ("name", "description", "options_model", "check", "plan", "run", "owns", "scorer")
+REQUIRED = ("name", "description", "options_model", "check", "steps", "owns", "scorer")
 
 
 class BackendLoadError(QuantkitError, ImportError):

@@ -167,6 +167,9 @@ def provenance(ws: Workspace, backend: BackendBase, arts: Entries) -> str:
                                      f"context {ev['ctx']}" if ev.get("ctx") else "") if x)
         lines.append(f"- **Evaluation:** {_describe_eval_set(ev.get('eval_set'))}"
                      + (f" ({size})" if size else "") + f"; every file compared with the bf16 original{mode}.")
+    steps = _steps(ws, backend.name)
+    if steps:
+        lines.append(f"- **Steps:** {steps}.")
     tools: dict[str, list[str]] = {}
     for _, e in arts:
         for name, version in (e.get("tools") or {}).items():
@@ -186,3 +189,16 @@ def provenance(ws: Workspace, backend: BackendBase, arts: Entries) -> str:
         text += f"\n\nThe command{plural} that made these files:\n\n```bash\n" + "\n".join(commands) + "\n```"
     return text
 
+
+
+def _steps(ws: Workspace, fmt: str) -> str:
+    """The recorded steps, kinds in order with their counts: ``calibrate → imatrix → convert → quantize ×2``."""
+    kinds: list[list[Any]] = []
+    for kind, _ in ws.history(fmt):
+        if kind in ("resolve", "publish"):
+            continue
+        if kinds and kinds[-1][0] == kind:
+            kinds[-1][1] += 1
+        else:
+            kinds.append([kind, 1])
+    return " → ".join(f"{k} ×{n}" if n > 1 else str(k) for k, n in kinds)

@@ -162,7 +162,7 @@ def _body(ws: Workspace, backend: BackendBase, repo: str, arts: Entries, source:
     more = backend.format_info().choose_hint
     parts = [
         f"# {model_name(ws)} — {backend.format_info().title}",
-        _intro(ws, backend),
+        _intro(ws, backend, arts),
         "## Files",
         f"Not sure which one? Start with **{entry.get('quant')}**.{more}",
         _table(backend, repo, arts, where),
@@ -177,19 +177,23 @@ def _body(ws: Workspace, backend: BackendBase, repo: str, arts: Entries, source:
     return "\n\n".join(p.strip("\n") for p in parts if p) + "\n"
 
 
-def _intro(ws: Workspace, backend: BackendBase) -> str:
+def _intro(ws: Workspace, backend: BackendBase, arts: Entries | None = None) -> str:
+    """The opening lines; they say the files were scored only when every one of them was."""
     info = backend.format_info()
     human = info.title
     kind = "instruct (chat)" if ws.model.get("instruct") else "base"
+    scored = bool(arts) and all(isinstance(e.get("eval"), dict) for _, e in arts or [])
     en = (
         f"{human} quantizations of {base_link(ws)}, a Russian-language {kind} model, for {info.runtimes}. "
         f"{info.calibrated}, so the smaller files keep more of the model's Russian than a generic, mostly English "
-        "calibration set would. Every file was scored against the bf16 original on held-out Russian text."
+        "calibration set would."
+        + (" Every file was scored against the bf16 original on held-out Russian text." if scored else "")
     )
+    measured = ("; качество каждого файла измерено на отдельной русской выборке (перплексия и KL-дивергенция "
+                "относительно bf16)") if scored else ""
     ru = (
         f"> **По-русски.** Квантованные версии модели {model_name(ws)} в формате {human}. Калибровка выполнена на "
-        "русских текстах; качество каждого файла измерено на отдельной русской выборке (перплексия и "
-        "KL-дивергенция относительно bf16). Если не знаете, что выбрать, берите файл с пометкой «рекомендуется»."
+        f"русских текстах{measured}. Если не знаете, что выбрать, берите файл с пометкой «рекомендуется»."
     )
     return f"{en}\n\n{ru}"
 

@@ -16,11 +16,9 @@ app = typer.Typer(
     add_completion=False,
 )
 
-# command name → module under quantkit.cli (each defines `command`, or `app` for a group)
+# command name → module under quantkit.cli (each defines `command`, or `app` for a group); every format's command
+# is generated from its backend (`_format_commands`)
 COMMANDS = {
-    "gguf": "gguf",
-    "gptq": "gptq",
-    "exl2": "exl2",
     "eval": "eval_cmd",
     "run": "run",
     "recipe": "recipe",
@@ -58,9 +56,10 @@ for _name, _module in COMMANDS.items():
         app.command(_name, help=mod.command.__doc__, context_settings=getattr(mod, "CONTEXT", None))(mod.command)
 
 
-def _plugin_commands() -> None:
-    """A command for every registered backend without a module of its own (third-party formats), generated from
-    its options model. A backend that fails to load gets no command; `quantkit backends` says why."""
+def _format_commands() -> None:
+    """A command for every registered backend, built-in or third-party, generated from its options model (and its
+    ``cli_extra`` hook for arguments the options do not name). A backend that fails to load gets no command;
+    `quantkit backends` says why."""
     from quantkit.backends.base import get_backend, list_backends
     from quantkit.cli.generated import format_command
 
@@ -69,13 +68,16 @@ def _plugin_commands() -> None:
             continue
         try:
             backend = get_backend(name)
-            command = format_command(name, backend.options_model, backend.description)
+            extra = getattr(backend, "cli_extra", None)
+            doc = getattr(backend, "command_help", None) or backend.description
+            command = format_command(name, backend.options_model, doc, extra_args=extra)
         except Exception:  # noqa: BLE001 - one broken plugin must not take the CLI down
             continue
-        app.command(name, help=backend.description)(command)
+        context = {"allow_extra_args": True, "ignore_unknown_options": extra is not None}
+        app.command(name, help=doc, context_settings=context)(command)
 
 
-_plugin_commands()
+_format_commands()
 
 
 def main() -> None:

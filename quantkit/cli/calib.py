@@ -50,7 +50,7 @@ def show(
         console.emit_json(info)
         return
     out = console.table_console()
-    out.print(f"[bold]{info['spec']}[/]: {info['documents']} documents ({info['dialogues']} dialogues), "
+    out.print(f"{info['spec']}: {info['documents']} documents ({info['dialogues']} dialogues), "
               f"{info['characters']:,} characters, {info['bytes']:,} bytes, {info['cyrillic_share']:.1%} Cyrillic")
     table = Table(title="domains")
     table.add_column("domain")

@@ -30,10 +30,15 @@ def command(
 ) -> None:
     """Write the model card (README.md) for one format of a workspace, without publishing."""
     setup_output(quiet, json_output)
+    from quantkit.lock import holding
+
     ws, fmt = resolve_target(path, fmt)
-    written = write_card(ws, fmt, repo=repo, output=output)
-    arts = [key for key, _ in artifacts_for(ws, fmt)]
+    with holding(ws.root):  # a run adding files to the workspace makes this wait for it (refuse) instead
+        ws.data = type(ws)(ws.root).data  # what is recorded now that the lock is held
+        written = write_card(ws, fmt, repo=repo, output=output)
+        arts = [key for key, _ in artifacts_for(ws, fmt)]
     if json_output:
         console.emit_json({"path": str(written), "format": fmt, "workspace": str(ws.root), "artifacts": arts})
         return
-    console.console.print(f"wrote the {fmt} model card for {len(arts)} file(s) to {written}", highlight=False)
+    console.console.print(f"wrote the {fmt} model card for {len(arts)} file(s) to {written}", highlight=False,
+                          markup=False)

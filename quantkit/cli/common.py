@@ -62,7 +62,7 @@ def plan_format(job: Job) -> dict[str, Any]:
     """The dry run of a one-model job: the same steps a recipe plans, for one format. An engine that cannot take
     the architecture is refused; one that cannot run on this machine is planned and says why."""
     from quantkit.calibration import check as check_calibration
-    from quantkit.pipeline.run import refusal
+    from quantkit.pipeline.plan import refusal
     from quantkit.source import architecture_of
 
     (fj,) = job.formats
@@ -99,7 +99,7 @@ def show_plan(summary: dict[str, Any], json_output: bool) -> None:
     if summary.get("note"):
         out.print(summary["note"])
     if not summary["can_run_here"]:
-        out.print(f"[yellow]cannot run here:[/] {summary['reason']}")
+        out.print(console.styled("cannot run here:", "yellow"), summary["reason"])
     if summary.get("publish"):
         out.print(f"would publish to {summary['publish'].get('repo')}")
 

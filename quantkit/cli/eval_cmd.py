@@ -10,10 +10,10 @@ from rich.table import Table
 
 from quantkit import console
 from quantkit.cli.options import JsonOpt, QuietOpt, ThreadsOpt, handle_errors, setup_output
-from quantkit.drift import DEFAULT_MAX_DRIFT, DEFAULT_NEW_TOKENS, DEFAULT_PROMPTS
-from quantkit.drift import PREFIX_TOKENS as PREFIX
 from quantkit.errors import GateFailed, QuantkitError
-from quantkit.evaluate import DEFAULT_CTX, DEFAULT_MAX_KLD, DEFAULT_MAX_PPL_INCREASE, evaluate_workspace
+from quantkit.quality.drift import DEFAULT_MAX_DRIFT, DEFAULT_NEW_TOKENS, DEFAULT_PROMPTS
+from quantkit.quality.drift import PREFIX_TOKENS as PREFIX
+from quantkit.quality.evaluate import DEFAULT_CTX, DEFAULT_MAX_KLD, DEFAULT_MAX_PPL_INCREASE, evaluate_workspace
 from quantkit.workspace import MANIFEST, Workspace, human_size
 
 
@@ -89,8 +89,8 @@ def drift_settings(on: bool, prompts: Path | None, count: int, tokens: int, max_
     """The drift check's settings (None when off); a bad prompts file fails here, before any model is loaded."""
     if not on and prompts is None:
         return None
-    from quantkit.drift import load_prompts
-    from quantkit.generate import DriftSettings
+    from quantkit.quality.drift import load_prompts
+    from quantkit.quality.generate import DriftSettings
 
     spec = str(prompts) if prompts is not None else None
     load_prompts(spec, None)

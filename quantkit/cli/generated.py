@@ -38,6 +38,7 @@ from quantkit.cli.options import (
     handle_errors,
     setup_output,
 )
+from quantkit.errors import QuantkitError
 
 Model = Annotated[str, typer.Argument(metavar="MODEL",
                                       help="Alias (quantkit models), Hub id, local folder, or 'demo'.")]
@@ -81,12 +82,15 @@ def option_params(options_model: type[BaseModel]) -> list[tuple[str, Any, Any]]:
         if is_list:
             start = field.get_default(call_default_factory=True)
             shown = f"; default: {','.join(str(v) for v in start)}" if start else ""
+            how = "repeatable" if extra.get("split") is False else "comma list or repeated"
             annotation: Any = Annotated[list[str] | None, typer.Option(
-                *flags, metavar="A,B,...", help=f"{help_text} (comma list or repeated{shown})")]
+                *flags, metavar="A,B,..." if extra.get("split") is not False else "VALUE",
+                help=f"{help_text} ({how}{shown})")]
             default = None
         elif scalar is bool:
             flag = flags[0]
-            annotation = Annotated[bool, typer.Option(f"{flag}/--no-{flag[2:]}", *flags[1:], help=help_text)]
+            pair = flag if "/" in flag else f"{flag}/--no-{flag[2:]}"
+            annotation = Annotated[bool, typer.Option(pair, *flags[1:], help=help_text)]
             default = bool(field.default) if field.default is not PydanticUndefined else False
         else:
             default = None if field.default is PydanticUndefined or optional else field.default
@@ -96,37 +100,61 @@ def option_params(options_model: type[BaseModel]) -> list[tuple[str, Any, Any]]:
     return out
 
 
+def _flags(options_model: type[BaseModel]) -> dict[str, str]:
+    """Field → its command-line flag, where it is not ``--<field>`` (for error messages)."""
+    out = {}
+    for name, field in options_model.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get("cli"):
+            out[name] = str(extra["cli"][0]).split("/")[0]
+    return out
+
+
 def _values(options_model: type[BaseModel], given: dict[str, Any]) -> dict[str, Any]:
     """Command-line values → field values (comma lists split; unset lists left to the model's default)."""
     out: dict[str, Any] = {}
-    for name in options_model.model_fields:
+    for name, field in options_model.model_fields.items():
         value = given.get(name)
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         if isinstance(value, list):
-            value = [part.strip() for item in value for part in str(item).split(",") if part.strip()]
+            parts = [str(item) for item in value] if extra.get("split") is False else \
+                [part for item in value for part in str(item).split(",")]
+            value = [part.strip() for part in parts if part.strip()]
         if value is not None:
             out[name] = value
     return out
 
 
-def format_command(name: str, options_model: type[BaseModel], doc: str) -> Callable[..., None]:
-    """The `quantkit <name> MODEL [options]` command of a backend, built from its options model."""
+def format_command(name: str, options_model: type[BaseModel], doc: str,
+                   extra_args: Callable[..., dict[str, Any]] | None = None) -> Callable[..., None]:
+    """The `quantkit <name> MODEL [options]` command of a backend, built from its options model. `extra_args`
+    (a backend's ``cli_extra``) takes what the options do not name (GGUF's ``--q4_k_m`` flags): it gets those
+    arguments, the field values, the command's option names and the values as given, and returns the values."""
     from quantkit.cli.common import run_format
 
     fields = option_params(options_model)
-    clash = {f for f, _, _ in fields} & ({"model"} | {s for s, _, _ in SHARED})
+    clash = {f for f, _, _ in fields} & ({"model", "ctx"} | {s for s, _, _ in SHARED})
     if clash:
         raise TypeError(f"backend {name}: option(s) {', '.join(sorted(clash))} clash with the shared options")
 
-    def command(**kwargs: Any) -> None:
+    def command(ctx: typer.Context, **kwargs: Any) -> None:
         setup_output(kwargs["quiet"], kwargs["json_output"])
-        options = build_options(options_model, f"see quantkit {name} --help", **_values(options_model, kwargs))
+        values = _values(options_model, kwargs)
+        if extra_args is not None:
+            names = [o for p in ctx.command.params for o in getattr(p, "opts", []) if o.startswith("--")]
+            values = extra_args(list(ctx.args), values, names, kwargs)
+        elif ctx.args:
+            raise QuantkitError(f"unexpected argument '{ctx.args[0]}'", f"see quantkit {name} --help")
+        options = build_options(options_model, f"see quantkit {name} --help", flags=_flags(options_model),
+                                **values)
         run_format(name, kwargs["model"], options, calibration=kwargs["calibration"],
                    calib_samples=kwargs["calib_samples"], calib_seq_len=kwargs["calib_seq_len"],
                    workspace=kwargs["workspace"], json_output=kwargs["json_output"], evaluate=kwargs["evaluate"],
                    push=kwargs["push"], repo=kwargs["repo"], private=kwargs["private"], dry_run=kwargs["dry_run"],
                    force=kwargs["force"], threads=kwargs["threads"])
 
-    params = [inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Model)]
+    params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+              inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Model)]
     params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=a, default=d)
                for n, a, d in [*fields, *SHARED]]
     command.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]

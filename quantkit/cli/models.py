@@ -11,9 +11,17 @@ from quantkit.models import KNOWN_MODELS
 
 
 def _formats(cls: type) -> str:
-    out = ["gguf"]
-    out += ["gptq"] if getattr(cls, "gptq", False) else []
-    out += ["exl2"] if getattr(cls, "exl2", False) else []
+    """The formats whose backend takes this architecture (each backend's ``supports``; one without it takes all)."""
+    from quantkit.backends.base import get_backend, list_backends
+
+    out = []
+    for name in list_backends():
+        try:
+            supports = getattr(get_backend(name), "supports", None)
+        except Exception:  # noqa: BLE001 - a backend that cannot load is listed by `quantkit backends`
+            continue
+        if supports is None or supports(cls) is None:
+            out.append(name)
     return ", ".join(out)
 
 
@@ -40,9 +48,8 @@ def command(json_output: JsonOpt = False) -> None:
         table.add_column(col)
     for m in KNOWN_MODELS:
         licence = m.license + (" (restricted, see below)" if m.license_note else "")
-        table.add_row(m.alias, m.hub_id, m.architecture, "instruct" if m.instruct else "base",
-                      f"{m.params_b:g}B", licence)
-    table.add_row("demo", "(built locally)", "LlamaForCausalLM", "base", "tiny", "apache-2.0")
+        table.add_row(m.alias, m.hub_id or "(built locally)", m.architecture, "instruct" if m.instruct else "base",
+                      f"{m.params_b:g}B" if m.params_b >= 0.1 else "tiny", licence)
     out = console.table_console()
     out.print(table)
     notes = {m.license_note for m in KNOWN_MODELS if m.license_note}

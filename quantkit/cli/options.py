@@ -76,7 +76,7 @@ def handle_errors(func: F) -> F:
         except QuantkitError as exc:
             if debug:
                 traceback.print_exc()
-            console.console.print(f"[red]error:[/] {redact(str(exc))}", markup=True, highlight=False, soft_wrap=True)
+            console.error(redact(str(exc)))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt as exc:
             if debug:
@@ -89,11 +89,16 @@ def handle_errors(func: F) -> F:
                 traceback.print_exc()
             if is_disk_full(exc):
                 where = Path(getattr(exc, "filename", None) or ".").parent
-                console.console.print(f"[red]error:[/] {DiskFull(where)}", highlight=False, soft_wrap=True)
+                console.error(str(DiskFull(where)))
                 raise typer.Exit(DiskFull.exit_code) from None
+            if isinstance(exc, OSError) and exc.filename:  # a path of the user's: what is wrong with it
+                from quantkit.errors import path_error
+
+                err = path_error(exc)
+                console.error(redact(str(err)))
+                raise typer.Exit(err.exit_code) from None
             msg = redact(f"{type(exc).__name__}: {exc}").splitlines()[0][:300] if str(exc) else type(exc).__name__
-            console.console.print(f"[red]error:[/] unexpected failure: {msg} (run with QUANTKIT_DEBUG=1 for the "
-                                  "traceback, and report it)", highlight=False, soft_wrap=True)
+            console.error(f"unexpected failure: {msg} (run with QUANTKIT_DEBUG=1 for the traceback, and report it)")
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -111,9 +116,9 @@ def build_options(model: type[M], hint: str, *, flags: dict[str, str] | None = N
     except ValidationError as exc:
         err = exc.errors()[0]
         name = str(err["loc"][0]) if err.get("loc") else ""
-        field = (flags or {}).get(name) or ("--" + name.replace("_", "-") if name else "options")
+        field = (flags or {}).get(name) or ("--" + name.replace("_", "-") if name else "")
         msg = str(err.get("msg", exc)).removeprefix("Value error, ")
-        text = msg if field in msg else f"bad {field}: {msg}"
+        text = msg if not field or field in msg else f"bad {field}: {msg}"
         raise QuantkitError(text, None if text.endswith(")") else hint) from None
 
 

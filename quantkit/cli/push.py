@@ -50,7 +50,7 @@ def command(
 
 def show(result: dict[str, Any]) -> None:
     """A table of what was (or would be) uploaded where."""
-    out = Console(highlight=False)
+    out = Console(highlight=False, markup=False)
     if result.get("dry_run"):
         table = Table(title=f"Would publish to {result['repo']}" + (" (private)" if result["private"] else "")
                       + " — nothing was sent")
@@ -73,6 +73,7 @@ def show(result: dict[str, Any]) -> None:
         out.print(table)
     verb = "would not publish" if result.get("dry_run") else "not published"
     for r in result.get("refused", []):
-        out.print(f"[yellow]{verb}[/]: {r['quant']} failed the quality gate (--force publishes it)")
+        out.print(console.styled(verb, "yellow"), f": {r['quant']} failed the quality gate (--force publishes it)",
+                  sep="")
     if result.get("note"):
         out.print(result["note"])

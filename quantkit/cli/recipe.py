@@ -29,7 +29,7 @@ def validate(
             console.emit_json({"ok": False, "problems": [vars(p) for p in exc.problems]})
         else:
             for p in exc.problems:
-                console.console.print(f"[red]error:[/] {p}", highlight=False, soft_wrap=True)
+                console.error(str(p))
         raise typer.Exit(exc.exit_code) from None
     n_models, n_steps = len(recipe.models), count_steps(recipe)
     if json_output:

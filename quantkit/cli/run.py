@@ -29,6 +29,8 @@ def command(
     = "local",
     address: Annotated[str | None, typer.Option(
         "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster).")] = None,
+    connect_timeout: Annotated[float, typer.Option(
+        "--connect-timeout", min=0, help="Seconds to wait for the Ray cluster at --address to answer.")] = 60.0,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -43,13 +45,14 @@ def command(
             from quantkit.pipeline import get_executor
             from quantkit.recipe import jobs
 
-            result["tasks"] = get_executor(executor, address=address).plan(jobs(recipe, only=only, models=model))
+            result["tasks"] = get_executor(executor, address=address, connect_timeout=connect_timeout).plan(
+                jobs(recipe, only=only, models=model))
         if json_output:
             console.emit_json(result)
         else:
             show_plan(result)
         return
-    options = {"address": address} if executor == "ray" else {}
+    options = {"address": address, "connect_timeout": connect_timeout} if executor == "ray" else {}
     summary = run_recipe(recipe, only=only, models=model, continue_on_error=continue_on_error, executor=executor,
                          **options)
     if json_output:
@@ -67,7 +70,7 @@ def _size(value: Any) -> str:
 
 def show_plan(result: dict[str, Any]) -> None:
     """The plan as a table: steps, outputs, estimated sizes, target repos, done / to do."""
-    out = Console(highlight=False)
+    out = Console(highlight=False, markup=False)
     table = Table(title=f"Plan for {Path(result['recipe']).name} (nothing was run)")
     for col in ("model", "format", "step", "output", "est. size", "repo", "status"):
         table.add_column(col, justify="right" if col == "est. size" else "left", overflow="fold")
@@ -75,10 +78,10 @@ def show_plan(result: dict[str, Any]) -> None:
         first = True
         for s in m["steps"]:
             status = s["status"]
-            style = {"done": "green", "to do": "", "skip": "yellow"}.get(status, "red")
+            style = {"done": "green", "to do": "", "skip": "yellow", "not needed": "dim"}.get(status, "red")
             table.add_row(m["model"] if first else "", s.get("format") or "", s["step"], str(s.get("output") or ""),
                           ("~" if m["estimated"] and s.get("estimated_size") else "") + _size(s.get("estimated_size")),
-                          s.get("repo") or "", f"[{style}]{status}[/]" if style else status)
+                          s.get("repo") or "", console.styled(status, style))
             first = False
         table.add_section()
     out.print(table)
@@ -87,16 +90,17 @@ def show_plan(result: dict[str, Any]) -> None:
             out.print(f"{m['model']}: {m['note']}")
         for f in m["formats"]:
             if f.get("problem"):
-                out.print(f"[red]{m['model']}: {f['format']} would fail:[/] {f['problem']}")
+                out.print(console.styled(f"{m['model']}: {f['format']} would fail:", "red"), f["problem"])
             elif not f["can_run"]:
                 verb = "is required and would fail" if f["required"] else "would be skipped"
                 out.print(f"{m['model']}: {f['format']} {verb} here: {f['reason']}")
     if result.get("tasks"):
-        tasks = Table(title="Tasks on the cluster (a model's tasks run in this order; models in parallel)")
-        for col in ("task", "after", "steps", "asks"):
+        tasks = Table(title="Tasks on the cluster (one per step, each as soon as the steps it reads are done)")
+        for col in ("task", "after", "status", "asks"):
             tasks.add_column(col, overflow="fold")
         for t in result["tasks"]:
-            tasks.add_row(t["task"], t["after"] or "", ", ".join(t["steps"]), t["asks"])
+            after = t["after"] if isinstance(t["after"], list) else [t["after"]] if t["after"] else []
+            tasks.add_row(t["task"], ", ".join(after), t.get("status", ""), t["asks"])
         out.print(tasks)
     total = f", about {human_size(result['estimated_size'])} to write" if result["estimated_size"] else ""
     out.print(f"{result['steps']} steps: {result['done']} done, {result['to_do']} to do{total}")
@@ -104,14 +108,16 @@ def show_plan(result: dict[str, Any]) -> None:
 
 def show_summary(summary: dict[str, Any]) -> None:
     """One row per artifact (or skipped / failed format): status, size, PPL / KLD, where it was published."""
-    out = Console(highlight=False)
+    out = Console(highlight=False, markup=False)
     table = Table(title=f"{Path(summary['recipe']).name}: results")
     for col in ("model", "format", "type", "status", "size", "PPL", "KLD", "repo"):
         table.add_column(col, justify="right" if col in ("size", "PPL", "KLD") else "left", overflow="fold")
     for r in summary["rows"]:
         status = r["status"]
         style = {"ok": "green", "skipped": "yellow"}.get(status, "red")
-        text = f"[{style}]{status}[/]" + (f": {r['note']}" if r.get("note") and status != "ok" else "")
+        text = console.styled(status, style)
+        if r.get("note") and status != "ok":
+            text.append(f": {r['note']}")
         ppl = f"{r['ppl']:.3f}" if r.get("ppl") is not None else ""
         if r.get("delta_ppl") is not None:
             ppl += f" ({r['delta_ppl']:+.1%})"

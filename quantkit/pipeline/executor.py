@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 from quantkit import console
 from quantkit.errors import GateFailed, QuantkitError
-from quantkit.pipeline.job import FormatResult, Job, JobResult, row
+from quantkit.pipeline.job import Job, JobResult, not_run
 
 EXECUTORS = ("local", "ray")
 
@@ -44,8 +44,8 @@ class LocalExecutor:
                 results.append(not_run(job, "an earlier step failed"))
                 continue
             if len(jobs) > 1:
-                console.info(f"[bold]── {job.name or job.source}[/] ({i}/{len(jobs)}): "
-                             f"{', '.join(f.format for f in job.formats)}")
+                console.info(f"[bold]── {console.escape(job.name or job.source)}[/] ({i}/{len(jobs)}): "
+                             f"{', '.join(f.format for f in job.formats)}", markup=True)
             result = run_job(job, keep_going=keep_going, strict=strict)
             results.append(result)
             stopped = result.failed and not keep_going
@@ -53,20 +53,11 @@ class LocalExecutor:
 
     def plan(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
         """One task per job, in order, all in this process."""
-        from quantkit.pipeline.plan import default_name
+        from quantkit.models import default_name
 
         names = [job.name or default_name(job.source) for job in jobs]
         return [{"task": name, "after": names[i - 1] if i else None, "steps": [f.format for f in job.formats],
                  "asks": "this machine"} for i, (name, job) in enumerate(zip(names, jobs, strict=True))]
-
-
-def not_run(job: Job, why: str) -> JobResult:
-    """The result of a job that did not start."""
-    from quantkit.pipeline.plan import default_name
-
-    name = job.name or default_name(job.source)
-    return JobResult(model=name, formats=[FormatResult(f.format, rows=[row(name, f.format, status="not run",
-                                                                            note=why)]) for f in job.formats])
 
 
 def get_executor(name: str, **options: Any) -> Executor:

@@ -1,4 +1,4 @@
-"""What a run is asked to do (`Job`), what it is planned into (`Step`) and what came out (`JobResult`).
+"""What a run is asked to do (`Job`) and what came out (`JobResult`); its steps are `quantkit.steps`.
 
 A `Job` is one model and the formats to make of it, with every setting already decided: `quantkit gguf MODEL ...`
 builds one from its flags, a recipe builds one per model. Jobs are frozen and picklable, so an executor can hand
@@ -13,41 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from quantkit.calibration import DEFAULT_CALIBRATION, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
-
-DEFAULT_CTX = 512
-DEFAULT_MAX_PPL_INCREASE = 0.05
-DEFAULT_MAX_KLD = 0.05
-DEFAULT_MAX_DRIFT = 0.1
-
-# step kinds, in the order a model's steps run
-KINDS = ("resolve", "calibrate", "convert", "imatrix", "measure", "quantize", "target", "verify", "evaluate",
-         "publish")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything about a run that is not a backend option: calibration, evaluation and gates, publishing."""
-
-    calibration: str = DEFAULT_CALIBRATION
-    calib_samples: int = DEFAULT_SAMPLES
-    calib_seq_len: int = DEFAULT_SEQ_LEN
-    seed: int = 0
-    threads: int = 0  # 0 = every core
-    eval: str | None = None  # evaluation text spec; None = no evaluation and no gate
-    ctx: int = DEFAULT_CTX
-    chunks: int | None = None
-    max_ppl_increase: float = DEFAULT_MAX_PPL_INCREASE
-    max_kld: float = DEFAULT_MAX_KLD
-    drift: bool = False
-    max_drift: float = DEFAULT_MAX_DRIFT
-    publish: bool = False
-    private: bool = False
-    force: bool = False  # publish artifacts that failed the gate too
-
-    def gate_text(self) -> str:
-        text = f"gate ΔPPL ≤ {self.max_ppl_increase:.0%}, KLD ≤ {self.max_kld:g}"
-        return text + (f"; drift check, ≤ {self.max_drift:.0%} of answers leaving Russian" if self.drift else "")
+from quantkit.settings import Settings
+from quantkit.steps import Resources, Step
 
 
 @dataclass(frozen=True)
@@ -84,44 +51,6 @@ class Job:
         return Workspace.for_model(name, None, read_only=True).root
 
 
-@dataclass(frozen=True)
-class Resources:
-    """What a step asks of the machine that runs it (executors that schedule use it; the local one ignores it)."""
-
-    cpus: float = 1.0
-    gpus: float = 0.0
-    memory: int = 0  # bytes; 0 = unknown
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"cpus": self.cpus, "gpus": self.gpus, "memory": self.memory}
-
-
-@dataclass(frozen=True)
-class Step:
-    """One planned step: a stable key, what kind of work it is, what it reads and writes, and whether it is done."""
-
-    key: str  # "<model>/<format>/<kind>/<output>", unique within a plan
-    kind: str  # one of KINDS (a plugin may add its own)
-    model: str
-    format: str | None
-    title: str  # what a person reads in the plan
-    outputs: tuple[str, ...] = ()  # workspace-relative paths (or a Hub id for a download)
-    inputs: tuple[str, ...] = ()  # keys of the steps whose outputs it reads
-    estimated_size: int | None = None  # bytes it writes, when known
-    done: bool | None = False  # None: not known until the run (calibration rows)
-    status: str = "to do"  # done | to do | skip | fails | fails: required
-    resources: Resources = field(default_factory=Resources)
-    repo: str | None = None  # publish steps: the target repo
-    extra: tuple[tuple[str, Any], ...] = ()  # backend facts for the plan view (tokens_needed, ...)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The plan row as `--dry-run --json` prints it."""
-        return {"key": self.key, "kind": self.kind, "model": self.model, "format": self.format, "step": self.title,
-                "output": self.outputs[0] if self.outputs else None, "outputs": list(self.outputs),
-                "inputs": list(self.inputs), "estimated_size": self.estimated_size, "done": self.done,
-                "status": self.status, "repo": self.repo, "resources": self.resources.as_dict(), **dict(self.extra)}
-
-
 @dataclass
 class FormatResult:
     """What one format of a job produced: rows for the summary, and the artifacts, report and publish result."""
@@ -154,3 +83,15 @@ def row(model: str, fmt: str, *, quant: str = "-", status: str, note: str = "", 
     return {"model": model, "format": fmt, "quant": quant, "status": status, "note": note, "size": None,
             "bpw": None, "ppl": None, "delta_ppl": None, "kld": None, "artifact": None, "repo": None, "url": None,
             **extra}
+
+
+def not_run(job: Job, why: str) -> JobResult:
+    """The result of a job that did not start."""
+    from quantkit.models import default_name
+
+    name = job.name or default_name(job.source)
+    return JobResult(model=name, formats=[FormatResult(f.format, rows=[row(name, f.format, status="not run",
+                                                                            note=why)]) for f in job.formats])
+
+
+__all__ = ["FormatJob", "FormatResult", "Job", "JobResult", "Resources", "Settings", "Step", "not_run", "row"]

@@ -1,38 +1,52 @@
-"""The Ray executor's tasks, planned without Ray: one task per model × format, in order, with what each asks of
-the node that runs it (the most any of its steps asks), fitted to a cluster's nodes; and the model's result put
-back together from its tasks. `task_plan` is what ``quantkit run --dry-run --executor ray`` shows."""
+"""The Ray executor's tasks, planned without Ray: one task per step, with what it asks of the node that runs it,
+fitted to a cluster's nodes, and the work a task does on its worker. `task_plan` is what
+``quantkit run --dry-run --executor ray`` shows.
+
+A step's task runs on a worker as the local executor would run it, except that it never touches the manifest:
+the worker plans the job again (the same steps: planning is deterministic), checks that its step has the
+fingerprint the driver planned, runs the action into the staging folder the driver named (on storage every node
+sees), takes the outputs' checks there, and returns the result. The driver commits it.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from quantkit.pipeline.executor import not_run
-from quantkit.pipeline.job import FormatResult, Job, JobResult, Resources, row
+from quantkit.pipeline.job import Job
+from quantkit.steps import Resources, Step
 
 GPU_RESOURCE_ENV = "QUANTKIT_RAY_GPU_RESOURCE"  # a custom resource that stands in for GPUs (tests: fake_gpu)
+DRIVER_KINDS = ("resolve", "publish")  # steps the driver runs itself: bookkeeping, and what needs the Hub token
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
-@dataclass
-class Task:
-    """One Ray task: one model with one of its formats, and what it asks of the node that runs it."""
+class Secret:
+    """A value that travels to a worker as a task argument (not in Ray's runtime environment, which Ray writes to
+    its logs and shows on worker command lines) and never shows itself in a repr, a log or an error."""
 
-    index: int  # the job's position in the run
-    order: int  # the format's position in the job
-    job: Job  # the model with this one format
-    resources: Resources
-    name: str  # "<model> <format>"
-    repo: str | None = None  # the Hub repo it publishes to (at most one task per repo at a time)
-    lane: str = ""  # its workspace: one task per workspace at a time (they would refuse each other's lock)
-    started: float = 0.0
-    options: dict[str, Any] = field(default_factory=dict)  # Ray's options for it
+    def __init__(self, values: dict[str, str]) -> None:
+        self._values = dict(values)
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+    __str__ = __repr__
+
+    def apply(self) -> None:
+        """Put the values into this (worker) process's environment."""
+        os.environ.update(self._values)
+
+    @classmethod
+    def from_environment(cls) -> Secret:
+        return cls({k: os.environ[k] for k in SECRET_ENV if os.environ.get(k)})
 
 
 def job_name(job: Job) -> str:
-    from quantkit.pipeline.plan import default_name
+    from quantkit.models import default_name
 
     return job.name or default_name(job.source)
 
@@ -52,34 +66,19 @@ def absolute(job: Job) -> Job:
     return replace(job, **changes) if changes else job
 
 
-def format_resources(job: Job) -> dict[str, Resources]:
-    """Per format of `job`: the most that any of its planned steps asks for (the model's own steps included).
-    Planned without resolving anything (a step's resources depend on its backend and kind only)."""
-    from quantkit.pipeline.plan import plan_job
-
-    steps = plan_job(job, resolve_models=False)["steps"]
-    out: dict[str, Resources] = {}
-    for fj in job.formats:
-        mine = [s.resources for s in steps if s.format in (None, fj.format)]
-        threads = job.settings.threads
-        out[fj.format] = Resources(cpus=max([threads, *(r.cpus for r in mine)]),
-                                   gpus=max([0.0, *(r.gpus for r in mine)]),
-                                   memory=max([0, *(r.memory for r in mine)]))
-    return out
+def with_threads(job: Job, steps: Sequence[Step]) -> Job:
+    """The job with the thread count its tasks use, fixed before planning (GPTQ's fingerprint holds it): the job's
+    own ``threads`` when set, else the most CPUs any of its steps asks for."""
+    if job.settings.threads > 0:
+        return job
+    n = max([1, *(int(s.resources.cpus) for s in steps)])
+    return replace(job, settings=replace(job.settings, threads=n))
 
 
-def tasks_for(jobs: Sequence[Job]) -> list[Task]:
-    """Every task of a run, in order: per job, one per format."""
-    out = []
-    for i, job in enumerate(jobs):
-        job = absolute(job)
-        name = job_name(job)
-        per_format = format_resources(job)
-        for k, fj in enumerate(job.formats):
-            out.append(Task(index=i, order=k, job=replace(job, formats=(fj,)), resources=per_format[fj.format],
-                            name=f"{name} {fj.format}", repo=fj.repo if job.settings.publish else None,
-                            lane=str(job.workspace_for(name))))
-    return out
+def step_resources(job: Job, step: Step) -> Resources:
+    """What a step's task asks for: its own resources, with at least as many CPUs as the job's threads."""
+    return Resources(cpus=max(float(job.settings.threads), step.resources.cpus), gpus=step.resources.gpus,
+                     memory=step.resources.memory)
 
 
 def ray_options(res: Resources, gpu_resource: str | None, cluster: dict[str, float] | None = None,
@@ -126,19 +125,28 @@ def describe(options: dict[str, Any]) -> str:
 
 
 def task_plan(jobs: Sequence[Job], *, gpu_resource: str | None = None) -> list[dict[str, Any]]:
-    """What `--dry-run --executor ray` shows: one row per task (model × format) with the steps it runs and the
-    resources it asks of the node that gets it. Nothing is started or written."""
+    """What `--dry-run --executor ray` shows: one row per step task, the steps it waits for and what it asks of
+    the node that gets it (steps the driver runs itself ask nothing of the cluster). Nothing is started or
+    written; models that are not here are planned from their known size."""
     from quantkit.pipeline.plan import plan_job
 
     gpu_resource = gpu_resource or os.environ.get(GPU_RESOURCE_ENV) or None
     rows = []
-    for task in tasks_for(jobs):
-        options, _ = ray_options(task.resources, gpu_resource)
-        steps = plan_job(task.job, resolve_models=False)["steps"]
-        rows.append({"task": task.name, "model": job_name(task.job), "format": task.job.formats[0].format,
-                     "after": rows[-1]["task"] if rows and rows[-1]["model"] == job_name(task.job) else None,
-                     "steps": [s.kind for s in steps if s.format is not None],
-                     "resources": task.resources.as_dict(), "ray": options, "asks": describe(options)})
+    for job in jobs:
+        job = absolute(job)
+        planned = plan_job(job)
+        steps = planned["steps"]
+        job = with_threads(job, steps)
+        for st in steps:
+            if st.status in ("skip", "fails", "fails: required", "not needed"):
+                continue
+            res = step_resources(job, st)
+            on_driver = st.kind in DRIVER_KINDS
+            options = {} if on_driver else ray_options(res, gpu_resource)[0]
+            rows.append({"task": f"{planned['model']} {st.key}", "model": planned["model"], "step": st.key,
+                         "kind": st.kind, "format": st.format, "after": list(st.inputs), "status": st.status,
+                         "resources": res.as_dict(), "ray": options,
+                         "asks": "the driver" if on_driver else describe(options)})
     return rows
 
 
@@ -156,26 +164,61 @@ def workspace_roots(jobs: Sequence[Job]) -> list[Path]:
     return roots
 
 
-def with_threads(task: Task) -> Job:
-    """The task's job using as many threads as CPUs it got (at most the job's own ``threads``, when it has some:
-    a request lowered to the largest node lowers its threads too)."""
-    job = task.job
-    n = max(1, int(task.options.get("num_cpus", task.resources.cpus)))
-    if job.settings.threads > 0:
-        n = min(n, job.settings.threads)
-    return job if n == job.settings.threads else replace(job, settings=replace(job.settings, threads=n))
+@dataclass(frozen=True)
+class StepTask:
+    """What the driver sends a worker for one step (all of it picklable)."""
+
+    job: Job
+    key: str
+    fingerprint: str
+    fused: tuple[str, ...]
+    pending: tuple[str, ...]
+    staging: str
 
 
-def failed(model: str, fmt: str, note: str, error: BaseException | None) -> JobResult:
-    return JobResult(model=model, failed=True,
-                     formats=[FormatResult(fmt, rows=[row(model, fmt, status="failed", note=note)], error=error)])
+def run_step(task: StepTask, secret: Secret, quiet: bool) -> Any:
+    """On a worker: plan the job again, run one step's action into its staging folder, check its outputs there."""
+    import shutil
 
+    from quantkit import console
+    from quantkit.errors import QuantkitError
+    from quantkit.pipeline.execute import inputs_of, run_action
+    from quantkit.pipeline.plan import plan_model
+    from quantkit.source import resolve
+    from quantkit.steps import StepRun
+    from quantkit.threads import set_threads
+    from quantkit.workspace import Workspace, stage_checks
 
-def merge(job: Job, results: list[JobResult]) -> JobResult:
-    """One model's result from its formats' tasks, as the local executor returns it."""
-    if not results:
-        return not_run(job, "an earlier step failed")
-    named = next((r for r in results if r.workspace), results[0])
-    return JobResult(model=named.model, workspace=named.workspace,
-                     formats=[f for r in results for f in r.formats], work=any(r.work for r in results),
-                     failed=any(r.failed for r in results))
+    secret.apply()
+    console.configure(quiet=quiet)
+    set_threads(task.job.settings.threads)
+    ckpt = resolve(task.job.source)
+    if task.job.name:
+        ckpt.name = task.job.name
+    ws = Workspace(task.job.workspace_for(ckpt.name), read_only=True)
+    plan = plan_model(task.job, ckpt, ws, check=False)
+    by_key = {s.key: s for s in plan.steps}
+    step = by_key.get(task.key)
+    if step is None or step.fingerprint != task.fingerprint:
+        raise QuantkitError(f"{task.key}: this node plans the step differently from the driver",
+                            "every node needs the same quantkit, the same checkpoint and the same storage")
+    staging = Path(task.staging)
+    if not staging.parent.is_dir():  # the run that asked for it is gone and its staging was cleaned up
+        raise QuantkitError(f"{task.key}: the staging folder of this run is gone", "run the same command again")
+    shutil.rmtree(staging, ignore_errors=True)  # a retried attempt starts afresh
+    staging.mkdir()
+    fused = tuple(by_key[k] for k in task.fused)
+    run = StepRun(step=step, ctx=plan.ctx, staging=staging, fused=fused, pending=frozenset(task.pending),
+                  shared={}, bar=console._NullProgress(), inputs=inputs_of(ws, (step, *fused)))
+    try:
+        result = run_action(run)
+        for st in (step, *fused):
+            res = result if st is step else result.fused[st.key]
+            outputs = list(res.outputs) if res.outputs is not None else [o for o in st.outputs if "<" not in o]
+            res.checks = stage_checks(st.key, staging, outputs)
+    finally:
+        for value in run.shared.values():
+            close = getattr(value, "close", None)
+            if callable(close):
+                close()
+    return result

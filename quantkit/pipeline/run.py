@@ -1,155 +1,155 @@
-"""Running one job: the single place where check → resolve → calibrate → backend steps → evaluate → card → publish
-happens, for `quantkit gguf|gptq|exl2 ...` and for every model of a recipe alike.
+"""Running one job: check → resolve → plan → execute → results, for `quantkit gguf|gptq|exl2 ...` and for every
+model of a recipe alike.
 
 Backends that cannot run here (missing engine, no CUDA, an architecture the engine cannot take) are refused before
 the source is resolved, so nothing is downloaded for nothing. The workspace lock is held from the first write to
-the last; a rerun skips every finished step (the workspace decides, by fingerprint and intact outputs).
+the last; the plan's steps are run by the executor loop (`quantkit.pipeline.execute`), which skips every finished
+step (the workspace decides, by fingerprint and intact outputs). The summary rows are read back from what the
+steps recorded, so a run that made everything and a rerun that skipped everything report the same.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Collection
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from quantkit import console
 from quantkit.errors import QuantkitError
 from quantkit.pipeline.job import FormatJob, FormatResult, Job, JobResult, row
-from quantkit.workspace import fingerprint
+from quantkit.steps import Step
 
 
-def refusal(fmt: str, arch: Any = None) -> tuple[Any, str | None, str]:
-    """The backend, why it cannot run (None when it can) and what to do about it."""
-    from quantkit.backends import base
+@dataclass
+class Opened:
+    """A job whose checks passed and whose model is resolved, locked and planned (`plan` None: nothing to run;
+    `result` says why); `close` turns its steps' outcomes into the job's result."""
 
-    try:
-        backend = base.get_backend(fmt)
-    except getattr(base, "BackendLoadError", ()) as exc:  # a broken plugin: reported, not a crash
-        return None, exc.message, exc.hint or f"reinstall the package that provides {fmt}"
-    except QuantkitError:
-        raise  # an unknown format
-    except Exception as exc:  # noqa: BLE001 - a broken plugin is reported as such, not as a crash
-        return None, f"cannot load the {fmt} backend: {exc}", f"reinstall the package that provides {fmt}"
-    supports = getattr(backend, "supports", None)
-    if arch is not None and supports is not None and (why := supports(arch)):
-        return backend, why, "quantkit models lists which formats each architecture supports"
-    return backend, backend.check(), f"quantkit {fmt} --dry-run shows the plan"
+    job: Job
+    result: JobResult
+    formats: dict[str, FormatResult]
+    plan: Any = None
+
+    def finish(self) -> JobResult:
+        for fmt, res in self.formats.items():
+            if not res.rows:
+                res.rows = [row(self.result.model, fmt, status="not run", note="an earlier step failed")]
+        self.result.formats = list(self.formats.values())
+        return self.result
+
+    def close(self, outcomes: dict[str, Any]) -> JobResult:
+        out = self.result
+        out.work = any(o.state == "ran" for k, o in outcomes.items() if not k.endswith("/publish"))
+        for fplan in self.plan.formats:
+            if fplan.problem is None:
+                collect(self.plan, fplan, outcomes, self.formats[fplan.format], out)
+        return self.finish()
 
 
-def run_job(job: Job, *, keep_going: bool = False, strict: bool = False) -> JobResult:
-    """Run one job. With `strict` (a one-model command) the first error is raised as it is; otherwise each
-    format's failure becomes a row and, with `keep_going`, the other formats still run."""
+def open_job(job: Job, stack: ExitStack, *, keep_going: bool = False, strict: bool = False) -> Opened:
+    """Check the job's formats, resolve its model, take its workspace's lock (held until `stack` closes) and plan
+    it. Formats that cannot run here are refused (or, in a recipe, skipped) before anything is downloaded."""
     from quantkit.calibration import check as check_calibration
     from quantkit.lock import holding
+    from quantkit.pipeline.plan import default_name, plan_model, refusal
     from quantkit.source import architecture_of, resolve
     from quantkit.threads import set_threads
     from quantkit.workspace import Workspace, record_model
 
-    shown_name = job.name or _default_name(job.source)
-    out = JobResult(model=shown_name)
-    results: dict[str, FormatResult] = {f.format: FormatResult(f.format) for f in job.formats}
+    shown_name = job.name or default_name(job.source)
+    opened = Opened(job, JobResult(model=shown_name), {f.format: FormatResult(f.format) for f in job.formats})
+    out, results = opened.result, opened.formats
     check_calibration(job.settings.calibration)  # a bad file is refused now, not after conversion
     arch = architecture_of(job.source)  # an alias or a local folder: known without a download
-    backends: dict[str, tuple[Any, FormatJob]] = {}
+    usable: list[FormatJob] = []
     for fj in job.formats:
         backend, reason, hint = refusal(fj.format, arch)
         if reason is None:
-            backends[fj.format] = (backend, fj)
+            usable.append(fj)
             continue
         if strict:
             raise QuantkitError(reason, hint)
         if fj.required:
             msg = f"required by the recipe but cannot run here: {reason}"
-            console.console.print(f"[red]{shown_name} {fj.format} failed:[/] {msg}", highlight=False)
+            console.console.print(f"[red]{console.escape(shown_name)} {fj.format} failed:[/] {console.escape(msg)}",
+                                  highlight=False)
             results[fj.format].rows = [row(shown_name, fj.format, status="failed", note=msg)]
             out.failed = True
         else:
-            console.warn(f"{shown_name}: skipping {fj.format}: {reason}")
+            console.warn(console.escape(f"{shown_name}: skipping {fj.format}: {reason}"))
             results[fj.format].rows = [row(shown_name, fj.format, status="skipped", note=reason)]
-
-    def finish() -> JobResult:
-        for fmt, res in results.items():
-            if not res.rows:
-                res.rows = [row(out.model, fmt, status="not run", note="an earlier step failed")]
-        out.formats = list(results.values())
-        return out
-
-    if not backends or (out.failed and not keep_going):
-        return finish()
+    if not usable or (out.failed and not keep_going):
+        return opened
     set_threads(job.settings.threads)  # torch, llama.cpp and the child processes
     try:
-        ckpt = resolve(job.source, require=_requirement(backends))
+        ckpt = resolve(job.source, require=_requirement(usable))
         ckpt.tensors  # noqa: B018 - headers and the shard index are checked now, before any work
     except QuantkitError as exc:
         if strict:
             raise
-        console.console.print(f"[red]{shown_name}: cannot resolve {job.source}:[/] {exc}", highlight=False)
-        for fmt in backends:
-            results[fmt].rows = [row(shown_name, fmt, status="failed", note=f"resolve: {exc}")]
+        console.console.print(f"[red]{console.escape(shown_name)}: cannot resolve {console.escape(job.source)}:[/] "
+                              f"{console.escape(str(exc))}", highlight=False)
+        for fj in usable:
+            results[fj.format].rows = [row(shown_name, fj.format, status="failed", note=f"resolve: {exc}")]
         out.failed = True
-        return finish()
+        return opened
     if job.name:
         ckpt.name = job.name
     out.model = ckpt.name
     ws = Workspace(job.workspace_for(ckpt.name))
     out.workspace = str(ws.root)
-    with holding(ws.root, clean=True):  # one writer: another run on this workspace makes this refuse
-        before = _steps_snapshot(ws)
-        record_model(ws, ckpt)
-        from quantkit.backends.base import JobContext
-
-        s = job.settings
-        ctx = JobContext(checkpoint=ckpt, workspace=ws, calibration=s.calibration, calib_samples=s.calib_samples,
-                         calib_seq_len=s.calib_seq_len, seed=s.seed, threads=s.threads,
-                         evaluation=(s.eval, s.ctx) if s.eval else None, command=job.command)
-        for fmt, (backend, fj) in backends.items():
-            if out.failed and not keep_going:
-                break
-            try:
-                run_format(job, fj, backend, ctx, results[fmt])
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:  # noqa: BLE001 - one format's failure is reported, the rest may go on
-                if strict:
-                    raise
-                msg = str(exc) if isinstance(exc, QuantkitError) else f"{type(exc).__name__}: {exc}"
-                console.console.print(f"[red]{out.model} {fmt} failed:[/] {msg}", highlight=False)
-                results[fmt].rows = [row(out.model, fmt, status="failed",
-                                         note=msg.splitlines()[0][:300] if msg else "")]
-                results[fmt].error = exc
-                out.failed = True
-        out.work = out.work or _steps_snapshot(ws) != before
-    return finish()
+    stack.enter_context(holding(ws.root, clean=True))  # one writer: another run on this workspace refuses
+    record_model(ws, ckpt)
+    plan = plan_model(replace(job, formats=tuple(usable)), ckpt, ws, check=False)
+    for fplan in plan.formats:
+        if fplan.problem is not None:
+            if strict:
+                raise QuantkitError(fplan.problem, f"quantkit {fplan.format} --help")
+            _failed(out, results[fplan.format], fplan.format, QuantkitError(fplan.problem))
+    if out.failed and not keep_going:
+        return opened
+    for fj in usable:
+        console.info(console.escape(f"{out.model}: {fj.format} " + "; ".join(_describe(o) for o in fj.options)))
+    opened.plan = plan
+    return opened
 
 
-def _requirement(backends: dict[str, tuple[Any, FormatJob]]) -> Any:
-    """An architecture check for `resolve`: the first format that cannot take the checkpoint refuses it."""
-    checks = [b.supports for b, _ in backends.values() if getattr(b, "supports", None)]
-    if not checks:
-        return None
+def run_job(job: Job, *, keep_going: bool = False, strict: bool = False) -> JobResult:
+    """Run one job here. With `strict` (a one-model command) the first error is raised as it is; otherwise each
+    format's failure becomes a row and, with `keep_going`, the other formats still run."""
+    from quantkit.pipeline.execute import execute
 
-    def require(arch: Any) -> str | None:
-        return next((why for check in checks if (why := check(arch))), None)
+    with ExitStack() as stack:
+        opened = open_job(job, stack, keep_going=keep_going, strict=strict)
+        if opened.plan is None:
+            return opened.finish()
+        return opened.close(execute(opened.plan, keep_going=keep_going, strict=strict))
 
-    return require
 
-
-def run_format(job: Job, fj: FormatJob, backend: Any, ctx: Any, res: FormatResult) -> None:
-    """One format of one model: backend steps, evaluation and gate, publishing; fills `res`."""
-    ws, name, s = ctx.workspace, ctx.checkpoint.name, job.settings
-    artifacts = []
-    for opts in fj.options:
-        console.info(f"{name}: {fj.format} {_describe(opts)}")
-        artifacts += backend.run(ctx, opts)
-    res.artifacts = [a.to_manifest(ws) | {"path": ws.rel(a.path)} for a in artifacts]
-    rows = {ws.rel(a.path): row(name, fj.format, quant=a.quant, status="ok", size=a.size, bpw=a.bpw,
-                                artifact=ws.rel(a.path)) for a in artifacts}
+def collect(plan: Any, fplan: Any, outcomes: dict[str, Any], res: FormatResult, out: JobResult) -> None:
+    """A format's result from its steps' outcomes and records: artifact rows, the evaluation, publishing."""
+    ws = plan.ctx.workspace
+    name, fmt = out.model, fplan.format
+    failed = next((outcomes[k] for k in [*_shared_inputs(plan, fplan), *fplan.keys]
+                   if k in outcomes and outcomes[k].state == "failed"), None)
+    if failed is not None:
+        _failed(out, res, fmt, failed.error)
+        return
+    keys: list[str] = []
+    for k in fplan.artifact_keys:
+        outcome = outcomes.get(k)
+        if outcome is not None and outcome.finished:
+            rec = ws.recorded(k)
+            keys += [a for a in (rec.artifacts if rec else []) if a in ws.artifacts and a not in keys]
+    res.artifacts = [ws.artifacts[k] | {"path": k} for k in keys]
+    rows = {k: row(name, fmt, quant=e["quant"], status="ok", size=e.get("size"), bpw=e.get("bpw"), artifact=k)
+            for k, e in ((a["path"], a) for a in res.artifacts)}
     res.rows = list(rows.values())
-    if s.eval:
-        from quantkit.evaluate import evaluate_workspace
-
-        report = evaluate_workspace(ws, only=[a.path for a in artifacts], eval_spec=s.eval, n_ctx=s.ctx,
-                                    chunks=s.chunks, max_ppl_increase=s.max_ppl_increase, max_kld=s.max_kld,
-                                    drift=drift_settings(s.drift, s.max_drift))
+    evaluated = outcomes.get(f"{fmt}/evaluate")
+    if evaluated is not None and evaluated.finished:
+        report = evaluated.info.get("report") or {}
         res.eval = report
         for r in report.get("rows", []):
             found = rows.get(r.get("artifact"))
@@ -162,82 +162,66 @@ def run_format(job: Job, fj: FormatJob, backend: Any, ctx: Any, res: FormatResul
             if not r.get("passed", True):
                 found["status"] = "failed gate"
                 found["note"] = "; ".join(r.get("reasons") or [])
-        _reload(ws)
-    if s.publish:
-        res.publish = publish(job, fj, ws, res.rows)
+    published = outcomes.get(f"{fmt}/publish")
+    if published is not None and published.finished:
+        info = dict(published.info)
+        if published.state == "done":
+            console.info(f"skip publishing {fmt}: already on {info.get('url')}")
+            info["skipped"] = "already published"
+        res.publish = info
+        refused = {r.get("artifact") for r in info.get("refused", [])}
+        for r in res.rows:
+            if r["status"] == "failed gate" and not plan.ctx.settings.force or r["artifact"] in refused:
+                r["repo"] = "not published (failed the gate)"
+                if r["status"] == "ok":
+                    r["status"] = "failed gate"
+            elif info.get("published"):
+                r.update(repo=info.get("repo"), url=info.get("url"))
+    elif published is not None and published.state == "not run" and not res.rows:
+        res.rows = [row(name, fmt, status="not run", note="an earlier step failed")]
 
 
-def drift_settings(enabled: bool, max_drift: float) -> Any:
-    """The drift check's settings (built-in prompts and defaults), or None when it is off."""
-    if not enabled:
+def _shared_inputs(plan: Any, fplan: Any) -> list[str]:
+    """The model's own steps a format's steps read (resolve, calibrate)."""
+    mine = set(fplan.keys)
+    return [s.key for s in plan.steps if s.format is None and any(s.key in t.inputs for t in plan.steps
+                                                                   if t.key in mine)]
+
+
+def failed_job(job: Job, exc: BaseException) -> JobResult:
+    """The result of a job that stopped before its steps: every format failed with the message."""
+    name = job.name
+    if not name:
+        from quantkit.models import default_name
+
+        name = default_name(job.source)
+    msg = str(exc) if isinstance(exc, QuantkitError) else f"{type(exc).__name__}: {exc}"
+    return JobResult(model=name, failed=True, formats=[
+        FormatResult(f.format, rows=[row(name, f.format, status="failed", note=msg.splitlines()[0][:300])],
+                     error=exc) for f in job.formats])
+
+
+def _failed(out: JobResult, res: FormatResult, fmt: str, exc: BaseException | None) -> None:
+    msg = (str(exc) if isinstance(exc, QuantkitError) else f"{type(exc).__name__}: {exc}") if exc else "failed"
+    console.console.print(f"[red]{console.escape(out.model)} {fmt} failed:[/] {console.escape(msg)}",
+                          highlight=False)
+    res.rows = [row(out.model, fmt, status="failed", note=msg.splitlines()[0][:300] if msg else "")]
+    res.error = exc
+    out.failed = True
+
+
+def _requirement(formats: list[FormatJob]) -> Any:
+    """An architecture check for `resolve`: the first format that cannot take the checkpoint refuses it."""
+    from quantkit.backends.base import get_backend
+
+    checks = [b.supports for b in (get_backend(f.format) for f in formats) if getattr(b, "supports", None)]
+    if not checks:
         return None
-    from quantkit.generate import DriftSettings
 
-    return DriftSettings(max_drift=max_drift)
+    def require(arch: Any) -> str | None:
+        return next((why for check in checks if (why := check(arch))), None)
 
-
-def publish_fingerprint(ws: Any, fmt: str, repo: str, private: bool) -> str:
-    """What publishing `fmt` depends on: the repo, its visibility, and each artifact's size, fingerprint and gate.
-    The run skips publishing, and the plan says it is done, only while this is unchanged."""
-    state = sorted((k, e.get("size"), e.get("fingerprint"), (e.get("gate") or {}).get("passed"))
-                   for k, e in ws.artifacts.items() if e.get("format") == fmt)
-    return fingerprint("publish", repo, private, state)
-
-
-def publish_step_key(fmt: str) -> str:
-    return f"publish.{fmt}"
-
-
-def publish(job: Job, fj: FormatJob, ws: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Publish one format unless the same artifacts went to the same repo already; gate failures stay home
-    (unless the job forces them)."""
-    from quantkit.publish import publish_format
-
-    s = job.settings
-    passing = [r for r in rows if s.force or r["status"] != "failed gate"]
-    for r in rows:
-        if r not in passing:
-            r["repo"] = "not published (failed the gate)"
-    if not passing:
-        console.warn(f"{fj.format}: every artifact failed the quality gate; nothing is published")
-        return {"published": False, "reason": "every artifact failed the quality gate"}
-    target = fj.repo or _default_repo(ws, fj.format)
-    fp = publish_fingerprint(ws, fj.format, target, s.private)
-    step = publish_step_key(fj.format)
-    if ws.is_done(step, fp):
-        info = ws.step_info(step)
-        console.info(f"[dim]skip[/] publishing {fj.format}: already on {info.get('url')}")
-        for r in passing:
-            r.update(repo=info.get("repo"), url=info.get("url"))
-        return {"repo": info.get("repo"), "url": info.get("url"), "skipped": "already published"}
-    result = publish_format(ws, fj.format, repo=fj.repo, private=s.private, force=s.force)
-    _reload(ws)
-    refused = {x.get("artifact") for x in result.get("refused", [])}
-    for r in rows:
-        if r["artifact"] in refused:
-            r["repo"] = "not published (failed the gate)"
-            if r["status"] == "ok":
-                r["status"] = "failed gate"
-        elif r in passing:
-            r.update(repo=result.get("repo"), url=result.get("url"))
-    for ref in result.get("refused", []):
-        console.warn(f"not published: {ref.get('quant')} failed the quality gate "
-                     f"({', '.join(ref.get('reasons') or []) or 'see the eval table'})")
-    ws.record_step(step, fp, [], repo=result.get("repo"), url=result.get("url"))
-    return result
-
-
-def _default_repo(ws: Any, fmt: str) -> str:
-    """The repo name publishing picks when none is given (the token's user is added by the Hub client)."""
-    from quantkit.card import default_repo_name
-
-    return default_repo_name(ws, fmt)
-
-
-def _default_name(spec: str) -> str:
-    from quantkit.pipeline.plan import default_name
-
-    return default_name(spec)
+    return require
 
 
 def _describe(opts: Any) -> str:
@@ -245,16 +229,73 @@ def _describe(opts: Any) -> str:
     return ", ".join(f"{k}={v}" for k, v in data.items()) or "defaults"
 
 
-def _reload(ws: Any) -> None:
-    """Re-read the manifest (another module may have written it through its own Workspace)."""
-    from quantkit.workspace import Workspace
+@dataclass
+class Made:
+    """An artifact a run made (or found made), as its manifest entry says."""
 
-    ws.data = Workspace(ws.root).data
+    key: str  # workspace-relative
+    path: Path
+    entry: dict[str, Any]
+
+    @property
+    def quant(self) -> str:
+        return str(self.entry.get("quant"))
+
+    @property
+    def size(self) -> int:
+        return int(self.entry.get("size") or 0)
+
+    @property
+    def bpw(self) -> float | None:
+        return self.entry.get("bpw")
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.entry
+
+    @property
+    def files(self) -> list[Path]:
+        root = self.path.parents[len(Path(self.key).parts) - 1]
+        return [root / f for f in self.entry.get("files") or [self.key]]
 
 
-def _steps_snapshot(ws: Any) -> str:
-    from quantkit.workspace import Workspace
+def plan_for(ctx: Any, fmt: str, *options: Any) -> list[Step]:
+    """The steps `make` would run for these options (status and fingerprints included), without running any."""
+    from quantkit.pipeline.plan import plan_model
 
-    fresh = Workspace(ws.root)
-    return json.dumps({k: (v.get("fingerprint"), v.get("finished")) for k, v in fresh.steps.items()
-                       if not k.startswith(("recipe.", "publish."))}, sort_keys=True)
+    return plan_model(_job_of(ctx, fmt, options), ctx.checkpoint, ctx.workspace).steps
+
+
+def _job_of(ctx: Any, fmt: str, options: tuple[Any, ...]) -> Job:
+    ckpt, ws = ctx.checkpoint, ctx.workspace
+    return Job(source=str(ckpt.path), formats=(FormatJob(fmt, tuple(options)),), settings=ctx.settings,
+               name=ckpt.name, workspace=ws.root, command=ctx.command)
+
+
+def make(ctx: Any, fmt: str, *options: Any, keep_going: bool = False,
+         only: Collection[str] | None = None) -> list[Made]:
+    """Make one format's artifacts of `ctx.checkpoint` in `ctx.workspace` through the pipeline (plan, execute,
+    record), from Python: what `quantkit <fmt>` does without the command line (`only`: just these steps). Returns
+    the artifacts in plan order; the first failure is raised."""
+    from quantkit.lock import holding
+    from quantkit.pipeline.execute import execute
+    from quantkit.pipeline.plan import plan_model
+    from quantkit.workspace import record_model
+
+    ckpt, ws = ctx.checkpoint, ctx.workspace
+    job = _job_of(ctx, fmt, options)
+    with holding(ws.root, clean=True):
+        record_model(ws, ckpt)
+        plan = plan_model(job, ckpt, ws)
+        (fplan,) = plan.formats
+        if fplan.reason is not None:
+            raise QuantkitError(fplan.reason, fplan.hint or None)
+        if fplan.problem is not None:
+            raise QuantkitError(fplan.problem)
+        outcomes = execute(plan, keep_going=keep_going, strict=True, only=only)
+    out: list[Made] = []
+    for key in fplan.artifact_keys:
+        rec = ws.recorded(key) if outcomes.get(key) and outcomes[key].finished else None
+        for art in rec.artifacts if rec else []:
+            out.append(Made(art, ws.abs(art), dict(ws.artifacts[art])))
+    return out

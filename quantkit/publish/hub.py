@@ -13,6 +13,7 @@ is scrubbed from every error message; every file is scanned for it and for this 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -76,10 +77,11 @@ def publish_format(ws: Workspace, fmt: str, *, repo: str | None = None, private:
         user = str(who.get("name") or "")
         target = _repo_id(repo, user, ws, fmt)
         _check_role(who, target)
-        return publish_folder(ws, lay, api=api, repo=target, private=private, token=token)
+        return publish_folder(ws, lay, api=api, repo=target, private=private, token=token, force=force)
 
 
-def publish_folder(ws: Workspace, lay: Layout, *, api: Any, repo: str, private: bool, token: str) -> dict[str, Any]:
+def publish_folder(ws: Workspace, lay: Layout, *, api: Any, repo: str, private: bool, token: str,
+                   force: bool = False) -> dict[str, Any]:
     """Render the card, create the repo and branches, and commit every group that is not on the Hub yet."""
     fmt = lay.fmt
     write_card(ws, fmt, repo=repo, include=lay.included)
@@ -87,8 +89,10 @@ def publish_folder(ws: Workspace, lay: Layout, *, api: Any, repo: str, private: 
         if it.path_in_repo == CARD_NAME:
             it.size = it.local.stat().st_size
     check_files(ws, lay, token)  # after the card is written: it carries the original model card
+    check_bytes(ws, lay, force=force)  # exactly what was made and verified, or nothing
     for r in lay.refused:
-        why = "failed verification" if r.get("failed_verification") else "failed the quality gate"
+        why = ("failed verification" if r.get("failed_verification") else "was never verified"
+               if r.get("unverified") else "failed the quality gate")
         console.warn(f"not publishing {r['quant']}: it {why}"
                      + (f" ({', '.join(r['reasons'])})" if r["reasons"] else "") + "; --force publishes it")
     if console.is_quiet():
@@ -191,6 +195,10 @@ def hub_token() -> str:
         raise QuantkitError("no Hugging Face token: publishing needs one with write access",
                             "set HF_TOKEN or run `hf auth login` (create a write token at "
                             "https://huggingface.co/settings/tokens)")
+    if not token.isascii() or not token.isprintable() or any(c.isspace() for c in token):
+        where = "HF_TOKEN" if os.environ.get("HF_TOKEN") else "the saved Hub token"
+        raise QuantkitError(f"{where} holds characters no Hub token has (non-ASCII, spaces or control characters)",
+                            "copy the token again from https://huggingface.co/settings/tokens")
     return token
 
 
@@ -229,6 +237,35 @@ def _api(token: str) -> Any:
     return HfApi(token=token, library_name="quantkit")
 
 
+def check_bytes(ws: Workspace, lay: Layout, *, force: bool = False) -> None:
+    """Every artifact file about to be uploaded is hashed again: it must be the bytes its step made and its
+    verification checked. A file that changed since (or whose record has no hash) stops the upload in one line
+    naming it, unless `force` (then it is said, and sent)."""
+    for _, it in lay.items():
+        if it.planned or it.artifact is None:
+            continue
+        entry = ws.artifacts.get(it.artifact) or {}
+        rel = ws.rel(it.local)
+        made = (entry.get("sha256") or {}).get(rel)
+        checked = ((entry.get("verify") or {}).get("sha256") or {})
+        checked = checked.get(rel) if isinstance(checked, dict) else None
+        now = it.sha256()
+        why = None
+        if made is None:
+            why = "the manifest has no hash of it (made by an older quantkit)"
+        elif now != made:
+            why = f"it changed since it was made (sha256 {now[:12]}…, recorded {made[:12]}…)"
+        elif checked is not None and checked != now:
+            why = f"it is not the file that was verified (sha256 {now[:12]}…, verified {checked[:12]}…)"
+        if why is None:
+            continue
+        if force:
+            console.warn(f"publishing {rel} although {why} (--force)")
+            continue
+        raise QuantkitError(f"not publishing {rel}: {why}",
+                            "rerun the command that made it to rebuild and verify it, or pass --force")
+
+
 def check_files(ws: Workspace, lay: Layout, token: str | None) -> None:
     """Every file about to be uploaded is scanned for the token and for paths of this machine (`quantkit.scan`)."""
     from quantkit.scan import machine_paths, scan_files
@@ -242,5 +279,5 @@ def check_files(ws: Workspace, lay: Layout, token: str | None) -> None:
         if spec and not spec.startswith(("builtin:", "hf:")) and "/" in spec:
             extra.append(str(Path(spec).expanduser().resolve().parent))
     files = {(it.path_in_repo, it.local) for _, it in lay.items() if not it.planned and it.local.is_file()}
-    scan_files(sorted(files), token=token, paths=machine_paths(ws.root, extra))
+    scan_files(sorted(files), token=token, paths=machine_paths(ws.root, extra), fmt=lay.fmt)
 

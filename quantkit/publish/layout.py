@@ -123,8 +123,9 @@ def layout(ws: Workspace, fmt: str, *, force: bool = False, planned: list[dict[s
     kept = [(k, e) for k, e in arts if not (_blocked(e) and not force)]
     if not kept:
         what = "; ".join(f"{r['quant']} ({', '.join(r['reasons']) or 'failed'})" for r in refused)
-        if any(r["failed_verification"] for r in refused):
-            raise QuantkitError(f"every {fmt} artifact failed verification or the quality gate: {what}",
+        if any(r["unverified"] for r in refused):
+            raise QuantkitError(f"every {fmt} artifact failed (or never had) verification, or failed the quality "
+                                f"gate: {what}",
                                 "rerun the command that made them to rebuild and verify them, or pass --force to "
                                 "publish them anyway")
         raise GateFailed(f"every {fmt} artifact failed the quality gate: {what}",
@@ -170,19 +171,27 @@ def layout(ws: Workspace, fmt: str, *, force: bool = False, planned: list[dict[s
 
 
 def verify_failed(entry: dict[str, Any]) -> bool:
+    """Its verification ran and failed."""
     return (entry.get("verify") or {}).get("passed") is False
 
 
+def unverified(entry: dict[str, Any]) -> bool:
+    """It was never verified (made with --no-verify, or its verification never ran)."""
+    return not entry.get("_planned") and (entry.get("verify") or {}).get("passed") is not True
+
+
 def _blocked(entry: dict[str, Any]) -> bool:
-    return gate_failed(entry) or verify_failed(entry)
+    return gate_failed(entry) or unverified(entry)
 
 
 def _refusal(key: str, entry: dict[str, Any]) -> dict[str, Any]:
     reasons = list((entry.get("gate") or {}).get("reasons") or []) if gate_failed(entry) else []
     if verify_failed(entry):
         reasons.insert(0, "failed verification: " + str((entry.get("verify") or {}).get("error") or "")[:200])
+    elif unverified(entry):
+        reasons.insert(0, "never verified (made with --no-verify, or its check did not run)")
     return {"artifact": key, "quant": entry.get("quant"), "reasons": reasons,
-            "failed_verification": verify_failed(entry)}
+            "failed_verification": verify_failed(entry), "unverified": unverified(entry)}
 
 
 def _planned_artifacts(ws: Workspace, backend: BackendBase, planned: list[dict[str, Any]],

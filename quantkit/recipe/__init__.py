@@ -45,7 +45,7 @@ from quantkit.pipeline import (
     plan_job,
     summarize,
 )
-from quantkit.pipeline.run import drift_settings, publish_fingerprint
+from quantkit.pipeline.actions import drift_settings
 from quantkit.recipe.load import load_recipe
 from quantkit.recipe.schema import (
     DEFAULT_WORKSPACE,
@@ -61,7 +61,7 @@ from quantkit.recipe.schema import (
 
 __all__ = ["DEFAULT_WORKSPACE", "ESTIMATED", "Defaults", "Gates", "Problem", "Recipe", "RecipeError",
            "backend_options", "backend_sections", "count_steps", "default_name", "drift_settings", "failure",
-           "jobs", "load_recipe", "plan", "publish_fingerprint", "recipe_schema", "run_recipe", "settings"]
+           "jobs", "load_recipe", "plan", "recipe_schema", "run_recipe", "settings"]
 
 
 def _select(recipe: Recipe, only: list[str] | None, models: list[str] | None) -> list[tuple[Any, list[str]]]:

@@ -13,9 +13,9 @@ from pydantic import BaseModel, ValidationError
 from quantkit.calibration import CalibrationSpec
 from quantkit.errors import QuantkitError
 from quantkit.hubname import HUB_ID
-from quantkit.models import DEMO_ALIAS, find_known
-from quantkit.pipeline.plan import default_name
+from quantkit.models import default_name, find_known
 from quantkit.recipe.schema import Problem, Recipe, RecipeError, _source_spec, recipe_schema
+from quantkit.workspace import safe_dir_name
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -177,12 +177,12 @@ def _semantic_problems(spec: Any, root: Any, shown: str, base: Path) -> list[Pro
     from quantkit.source import looks_like_path
 
     out: list[Problem] = []
-    names: dict[str, int] = {}
+    names: dict[str, tuple[int, int]] = {}
     for i, entry in enumerate(spec.models):
         node, _, where, _ = _walk(root, ("models", i, "source"))
         line = node.start_mark.line + 1
         src = _source_spec(entry.source, base)
-        if src != DEMO_ALIAS and find_known(src) is None:
+        if find_known(src) is None:
             local = Path(src)
             if looks_like_path(entry.source) or local.is_absolute():
                 if not local.exists():
@@ -192,12 +192,14 @@ def _semantic_problems(spec: Any, root: Any, shown: str, base: Path) -> list[Pro
                 out.append(Problem(shown, line, where, f"unknown model or alias '{entry.source}'",
                                    "use an alias from `quantkit models`, a Hub id (org/name), a folder or demo"))
         name = entry.name or default_name(src)
-        if name in names:
+        folder = safe_dir_name(name)  # the workspace folder: names that differ only there still collide
+        if folder in names:
             node, _, where, _ = _walk(root, ("models", i))
+            j, first_line = names[folder]
             out.append(Problem(shown, node.start_mark.line + 1, where,
-                               f"two models are named '{name}' (also models[{names[name]}]): they would share a "
-                               "workspace", "give one of them a different `name:`"))
-        names.setdefault(name, i)
+                               f"models[{j}] (line {first_line}) and models[{i}] (line {node.start_mark.line + 1}) "
+                               f"would share the workspace {folder}/", "give one of them a different `name:`"))
+        names.setdefault(folder, (i, _walk(root, ("models", i))[0].start_mark.line + 1))
     return out
 
 

@@ -25,8 +25,7 @@ from pydantic import model_validator as _model_validator
 from quantkit.calibration import DEFAULT_CALIBRATION, DEFAULT_EVAL, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, CalibrationSpec
 from quantkit.errors import QuantkitError
 from quantkit.hubname import HUB_ID, REPO_NAME
-from quantkit.models import DEMO_ALIAS
-from quantkit.pipeline.plan import default_name
+from quantkit.models import default_name, find_known
 
 DEFAULT_WORKSPACE = "quants"
 DEFAULT_CTX = 512
@@ -342,7 +341,8 @@ class Recipe:
 def _source_spec(source: str, base: Path) -> str:
     from quantkit.source import looks_like_path
 
-    if source == DEMO_ALIAS:
+    known = find_known(source)
+    if known is not None and known.built_here:
         return source
     local = Path(source).expanduser()
     if local.is_absolute():

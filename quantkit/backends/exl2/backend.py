@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from pydantic import BaseModel
 
 from quantkit import __version__, console
 from quantkit.arch import Architecture
-from quantkit.backends.base import Artifact, JobContext, tool_version
+from quantkit.backends.base import JobContext, calibration_summary, tool_version
 from quantkit.backends.exl2.calib import (
     CalibrationFile,
     count_tokens,
@@ -58,11 +57,8 @@ from quantkit.backends.exl2.work import clear_work, output_complete, quant_metho
 from quantkit.calibration import CalibrationData, export_parquet, load
 from quantkit.errors import MissingDependency, QuantkitError
 from quantkit.source import Checkpoint
+from quantkit.steps import RESOLVE, Resources, Step, StepResult, StepRun
 from quantkit.workspace import check_disk, fingerprint, temp_name
-
-
-def _folder_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
 def _cuda_reason() -> str | None:
@@ -82,6 +78,8 @@ class EXL2Backend(EXL2Sections):
 
     name = "exl2"
     description = "EXL2 (exllamav2, CUDA)"
+    command_help = ("Quantize to EXL2 (exllamav2) at one or more bitrates, calibrated on Russian text; needs an "
+                    "NVIDIA GPU.")
     options_model = EXL2Options
     resources = {"*": {"gpus": 1.0}}  # every step needs CUDA (a cluster executor schedules it on a GPU)
 
@@ -102,92 +100,54 @@ class EXL2Backend(EXL2Sections):
             return None
         return arch.exl2_note or f"exllamav2 0.3.2 does not support {'/'.join(arch.hf_names)}"
 
-    def plan(self, ctx: JobContext, options: BaseModel) -> list[dict[str, Any]]:
-        """The steps of `run` with outputs, sizes, calibration tokens needed vs present, and what is done."""
+    def steps(self, ctx: JobContext, options: BaseModel) -> list[Step]:
+        """The calibration parquet, one measurement reused by every bitrate, one conversion per bitrate; the
+        parquet's token count is checked against what the passes need (a ``problem`` on its step)."""
         opts = self._options(options)
-        ws, ckpt = ctx.workspace, ctx.checkpoint
+        ckpt = ctx.checkpoint
         st = settings(ctx, opts)
-        steps: list[dict[str, Any]] = []
-
-        calib_text = f"calibration parquet (needs {st.tokens_needed:,} tokens"
+        calib_text = f"calibration parquet from {calibration_summary(ctx)} (needs {st.tokens_needed:,} tokens"
         cal: CalibrationFile | None = None
         problem = None
-        try:
-            tokenizer = load_tokenizer(ckpt)
-            cal = self._calibration(ctx, tokenizer, None)
-        except MissingDependency:
-            calib_text += "; install transformers to count them)"
+        if ckpt is not None:
+            if not (ckpt.path / "tokenizer.json").exists():
+                raise QuantkitError(f"{ckpt.name} has no tokenizer.json, which exllamav2 0.3.2 needs",
+                                    "SentencePiece-only tokenizers are not supported by exllamav2; convert it first")
+            try:
+                cal = self._calibration(ctx, load_tokenizer(ckpt), None)
+            except MissingDependency:
+                calib_text += "; install transformers to count them)"
+            else:
+                calib_text += f", has {cal.tokens:,})"
+                if cal.tokens < st.tokens_needed:
+                    problem = str(self._too_few(cal, st))  # the format's run stops with it
+                    calib_text += " — too few"
         else:
-            calib_text += f", has {cal.tokens:,})"
-            if cal.tokens < st.tokens_needed:
-                problem = self._too_few(cal, st).message
-                calib_text += " — too few"
-        if not (ckpt.path / "tokenizer.json").exists():
-            problem = "exllamav2 0.3.2 needs a tokenizer.json (SentencePiece-only tokenizers are not supported)"
-            calib_text += " — no tokenizer.json"
-        parquet_done = cal is not None and ws.is_done("exl2/calibration", self.calibration_fingerprint(
-            ctx, cal.content_hash))
-        steps.append({"step": calib_text, "output": "exl2/calibration.parquet",
-                      "estimated_size": self._parquet_size(cal), "done": parquet_done,
-                      "tokens_needed": st.tokens_needed, "tokens_present": cal.tokens if cal else None,
-                      "problem": problem})
-
-        meas_fp = self.measurement_fingerprint(ctx, opts, cal.fingerprint) if cal else None
-        bit_fps = {b: self.bits_fingerprint(ctx, opts, cal.fingerprint, b) if cal else None for b in opts.bits}
-        bits_done = {b: fp is not None and ws.is_done(f"exl2/{bits_name(b)}", fp) for b, fp in bit_fps.items()}
-        meas_done = meas_fp is not None and (ws.is_done("exl2/measurement", meas_fp) or all(bits_done.values()))
-        steps.append({"step": f"measurement ({st.measure_rows} × {st.measure_length} tokens), reused by every bitrate",
-                      "output": "exl2/measurement.json", "estimated_size": self._measurement_size(ckpt),
-                      "done": meas_done})
+            calib_text += ")"
+        fp_cal = self.calibration_fingerprint(ctx) if ckpt is not None else ""
+        fp_meas = self.measurement_fingerprint(ctx, opts) if ckpt is not None else ""
+        gpu = Resources(gpus=1.0)
+        out = [
+            Step("exl2/calibrate", "calibrate", calib_text, inputs=(RESOLVE,), outputs=("exl2/calibration.parquet",),
+                 fingerprint=fp_cal, estimated_size=self._parquet_size(cal), action=self._build_parquet,
+                 extra=(("problem", problem), ("tokens_needed", st.tokens_needed),
+                        ("tokens_present", cal.tokens if cal else None))),
+            Step("exl2/measure", "measure", f"measurement ({st.measure_rows} × {st.measure_length} tokens), reused "
+                 "by every bitrate", inputs=("exl2/calibrate",), outputs=("exl2/measurement.json",),
+                 fingerprint=fp_meas, estimated_size=self._measurement_size(ckpt), resources=gpu,
+                 action=lambda run: self._measure(run, opts)),
+        ]
         for bits in opts.bits:
             name = bits_name(bits)
-            what = f"quantize {name[:-3]} bpw (head {opts.head_bits} bits, {st.rows} × {st.length} tokens)"
-            steps.append({"step": what,
-                          "output": f"exl2/{name}/", "estimated_size": estimate_size(ckpt, bits, opts.head_bits),
-                          "done": bits_done[bits], "bits": bits})
-        return steps
-
-    def run(self, ctx: JobContext, options: BaseModel) -> list[Artifact]:
-        """Parquet → measurement (once) → one conversion per bitrate; finished steps are skipped."""
-        opts = self._options(options)
-        ws, ckpt = ctx.workspace, ctx.checkpoint
-        st = settings(ctx, opts)
-        root = ws.dir("exl2")
-        if not (ckpt.path / "tokenizer.json").exists():
-            raise QuantkitError(f"{ckpt.name} has no tokenizer.json, which exllamav2 0.3.2 needs",
-                                "SentencePiece-only tokenizers are not supported by exllamav2; convert it first")
-        tokenizer = load_tokenizer(ckpt)
-        cal = self.prepare_calibration(ctx, tokenizer)
-        if cal.tokens < st.tokens_needed:
-            raise self._too_few(cal, st)
-        if cal.cyrillic_share < 0.5:
-            console.warn(f"calibration set {cal.spec} is only {cal.cyrillic_share:.0%} Cyrillic; "
-                         "quantkit is tuned for Russian text")
-
-        measurement = root / "measurement.json"
-        meas_fp = self.measurement_fingerprint(ctx, opts, cal.fingerprint)
-        pending = [b for b in opts.bits
-                   if not ws.is_done(f"exl2/{bits_name(b)}", self.bits_fingerprint(ctx, opts, cal.fingerprint, b))]
-        source = root / "source"
-        if pending:  # GPU work ahead (finished bitrates need neither the GPU nor the measurement)
-            self._require_gpu()
-            prepare_source(ckpt, source)
-            if ws.is_done("exl2/measurement", meas_fp):
-                console.info(f"measurement: reusing {ws.rel(measurement)}")
-            else:
-                self._measure(ctx, opts, st, cal, source, measurement, meas_fp)
-
-        artifacts = []
-        for bits in opts.bits:
-            fp = self.bits_fingerprint(ctx, opts, cal.fingerprint, bits)
-            name = bits_name(bits)
-            final = root / name
-            if ws.is_done(f"exl2/{name}", fp):
-                console.info(f"{name}: already done ({ws.rel(final)})")
-            else:
-                self._convert(ctx, opts, st, cal, source, measurement, bits, fp)
-            artifacts.append(self._artifact(ctx, opts, st, cal, bits, fp))
-        return artifacts
+            size = estimate_size(ckpt, bits, opts.head_bits) if ckpt is not None else (
+                int(ctx.n_params * (bits + 0.1) / 8) if ctx.n_params else None)
+            out.append(Step(f"exl2/quantize/{name}", "quantize",
+                            f"quantize {name[:-3]} bpw (head {opts.head_bits} bits, {st.rows} × {st.length} tokens)",
+                            inputs=("exl2/calibrate", "exl2/measure"), outputs=(f"exl2/{name}/",),
+                            fingerprint=self.bits_fingerprint(ctx, opts, bits) if ckpt is not None else "",
+                            estimated_size=size, resources=gpu, artifact=name, extra=(("bits", bits),),
+                            action=lambda run, bits=bits: self._convert(run, opts, bits)))
+        return out
 
     def owns(self, path: Path) -> bool:
         """An EXL2 model folder (``quant_method: exl2``), or a raw converter output with a measurement."""
@@ -216,11 +176,12 @@ class EXL2Backend(EXL2Sections):
         """Render the calibration set into a parquet at `path` (a temporary one when None) and count its tokens."""
         data = data or load(ctx.calibration)
         chat = ctx.checkpoint.instruct
+        final = ctx.workspace.root / "exl2" / "calibration.parquet" if ctx.workspace is not None else None
         if path is None:
             with tempfile.TemporaryDirectory(prefix="quantkit-exl2-") as tmp:
                 texts = read_parquet_texts(export_parquet(data, tokenizer, Path(tmp) / "c.parquet", chat=chat,
                                                           seed=ctx.seed))
-            path = ctx.workspace.root / "exl2" / "calibration.parquet"
+            path = final or Path("exl2/calibration.parquet")
         else:
             texts = read_parquet_texts(export_parquet(data, tokenizer, path, chat=chat, seed=ctx.seed))
         return CalibrationFile(path=path, fingerprint=texts_fingerprint(texts), tokens=count_tokens(texts, tokenizer),
@@ -228,43 +189,37 @@ class EXL2Backend(EXL2Sections):
                                spec=str(data.spec), content_hash=data.content_hash,
                                cyrillic_share=data.cyrillic_share(), text_bytes=sum(len(t.encode()) for t in texts))
 
-    def prepare_calibration(self, ctx: JobContext, tokenizer: Any) -> CalibrationFile:
-        """The calibration parquet in the workspace, built once per checkpoint × calibration set × seed."""
-        ws = ctx.workspace
-        path = ws.dir("exl2") / "calibration.parquet"
-        data = load(ctx.calibration)
-        step_fp = self.calibration_fingerprint(ctx, data.content_hash)
-        info = ws.step_info("exl2/calibration")
-        if ws.is_done("exl2/calibration", step_fp) and info.get("texts_fingerprint") and info.get("tokens"):
-            return CalibrationFile(path=path, fingerprint=info["texts_fingerprint"], tokens=int(info["tokens"]),
-                                   documents=int(info.get("documents", 0)), chat=bool(info.get("chat")),
-                                   spec=str(data.spec), content_hash=data.content_hash,
-                                   cyrillic_share=data.cyrillic_share(), text_bytes=int(info.get("text_bytes", 0)))
-        cal = self._calibration(ctx, tokenizer, path, data)
-        ws.record_step("exl2/calibration", step_fp, [path], texts_fingerprint=cal.fingerprint, tokens=cal.tokens,
-                       documents=cal.documents, chat=cal.chat, spec=cal.spec, calibration_hash=cal.content_hash,
-                       text_bytes=cal.text_bytes)
-        console.info(f"calibration: {ws.rel(path)} ({cal.documents} texts, {cal.tokens:,} tokens)")
-        return cal
+    def _build_parquet(self, run: StepRun) -> StepResult:
+        """The calibration parquet, built once per checkpoint × calibration set × seed."""
+        ctx = run.ctx
+        cal = self._calibration(ctx, load_tokenizer(ctx.checkpoint), run.path("exl2/calibration.parquet"))
+        if cal.cyrillic_share < 0.5:
+            console.warn(f"calibration set {cal.spec} is only {cal.cyrillic_share:.0%} Cyrillic; "
+                         "quantkit is tuned for Russian text")
+        console.info(f"calibration: exl2/calibration.parquet ({cal.documents} texts, {cal.tokens:,} tokens)")
+        return StepResult(info={"texts_fingerprint": cal.fingerprint, "tokens": cal.tokens,
+                                "documents": cal.documents, "chat": cal.chat, "spec": cal.spec,
+                                "calibration_hash": cal.content_hash, "text_bytes": cal.text_bytes,
+                                "cyrillic_share": round(cal.cyrillic_share, 4)})
 
     @staticmethod
-    def calibration_fingerprint(ctx: JobContext, content_hash: str) -> str:
+    def calibration_fingerprint(ctx: JobContext) -> str:
         """What the parquet depends on: checkpoint (tokenizer, chat template), calibration text, chat, seed."""
-        return fingerprint("exl2-calibration", ctx.checkpoint.fingerprint, content_hash, ctx.checkpoint.instruct,
-                           ctx.seed)
+        from quantkit.calibration import spec_hash
 
-    @staticmethod
-    def measurement_fingerprint(ctx: JobContext, options: EXL2Options, parquet_fp: str) -> str:
-        """What the measurement depends on: checkpoint, parquet texts, measurement rows and length."""
+        return fingerprint("exl2-calibration", ctx.checkpoint.fingerprint, spec_hash(ctx.calibration),
+                           ctx.checkpoint.instruct, ctx.seed)
+
+    def measurement_fingerprint(self, ctx: JobContext, options: EXL2Options) -> str:
+        """What the measurement depends on: the parquet, measurement rows and length."""
         st = settings(ctx, options)
-        return fingerprint("exl2-measurement", ctx.checkpoint.fingerprint, parquet_fp, st.measure_rows,
+        return fingerprint("exl2-measurement", self.calibration_fingerprint(ctx), st.measure_rows,
                            st.measure_length, CONFIG_FIX_VERSION)
 
-    def bits_fingerprint(self, ctx: JobContext, options: EXL2Options, parquet_fp: str, bits: float) -> str:
-        """What one bitrate depends on: the measurement, the parquet texts, and its own options."""
+    def bits_fingerprint(self, ctx: JobContext, options: EXL2Options, bits: float) -> str:
+        """What one bitrate depends on: the measurement, the parquet, and its own options."""
         st = settings(ctx, options)
-        return fingerprint("exl2-quant", ctx.checkpoint.fingerprint, parquet_fp,
-                           self.measurement_fingerprint(ctx, options, parquet_fp), bits, options.head_bits,
+        return fingerprint("exl2-quant", self.measurement_fingerprint(ctx, options), bits, options.head_bits,
                            st.rows, st.length, options.shard_size, CONFIG_FIX_VERSION)
 
     @staticmethod
@@ -286,7 +241,9 @@ class EXL2Backend(EXL2Sections):
         return cal.path.stat().st_size if cal.path.exists() else cal.text_bytes // 2  # parquet compresses text
 
     @staticmethod
-    def _measurement_size(ckpt: Checkpoint) -> int:
+    def _measurement_size(ckpt: Checkpoint | None) -> int | None:
+        if ckpt is None:
+            return None
         layers = int(ckpt.config.get("num_hidden_layers") or 1)
         return 40_000 * layers  # measurement.json: a few dozen KB of error tables per layer
 
@@ -296,95 +253,82 @@ class EXL2Backend(EXL2Sections):
         if reason is not None:
             raise QuantkitError(reason)
 
-    def _measure(self, ctx: JobContext, opts: EXL2Options, st: Settings, cal: CalibrationFile, source: Path,
-                 measurement: Path, fp: str) -> None:
+    def _measure(self, run: StepRun, opts: EXL2Options) -> StepResult:
+        """exllamav2's measurement pass (``-om``); an unfinished pass of the same inputs is resumed."""
+        self._require_gpu()
+        ctx = run.ctx
         ws = ctx.workspace
+        st = settings(ctx, opts)
+        parquet = run.input("exl2/calibrate").path
+        source = ws.root / "exl2" / "source"
+        prepare_source(ctx.checkpoint, source)
         work = ws.root / "exl2" / "work" / "measurement"
         done_file = work / "measurement.json"
         log = ws.root / "exl2" / "logs" / "measurement.log"
-        state = work_state(work, fp, done_file.exists())
+        state = work_state(work, run.step.fingerprint, done_file.exists())
         if state == "new":
-            reset_work(work, fp, log)
+            reset_work(work, run.step.fingerprint, log)
         elif state == "resume":
             console.info(f"measurement: resuming the unfinished pass in {ws.rel(work)}")
         if state != "finished":
             hidden = int(ctx.checkpoint.config.get("hidden_size") or 4096)
             check_disk(work, st.measure_rows * st.measure_length * hidden * 8, "the EXL2 measurement pass")
-            args = converter_args(source=source, work=work, parquet=cal.path, st=st, head_bits=opts.head_bits,
+            args = converter_args(source=source, work=work, parquet=parquet, st=st, head_bits=opts.head_bits,
                                   measurement_out=done_file)
             lines = run_converter(args, label="measurement", log=log)
             job = read_job(work)
             if not (job and job.get("progress") == "finished" and done_file.exists()):
                 raise converter_failed("measurement", lines, log)
-        os.replace(done_file, measurement)
+        os.replace(done_file, run.path("exl2/measurement.json"))
         clear_work(work)
-        ws.record_step("exl2/measurement", fp, [measurement], parquet=ws.rel(cal.path),
-                       measure_rows=st.measure_rows, measure_length=st.measure_length,
-                       exllamav2=tool_version("exllamav2"))
+        return StepResult(info={"parquet": "exl2/calibration.parquet", "measure_rows": st.measure_rows,
+                                "measure_length": st.measure_length, "exllamav2": tool_version("exllamav2")})
 
-    def _convert(self, ctx: JobContext, opts: EXL2Options, st: Settings, cal: CalibrationFile, source: Path,
-                 measurement: Path, bits: float, fp: str) -> None:
+    def _convert(self, run: StepRun, opts: EXL2Options, bits: float) -> StepResult:
+        """One bitrate from the measurement; its converter's working folder stays in the workspace, so a conversion
+        that stopped half way is resumed by the next run."""
+        self._require_gpu()
+        ctx = run.ctx
         ws = ctx.workspace
+        st = settings(ctx, opts)
         root = ws.root / "exl2"
         name = bits_name(bits)
-        final = root / name
-        partial = temp_name(final)
+        out = run.path(f"exl2/{name}")
+        partial = temp_name(root / name)  # the converter's output folder: stable, so a stopped conversion resumes
         work = root / "work" / name
         log = root / "logs" / f"{name}.log"
-        state = work_state(work, fp, output_complete(partial))
+        source = root / "source"
+        prepare_source(ctx.checkpoint, source)
+        parquet = run.input("exl2/calibrate").path
+        measurement = run.input("exl2/measure").path
+        state = work_state(work, run.step.fingerprint, output_complete(partial))
         if state == "new":
-            reset_work(work, fp, partial, log)
+            reset_work(work, run.step.fingerprint, partial, log)
         elif state == "resume":
             console.info(f"{name}: resuming the unfinished conversion in {ws.rel(work)}")
         if state != "finished":
             size = estimate_size(ctx.checkpoint, bits, opts.head_bits)
-            check_disk(root, 2 * size + st.rows * st.length * int(ctx.checkpoint.config.get("hidden_size") or 4096) * 8,
-                       f"the EXL2 {bits:g} bpw conversion")
-            args = converter_args(source=source, work=work, parquet=cal.path, st=st, head_bits=opts.head_bits,
+            check_disk(root, 2 * size + st.rows * st.length * int(ctx.checkpoint.config.get("hidden_size") or 4096)
+                       * 8, f"the EXL2 {bits:g} bpw conversion")
+            args = converter_args(source=source, work=work, parquet=parquet, st=st, head_bits=opts.head_bits,
                                   measurement=measurement, output=partial, bits=bits, shard_size=opts.shard_size)
             lines = run_converter(args, label=name, log=log)
             job = read_job(work)
             if not (job and job.get("progress") == "finished" and output_complete(partial)):
                 raise converter_failed(f"{bits:g} bpw conversion", lines, log)
         fix_config_file(partial / "config.json")
+        os.replace(partial, out)
         cal_ppl = calibration_perplexity(log)
-        if final.exists():  # an older conversion with other inputs: replace it
-            old = root / f".{name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            partial.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            partial.rename(final)
         clear_work(work)
-        ws.record_step(f"exl2/{name}", fp, [final], bits=bits, head_bits=opts.head_bits,
-                       calibration_perplexity=cal_ppl, exllamav2=tool_version("exllamav2"))
-        console.info(f"{name}: {ws.rel(final)}")
-
-    def _artifact(self, ctx: JobContext, opts: EXL2Options, st: Settings, cal: CalibrationFile, bits: float,
-                  fp: str) -> Artifact:
-        ws = ctx.workspace
-        name = bits_name(bits)
-        final = ws.root / "exl2" / name
-        files = _folder_files(final)
-        step = ws.step_info(f"exl2/{name}")
-        info = {
-            "fingerprint": fp,
-            "head_bits": opts.head_bits,
-            "calibration": {
-                "spec": cal.spec, "fingerprint": cal.content_hash, "parquet": ws.rel(cal.path),
-                "parquet_fingerprint": cal.fingerprint, "tokens": cal.tokens, "chat_template": cal.chat,
-                "rows": st.rows, "length": st.length, "measure_rows": st.measure_rows,
-                "measure_length": st.measure_length,
-            },
-            "measurement": "exl2/measurement.json",
-            "calibration_perplexity": step.get("calibration_perplexity"),
-            "tools": {"quantkit": __version__, "exllamav2": step.get("exllamav2") or tool_version("exllamav2"),
-                      "torch": tool_version("torch")},
-            "command": ctx.command,
-        }
-        art = Artifact(format="exl2", quant=name, path=final, files=files, size=sum(p.stat().st_size for p in files),
-                       bpw=bits, info=info)
-        ws.record_artifact(final, **art.to_manifest(ws))
-        return art
-
+        cal = run.input("exl2/calibrate").info
+        calibration = {"spec": cal.get("spec"), "fingerprint": cal.get("calibration_hash"),
+                       "parquet": "exl2/calibration.parquet", "parquet_fingerprint": cal.get("texts_fingerprint"),
+                       "tokens": cal.get("tokens"), "chat_template": cal.get("chat"), "rows": st.rows,
+                       "length": st.length, "measure_rows": st.measure_rows, "measure_length": st.measure_length}
+        tools = {"quantkit": __version__, "exllamav2": tool_version("exllamav2"), "torch": tool_version("torch")}
+        art = run.artifact(name, out, bpw=bits, head_bits=opts.head_bits, calibration=calibration,
+                           measurement="exl2/measurement.json", calibration_perplexity=cal_ppl, tools=tools)
+        console.info(f"{name}: exl2/{name}")
+        return StepResult(artifacts=art, info={"bits": bits, "head_bits": opts.head_bits,
+                                               "calibration_perplexity": cal_ppl,
+                                               "exllamav2": tool_version("exllamav2")})

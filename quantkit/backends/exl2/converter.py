@@ -14,6 +14,7 @@ from typing import Any
 from quantkit import console
 from quantkit.backends.exl2.options import Settings
 from quantkit.errors import QuantkitError
+from quantkit.interrupts import die_with_parent
 
 CONVERTER_MODULE = "exllamav2.conversion.convert_exl2"
 _STATUS = re.compile(r"\[STATUS\](.*?)\[/STATUS\]")
@@ -63,7 +64,8 @@ def run_converter(args: list[str], *, label: str, log: Path) -> list[str]:
         out.write(f"$ {' '.join(cmd)}\n")
         task = bar.add_task(label, total=100)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8",
-                                errors="replace", bufsize=1, env=env, cwd=log.parent)
+                                errors="replace", bufsize=1, env=env, cwd=log.parent,
+                                preexec_fn=die_with_parent)  # exllamav2's converter is not ours to change
         try:
             assert proc.stdout is not None
             for line in proc.stdout:

@@ -1,15 +1,13 @@
 """What the card and the publish layout say about GGUF: llama.cpp advice per type, one ``main`` branch with every
 file (and ``imatrix.gguf``) at the top, llama.cpp / Ollama / LM Studio usage, the importance matrix and size-targeted
-mixes in the provenance, and offline size estimates."""
+mixes in the provenance."""
 
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pydantic import BaseModel
-
-from quantkit.backends.base import HUB, RECOMMENDED, BackendBase, CardContext, Entries, FormatInfo, calibration_summary
+from quantkit.backends.base import HUB, RECOMMENDED, BackendBase, CardContext, Entries, FormatInfo
 from quantkit.workspace import Workspace
 
 # GGUF type → plain advice, most specific prefix first
@@ -86,6 +84,20 @@ class GGUFSections(BackendBase):
     def shared_files(self, ws: Workspace) -> list[str]:
         return ["imatrix.gguf"]
 
+    def file_texts(self, path: Path) -> list[tuple[str, str, bool]] | None:
+        """A GGUF's metadata strings; the vocabulary's are searched for the token only (a piece like "/tmp" is
+        nobody's path). A file that does not read as GGUF: its first megabyte, as text."""
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                return None
+        from quantkit.backends.gguf.convert.check import metadata_strings
+
+        try:
+            return [(f"metadata {k}", v, not k.startswith("tokenizer.ggml.") or k == "tokenizer.ggml.pre")
+                    for k, v in metadata_strings(path, vocabulary=True)]
+        except Exception:  # noqa: BLE001 - not a readable GGUF: scan its first megabyte as bytes
+            return [("", path.open("rb").read(1 << 20).decode("utf-8", errors="replace"), True)]
+
     def repo_path(self, ws: Workspace, key: str, file: Path | None) -> str:
         return PurePosixPath(key).name if file is None else super().repo_path(ws, key, file)
 
@@ -93,39 +105,6 @@ class GGUFSections(BackendBase):
         if not name.endswith(".gguf") or name == "imatrix.gguf":
             return None
         return name.removesuffix(".gguf").removeprefix(f"{model}-")
-
-    def estimate_steps(self, options: BaseModel, n_params: int | None, settings: Any,
-                       model: str) -> list[dict[str, Any]]:
-        from quantkit.backends.gguf.options import APPROX_BPW
-
-        def size(bits: float) -> int | None:
-            return int(n_params * bits / 8) if n_params else None
-
-        calib = calibration_summary(settings)
-        outtype = str(options.outtype).upper()  # type: ignore[attr-defined]
-        steps: list[dict[str, Any]] = [{"step": f"convert → {outtype}", "output": f"gguf/{model}-{outtype}.gguf",
-                                        "estimated_size": size(APPROX_BPW.get(outtype, 16.0))}]
-        if options.imatrix and not options.imatrix_file:  # type: ignore[attr-defined]
-            steps.append({"step": f"imatrix on {calib}", "output": "gguf/imatrix.gguf", "estimated_size": None})
-        for q in options.types:  # type: ignore[attr-defined]
-            if q != outtype:
-                steps.append({"step": f"quantize → {q}", "output": f"gguf/{model}-{q}.gguf",
-                              "estimated_size": size(APPROX_BPW.get(q, 8.5))})
-        targets = list(options.targets)  # type: ignore[attr-defined]
-        if targets:
-            steps.append({"step": "measure each tensor's damage per type (one quantization per candidate)",
-                          "output": "gguf/target-measure.json", "estimated_size": 0})
-        for t in targets:
-            bits = float(t[:-3]) if t.endswith("bpw") else None
-            steps.append({"step": f"quantize → best mix under {t}", "output": f"gguf/{model}-<bpw>bpw.gguf",
-                          "estimated_size": size(bits) if bits else _budget(t)})
-        return [{**s, "done": False} for s in steps]
-
-
-def _budget(target: str) -> int:
-    from quantkit.backends.gguf.target import parse_size
-
-    return parse_size(target)
 
 
 def uses_imatrix(ws: Workspace, arts: Entries) -> bool:

@@ -12,6 +12,7 @@ import functools
 import mmap
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,3 +114,30 @@ def _read_info(path: str, size: int, mtime_ns: int, inode: int) -> GGUFInfo:
 def tensor_bytes(path: Path, entry: TensorEntry) -> np.ndarray:
     """One tensor's stored bytes, memory-mapped (read only when used)."""
     return np.memmap(path, dtype=np.uint8, mode="r", offset=entry.data_offset, shape=(entry.n_bytes,))
+
+
+def gguf_stats(path: Path) -> tuple[int, float]:
+    """Bytes on disk (all split parts) and bits per weight over every tensor (from the tensor table alone)."""
+
+    size = 0
+    bits = 0
+    elements = 0
+    for part in iter_parts(path):
+        size += part.stat().st_size
+        reader = read_info(part)
+        for t in reader.tensors:
+            bits += int(t.n_bytes) * 8
+            elements += int(t.n_elements)
+    return size, (bits / elements if elements else 0.0)
+
+
+def iter_parts(first: Path) -> Iterator[Path]:
+    """Every file of a (possibly split) GGUF, given its first part or single file."""
+    import re
+
+    m = re.match(r"^(.*)-00001-of-(\d{5})\.gguf$", first.name)
+    if not m:
+        yield first
+        return
+    for i in range(1, int(m.group(2)) + 1):
+        yield first.with_name(f"{m.group(1)}-{i:05d}-of-{m.group(2)}.gguf")

@@ -14,6 +14,10 @@ import os
 import sys
 from typing import Any
 
+from quantkit.interrupts import NATIVE_CALLBACK_MODULES
+
+NATIVE_CALLBACK_MODULES.add(__name__)  # its callback runs inside llama.cpp: Ctrl-C waits until it returns
+
 # ggml_log_level in the llama.cpp llama-cpp-python 0.3.36 vendors (llama-cpp-python's own mapping is older and
 # wrong: it reads WARN as ERROR, which is why the per-tensor warnings reached the terminal)
 DEBUG, INFO, WARN, ERROR, CONT = 1, 2, 3, 4, 5

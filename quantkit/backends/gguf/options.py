@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import re
+from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from quantkit.errors import QuantkitError
 
@@ -27,26 +29,53 @@ class GGUFOptions(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    types: list[str] = Field(default_factory=lambda: ["Q4_K_M"], description="llama.cpp file types")
+    types: list[str] = Field(default_factory=lambda: ["Q4_K_M"],
+                             description="llama.cpp file types: q4_k_m,q5_k_m,q8_0 (or --q4_k_m flags)")
     outtype: str = Field("bf16", description="unquantized GGUF type: bf16, f16 or f32")
-    imatrix: bool = Field(True, description="quantize with a Russian importance matrix")
-    imatrix_file: str | None = Field(None, description="use this GGUF imatrix file instead of computing one")
-    tensor_types: list[str] = Field(default_factory=list, description="PATTERN=TYPE per-tensor overrides")
+    imatrix: bool = Field(True, description="quantize with a Russian importance matrix",
+                          json_schema_extra={"cli": ["--with-imatrix/--no-imatrix"]})
+    imatrix_file: str | None = Field(None, description="use this GGUF imatrix file instead of computing one",
+                                     json_schema_extra={"cli": ["--imatrix"]})
+    tensor_types: list[str] = Field(default_factory=list, description="PATTERN=TYPE per-tensor override, e.g. "
+                                    "attn_v=q8_0", json_schema_extra={"cli": ["--tensor-type"], "split": False})
+    tensor_type_file: str | None = Field(None, description="PATTERN=TYPE overrides, one a line (llama-quantize's "
+                                         "format; a targeted file's .tensor-types.txt)")
     output_type: str | None = Field(None, description="type of output.weight")
     embedding_type: str | None = Field(None, description="type of token_embd")
-    split_max_size: str | int | None = Field(None, description="split files larger than this (e.g. 50G)")
+    split_max_size: str | int | None = Field(None, description="split files larger than this (e.g. 50G) in "
+                                             "llama.cpp's split format")
     verify: bool = Field(True, description="load every file in llama.cpp and check tokenizer and BF16 logits")
-    pre_tokenizer: str | None = Field(None, description="llama.cpp pre-tokenizer name (default: detected)")
-    target_sizes: list[str] = Field(default_factory=list, description="size-targeted files, e.g. 4.5G")
-    target_bpw: list[float] = Field(default_factory=list, description="size-targeted files in bits per weight")
+    pre_tokenizer: str | None = Field(None, description="llama.cpp pre-tokenizer name for a BPE vocabulary "
+                                      "(default: detected)")
+    target_sizes: list[str] = Field(default_factory=list, description="also write the best per-tensor mix under "
+                                    "this size, e.g. 4.5G", json_schema_extra={"cli": ["--target-size"]})
+    target_bpw: list[float] = Field(default_factory=list, description="also write the best per-tensor mix at this "
+                                    "many bits per weight")
+
+    @model_validator(mode="after")
+    def _imatrix_choice(self) -> GGUFOptions:
+        if self.imatrix_file is not None and not self.imatrix:
+            raise ValueError("--no-imatrix and --imatrix contradict each other; use one of them")
+        if self.imatrix_file is not None and not Path(self.imatrix_file).expanduser().is_file():
+            raise ValueError(f"the imatrix file {self.imatrix_file} does not exist (check --imatrix)")
+        if self.tensor_type_file is not None:
+            lines = type_file_lines(Path(self.tensor_type_file).expanduser())
+            self.tensor_types = [*self.tensor_types, *(ln for ln in lines if ln not in self.tensor_types)]
+            from quantkit.backends.gguf.quantize.core import parse_tensor_types
+
+            _as_value_error(parse_tensor_types, self.tensor_types)
+            self.tensor_type_file = None  # its lines are in tensor_types now (they, not the path, decide the files)
+        return self
 
     @field_validator("target_sizes")
     @classmethod
     def _target_sizes(cls, value: list[str]) -> list[str]:
-        from quantkit.backends.gguf.target import parse_size
+        from quantkit.backends.gguf.target.allocate import parse_size
 
         for v in value:
-            _as_value_error(parse_size, str(v))
+            size = _as_value_error(parse_size, str(v))
+            if size < 1 << 16:  # said now, not after the conversion and the measurement
+                raise ValueError(f"--target-size {v} is {size:,} bytes: no model fits under it (e.g. 4.5G)")
         return [str(v) for v in value]
 
     @field_validator("target_bpw")
@@ -64,7 +93,7 @@ class GGUFOptions(BaseModel):
     @field_validator("pre_tokenizer")
     @classmethod
     def _pre_tokenizer(cls, value: str | None) -> str | None:
-        from quantkit.backends.gguf.pretokenizer import runtime_names
+        from quantkit.backends.gguf.tokenizer.pretokenizer import runtime_names
 
         if value is not None and value not in runtime_names():
             raise ValueError(f"llama.cpp has no pre-tokenizer '{value}'; e.g. {', '.join(runtime_names()[:6])}")
@@ -73,7 +102,7 @@ class GGUFOptions(BaseModel):
     @field_validator("types")
     @classmethod
     def _types(cls, value: list[str]) -> list[str]:
-        from quantkit.backends.gguf.quantize import parse_file_type
+        from quantkit.backends.gguf.quantize.core import parse_file_type
 
         out: list[str] = []
         for t in value:
@@ -96,7 +125,7 @@ class GGUFOptions(BaseModel):
     @field_validator("tensor_types")
     @classmethod
     def _tensor_types(cls, value: list[str]) -> list[str]:
-        from quantkit.backends.gguf.quantize import parse_tensor_types
+        from quantkit.backends.gguf.quantize.core import parse_tensor_types
 
         _as_value_error(parse_tensor_types, value)
         return value
@@ -104,7 +133,7 @@ class GGUFOptions(BaseModel):
     @field_validator("output_type", "embedding_type")
     @classmethod
     def _tensor_type(cls, value: str | None) -> str | None:
-        from quantkit.backends.gguf.quantize import parse_ggml_type
+        from quantkit.backends.gguf.quantize.core import parse_ggml_type
 
         if value is not None:
             _as_value_error(parse_ggml_type, value)
@@ -133,3 +162,46 @@ APPROX_BPW = {
     "IQ3_XXS": 3.2, "IQ3_XS": 3.4, "IQ3_S": 3.6, "IQ3_M": 3.8, "IQ4_NL": 4.6, "IQ4_XS": 4.4, "BF16": 16.0,
     "F16": 16.0, "F32": 32.0, "TQ1_0": 1.8, "TQ2_0": 2.2,
 }
+
+
+def type_file_lines(path: Path) -> list[str]:
+    """The PATTERN=TYPE lines of a --tensor-type-file (blank lines and # comments skipped)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read --tensor-type-file {path}: {type(exc).__name__} (pass a text file with one "
+                         "PATTERN=TYPE a line)") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not lines:
+        raise ValueError(f"--tensor-type-file {path} holds no PATTERN=TYPE line (e.g. attn_v=q8_0)")
+    return lines
+
+
+_QUANT_FLAG = re.compile(r"^--(i?q\d|tq\d|bf16|f16|f32)", re.IGNORECASE)
+
+
+def cli_extra(extra: list[str], values: dict[str, Any], options: list[str], given: dict[str, Any]) -> dict[str, Any]:
+    """`quantkit gguf`'s ``--q4_k_m --iq3_xxs`` style flags (what its generated command did not know) → file types,
+    added to ``--types`` (Q4_K_M when neither is given); a mistyped option is named as one."""
+    from quantkit.backends.gguf.quantize.core import FILE_TYPES, parse_file_type
+
+    chosen = []
+    for arg in extra:
+        if not arg.startswith("--"):
+            raise QuantkitError(f"unexpected argument '{arg}'", "see quantkit gguf --help")
+        flag = arg.split("=", 1)[0]
+        if flag[2:].upper().replace("-", "_") in FILE_TYPES:
+            chosen.append(parse_file_type(flag[2:]))
+            continue
+        close = difflib.get_close_matches(flag, options, n=1, cutoff=0.7)
+        if _QUANT_FLAG.match(flag) and not close:
+            chosen.append(parse_file_type(flag[2:]))  # raises: unknown quant type, naming the valid ones
+            continue
+        hint = f"did you mean {close[0]}?" if close else "see quantkit gguf --help"
+        raise QuantkitError(f"no such option: {flag}", hint)
+    listed = values.get("types")
+    if given.get("types") is not None and not listed:
+        raw = ",".join(given["types"])
+        raise QuantkitError(f"--types '{raw}' names no quant type", "e.g. --types q4_k_m,q8_0")
+    types = [*chosen, *(listed or [])]
+    return {**values, "types": types or ["Q4_K_M"]}

@@ -16,7 +16,7 @@ from quantkit.backends.gptq.options import (
     is_gptq_folder,
     quantized_layers,
 )
-from quantkit.backends.gptq.scorer import TransformersScorer
+from quantkit.quality.scorers import TransformersScorer
 
 __all__ = ["ALLOWED_BITS", "COMMON_GROUPS", "COPIED_FILES", "CPU_INT4_GROUPS", "GPTQ_EXTRA_HINT", "GPTQBackend",
            "GPTQOptions", "GPTQSections", "TransformersScorer", "bits_per_weight", "check_group_size",

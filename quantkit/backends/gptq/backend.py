@@ -31,7 +31,7 @@ from pydantic import BaseModel
 
 from quantkit import __version__, console
 from quantkit.arch import Architecture
-from quantkit.backends.base import Artifact, JobContext, tool_versions
+from quantkit.backends.base import JobContext, tool_versions
 from quantkit.backends.gptq.card import GPTQSections
 from quantkit.backends.gptq.options import (
     COPIED_FILES,
@@ -42,20 +42,16 @@ from quantkit.backends.gptq.options import (
     estimate_size,
     is_gptq_folder,
 )
-from quantkit.backends.gptq.scorer import TransformersScorer
 from quantkit.errors import MissingDependency, QuantkitError
+from quantkit.interrupts import child_env
+from quantkit.quality.scorers import TransformersScorer
 from quantkit.source import Checkpoint
-from quantkit.workspace import Workspace, check_disk, fingerprint, temp_name, write_json_atomic
+from quantkit.steps import CALIBRATE, Step, StepResult, StepRun, step_key
+from quantkit.workspace import check_disk, fingerprint, write_json_atomic
 
 # Sanitized out of the published configs: machine-specific fields of GPTQModel's `meta`.
 _MACHINE_KEYS = {"offload_to_disk_path"}
 _MAX_CPU_WORKERS = 12  # GPTQModel's own cap on its CPU worker pool
-
-
-def _plan_key(ctx: JobContext, opts: GPTQOptions) -> str:
-    """What decides the output, as far as is known without tokenizing (for --dry-run)."""
-    return fingerprint(ctx.checkpoint.fingerprint, str(ctx.calibration), ctx.calib_samples, ctx.calib_seq_len,
-                       ctx.seed, ctx.checkpoint.instruct, opts.model_dump(), _compute_threads(ctx))
 
 
 def _compute_threads(ctx: JobContext) -> dict[str, int]:
@@ -100,6 +96,8 @@ class GPTQBackend(GPTQSections):
 
     name = "gptq"
     description = "GPTQ int2/3/4/8 through GPTQModel (transformers, vLLM, TGI)"
+    command_help = ("Quantize a model to GPTQ (GPTQModel), calibrated on Russian text; loads in transformers, vLLM "
+                    "and TGI.")
     options_model = GPTQOptions
     # GPTQModel uses a GPU where there is one (a cluster without GPUs runs it on CPUs, as on this machine)
     resources = {"*": {"gpus": 1.0}}
@@ -119,74 +117,60 @@ class GPTQBackend(GPTQSections):
     def _options(options: BaseModel) -> GPTQOptions:
         return options if isinstance(options, GPTQOptions) else GPTQOptions.model_validate(options.model_dump())
 
-    def _output(self, ws: Workspace, opts: GPTQOptions) -> Path:
-        return ws.root / "gptq" / opts.quant
+    def steps(self, ctx: JobContext, options: BaseModel) -> list[Step]:
+        """One step per variant: GPTQModel on the shared calibration rows (``model/calibrate``)."""
+        from quantkit.calibration.rows import step_fingerprint
 
-    def plan(self, ctx: JobContext, options: BaseModel) -> list[dict[str, Any]]:
         opts = self._options(options)
-        check_group_size(ctx.checkpoint, opts.group_size)
-        step = f"gptq:{opts.quant}"
-        out = self._output(ctx.workspace, opts)
-        rec = ctx.workspace.steps.get(step, {})
-        done = (rec.get("info", {}).get("plan_key") == _plan_key(ctx, opts)
-                and all(ctx.workspace.abs(r).exists() for r in rec.get("outputs", [])))
-        return [{"step": step, "output": ctx.workspace.rel(out), "estimated_size": estimate_size(ctx.checkpoint, opts),
-                 "done": done,
-                 "bits": opts.bits, "group_size": opts.group_size, "desc_act": opts.desc_act, "sym": opts.sym,
+        ckpt = ctx.checkpoint
+        fp = ""
+        if ckpt is not None:
+            check_group_size(ckpt, opts.group_size)  # before any work
+            fp = fingerprint("gptq", 2, ckpt.fingerprint, step_fingerprint(ctx), opts.model_dump(),
+                             _compute_threads(ctx))
+        size = estimate_size(ckpt, opts) if ckpt is not None else _approx_size(ctx.n_params, opts)
+        extra = {"bits": opts.bits, "group_size": opts.group_size, "desc_act": opts.desc_act, "sym": opts.sym,
                  "calibration": {"spec": str(ctx.calibration), "samples": ctx.calib_samples,
-                                 "seq_len": ctx.calib_seq_len}}]
+                                 "seq_len": ctx.calib_seq_len}}
+        return [Step(step_key("gptq", "quantize", opts.quant), "quantize", f"GPTQ {opts.quant} (GPTQModel)",
+                     inputs=(CALIBRATE,), outputs=(f"gptq/{opts.quant}/",), fingerprint=fp, estimated_size=size,
+                     artifact=opts.quant, extra=tuple(sorted(extra.items())),
+                     action=lambda run, opts=opts: self._run(run, opts))]
 
-    def run(self, ctx: JobContext, options: BaseModel) -> list[Artifact]:
-        opts = self._options(options)
-        ckpt, ws = ctx.checkpoint, ctx.workspace
-        check_group_size(ckpt, opts.group_size)  # before any work
-        rows, tokenizer_info = self._calibration_rows(ctx)
-        from quantkit.calibration import rows_fingerprint
+    def _run(self, run: StepRun, opts: GPTQOptions) -> StepResult:
+        from quantkit.calibration.rows import rows_of
 
-        calib = {"spec": str(ctx.calibration), "samples": int(rows.shape[0]), "seq_len": int(rows.shape[1]),
-                 "tokens": int(rows.size), "fingerprint": rows_fingerprint(rows), **tokenizer_info}
-        step = f"gptq:{opts.quant}"
-        fp = fingerprint(ckpt.fingerprint, calib["fingerprint"], opts.model_dump(), _compute_threads(ctx))
-        out = self._output(ws, opts)
-        if ws.is_done(step, fp):
-            console.info(f"gptq {opts.quant}: done already ({ws.rel(out)}), skipping")
-        else:
-            info = self._quantize(ctx, opts, rows, out)
-            ws.record_step(step, fp, [out], plan_key=_plan_key(ctx, opts), calibration=calib, **info)
-        artifact = self._artifact(ws, out, opts, ctx, calib, fp)
-        ws.record_artifact(out, **artifact.to_manifest(ws))
-        return [artifact]
-
-    # -- run's parts ------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _calibration_rows(ctx: JobContext) -> tuple[np.ndarray, dict[str, Any]]:
-        """The job's calibration rows: built once per workspace and shared with the other formats."""
-        from quantkit.calibration_rows import calibration_rows
-
-        cal = calibration_rows(ctx)
-        return cal.rows, {"chat_template": cal.info["chat_template"]}
+        ctx = run.ctx
+        cal = rows_of(run)
+        calib = {k: cal.info[k] for k in ("spec", "samples", "seq_len", "tokens", "fingerprint", "chat_template")
+                 if k in cal.info}  # chat_template: the card says the dialogues used the model's template
+        out = run.path(f"gptq/{opts.quant}")
+        info = self._quantize(ctx, opts, cal.rows, out)
+        art = run.artifact(opts.quant, out, bpw=bits_per_weight(out),
+                           bits=opts.bits, group_size=opts.group_size, desc_act=opts.desc_act, sym=opts.sym,
+                           damp_percent=opts.damp, calibration=calib,
+                           tools=tool_versions("gptqmodel", "transformers", "torch", "optimum"))
+        return StepResult(info={"calibration": calib, **info}, artifacts=art)
 
     def _quantize(self, ctx: JobContext, opts: GPTQOptions, rows: np.ndarray, out: Path) -> dict[str, Any]:
-        """Run GPTQModel in a child process into a temporary folder, clean the folder up, rename it to `out`."""
+        """Run GPTQModel in a child process into `out` (in the step's staging folder) and clean the folder up."""
         ckpt, ws = ctx.checkpoint, ctx.workspace
         src = Path(ckpt.path).resolve()
         source_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
         # the offload folder holds about one more copy of the weights while the output is written
         check_disk(out.parent, source_bytes + 2 * estimate_size(ckpt, opts), f"GPTQ {opts.quant}")
-        tmp_out = temp_name(out)
         work = out.parent / f".{out.name}.work"
         logs = ws.dir("gptq", "logs")
         log_path = logs / f"{opts.quant}.log"
-        for stale in (tmp_out, work):
+        for stale in (out, work):
             shutil.rmtree(stale, ignore_errors=True)
         (work / "tmp").mkdir(parents=True)
         rows_path = work / "rows.npy"
         np.save(rows_path, rows)
-        job = {"source": str(src), "output": str(tmp_out), "rows": str(rows_path), "offload": str(work / "offload"),
+        job = {"source": str(src), "output": str(out), "rows": str(rows_path), "offload": str(work / "offload"),
                "threads": _compute_threads(ctx)["threads"], **opts.model_dump()}
         write_json_atomic(work / "job.json", job)
-        env = dict(os.environ)
+        env = child_env()
         workers = min(ctx.threads or _cpu_count(), _cpu_count(), _MAX_CPU_WORKERS)
         # at least 2: GPTQModel carves a 2-worker model-loader pool out of its CPU pool (1 fails: --threads 1)
         env.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, workers)))
@@ -200,22 +184,19 @@ class GPTQBackend(GPTQSections):
                 why = f"killed by signal {-rc}" + (" (out of memory?)" if rc == -9 else "") if rc < 0 else \
                     _last_error(log_path)
                 raise QuantkitError(f"GPTQModel failed on {ckpt.name} ({opts.quant}): {why}", f"full log: {log_path}")
-            if not (tmp_out / "config.json").exists():
+            if not (out / "config.json").exists():
                 raise QuantkitError(f"GPTQModel wrote no model for {ckpt.name} ({opts.quant})", f"full log: {log_path}")
-            self._finish_folder(tmp_out, src, ckpt, roots=[str(ws.root), str(work), str(src)])
-            quant_log = tmp_out / "quant_log.csv"
+            self._finish_folder(out, src, ckpt, roots=[str(ws.root), str(work), str(src)])
+            quant_log = out / "quant_log.csv"
             if quant_log.exists():
                 shutil.move(quant_log, logs / f"{opts.quant}.quant_log.csv")
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp_out, out)
         except BaseException:
-            shutil.rmtree(tmp_out, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
             raise
         finally:
             shutil.rmtree(work, ignore_errors=True)
         seconds = round(time.monotonic() - start, 1)
-        console.info(f"gptq {opts.quant}: done in {seconds:.0f} s → {ws.rel(out)}")
+        console.info(f"gptq {opts.quant}: done in {seconds:.0f} s")
         return {"seconds": seconds, "log": ws.rel(log_path), **self._losses(logs / f"{opts.quant}.quant_log.csv")}
 
     @staticmethod
@@ -269,7 +250,7 @@ class GPTQBackend(GPTQSections):
         for name in COPIED_FILES:
             if (src / name).exists():
                 shutil.copy2(src / name, folder / name)
-        from quantkit.backends.gptq_restore import restore
+        from quantkit.backends.gptq.restore import restore
 
         restored = restore(ckpt, folder)
         if restored:
@@ -296,20 +277,6 @@ class GPTQBackend(GPTQSections):
             return {}
         return {"layers_quantized": len(losses), "max_loss": max(losses), "rtn_fallbacks": fallbacks}
 
-    def _artifact(self, ws: Workspace, out: Path, opts: GPTQOptions, ctx: JobContext, calib: dict[str, Any],
-                  fp: str) -> Artifact:
-        files = sorted(p for p in out.iterdir() if p.is_file())
-        size = sum(p.stat().st_size for p in files)
-        calibration = {k: calib[k] for k in ("spec", "samples", "seq_len", "tokens", "fingerprint", "chat_template")
-                       if k in calib}  # chat_template: the card says the dialogues used the model's template
-        return Artifact(
-            format="gptq", quant=opts.quant, path=out, files=files, size=size, bpw=bits_per_weight(out),
-            info={"bits": opts.bits, "group_size": opts.group_size, "desc_act": opts.desc_act, "sym": opts.sym,
-                  "damp_percent": opts.damp, "calibration": calibration,
-                  "tools": tool_versions("gptqmodel", "transformers", "torch", "optimum"), "command": ctx.command,
-                  "fingerprint": fp},
-        )
-
     # -- reading artifacts back -------------------------------------------------------------------------
 
     def owns(self, path: Path) -> bool:
@@ -320,5 +287,14 @@ class GPTQBackend(GPTQSections):
             raise QuantkitError(f"{path} is not a GPTQ folder", "pass a folder written by `quantkit gptq`")
         if self.check() is not None:
             raise MissingDependency("scoring a GPTQ model needs gptqmodel", GPTQ_EXTRA_HINT)
-        return TransformersScorer(Path(path), n_ctx=n_ctx, name=f"gptq:{Path(path).name}")
+        from quantkit.backends.gptq.load import load_gptq
 
+        return TransformersScorer(Path(path), n_ctx=n_ctx, name=f"gptq:{Path(path).name}", load=load_gptq)
+
+
+
+def _approx_size(n_params: int | None, opts: GPTQOptions) -> int | None:
+    """The saved size from the parameter count alone (a model not here yet)."""
+    per_weight = opts.bits + (0 if opts.group_size == -1 else (16 + opts.bits) / opts.group_size)
+    # decoder Linear layers are ~87% of a Llama-style model's parameters; the rest stays 16-bit
+    return int(n_params * (0.87 * per_weight + 0.13 * 16) / 8) if n_params else None

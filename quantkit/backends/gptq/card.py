@@ -5,9 +5,6 @@ usage (GPTQModel for a mixture of experts), advice by bits, and offline size est
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
-from typing import Any
-
-from pydantic import BaseModel
 
 from quantkit.backends.base import RECOMMENDED, BackendBase, CardContext, Entries, FormatInfo, bits_of, relative_path
 from quantkit.workspace import Workspace
@@ -50,15 +47,6 @@ class GPTQSections(BackendBase):
         others = sorted(b for b in ctx.branches.values() if b != ctx.branch)
         text = usage(ctx.repo, ctx.branch, ctx.instruct, others)
         return moe_note(ctx.repo, ctx.branch) + text if routed_experts(ctx.ws) else text
-
-    def estimate_steps(self, options: BaseModel, n_params: int | None, settings: Any,
-                       model: str) -> list[dict[str, Any]]:
-        quant = getattr(options, "quant", "gptq")
-        bits, group = options.bits, options.group_size  # type: ignore[attr-defined]
-        per_weight = bits + (0 if group == -1 else (16 + bits) / group)
-        # decoder Linear layers are ~87% of a Llama-style model's parameters; the rest stays 16-bit
-        est = int(n_params * (0.87 * per_weight + 0.13 * 16) / 8) if n_params else None
-        return [{"step": f"gptq:{quant}", "output": f"gptq/{quant}", "estimated_size": est, "done": False}]
 
 
 def routed_experts(ws: Workspace) -> bool:

@@ -4,9 +4,9 @@ It runs while the main process converts and quantizes, and gives the original to
 the eval tokens, and the bf16 reference of the first window (from the workspace when it has it, else computed). In
 the main process, these imports and this Python work held the GIL that the quantizer's threads take back after every
 C call: a verified 0.5B run took 11-13 s against 4.6 s unverified. Here it only shares the cores. The main process
-records a computed reference in the workspace itself, so the manifest keeps one writer.
+stores a computed reference in the workspace's cache itself.
 
-    python -m quantkit.backends.gguf.verify_worker JOB.pkl OUT_DIR
+    python -m quantkit.backends.gguf.verify.worker JOB.pkl OUT_DIR
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def prepare(job: dict[str, Any], out: Path) -> None:
     set_threads(job["threads"])
     from transformers import AutoTokenizer
 
-    from quantkit.evaluate import compute_reference, eval_tokens, find_reference
-    from quantkit.verify import sample_text
+    from quantkit.quality.evaluate import compute_reference, eval_tokens, find_reference
+    from quantkit.quality.texts import sample_text
     from quantkit.workspace import Workspace, atomic_path
 
     ckpt = job["ckpt"]
@@ -37,7 +37,7 @@ def prepare(job: dict[str, Any], out: Path) -> None:
     with atomic_path(out / "ids.npy") as tmp, open(tmp, "wb") as fh:  # first: the tokenizer checks can start
         np.save(fh, np.asarray(tok(sample_text())["input_ids"], np.int64))
     toks = eval_tokens(ckpt, job["spec"], job["n_ctx"], None, tok)
-    have = find_reference(Workspace(job["workspace"], read_only=True), ckpt, toks, step=job["step"])
+    have = find_reference(Workspace(job["workspace"], read_only=True), ckpt, toks)
     ref = have.head(1) if have is not None else compute_reference(ckpt, toks, stop=1)
     ref.save(out / "reference.npz")
     np.savez(out / "inputs.npz", chunks=toks.chunks, first=toks.first, spec=np.array(toks.spec),
@@ -46,7 +46,9 @@ def prepare(job: dict[str, Any], out: Path) -> None:
 
 def main(argv: list[str]) -> int:
     from quantkit.errors import QuantkitError
+    from quantkit.interrupts import die_with_parent
 
+    die_with_parent()
     job = pickle.loads(Path(argv[0]).read_bytes())
     try:
         prepare(job, Path(argv[1]))

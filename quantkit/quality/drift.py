@@ -1,6 +1,6 @@
 """Does a quant still answer in Russian? Pure measures over generated answers, and the drift prompts.
 
-Nothing here loads a model: `quantkit.generate` produces the answers (bf16 and every artifact, greedy, from the
+Nothing here loads a model: `quantkit.quality.generate` produces the answers (bf16 and every artifact, greedy, from the
 same token ids), and these functions compare them.
 
 - `script_shares`: letters by script (Cyrillic / Latin / CJK / other) outside code.

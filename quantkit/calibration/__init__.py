@@ -247,6 +247,24 @@ def load(spec: CalibrationSpec | str | None) -> CalibrationData:
     return CalibrationData(spec=spec, documents=docs, content_hash=h.hexdigest()[:16])
 
 
+def spec_hash(spec: CalibrationSpec | str | None) -> str:
+    """What identifies a set's content without parsing it: the same hash as `load` gives a built-in set or a file
+    (its bytes); an ``hf:`` set by its spec (planning never downloads)."""
+    spec = spec if isinstance(spec, CalibrationSpec) else CalibrationSpec.parse(spec)
+    h = hashlib.sha256(str(spec).encode())
+    if spec.kind == "builtin":
+        folder = builtin_dir() / spec.name
+        for f in sorted(folder.glob("*.txt")) + sorted(folder.glob("*.jsonl")):
+            h.update(f.read_bytes())
+    elif spec.kind == "file":
+        path = Path(spec.name)
+        _check_file(path)
+        h.update(path.read_bytes())
+    else:
+        h.update(b"hf")
+    return h.hexdigest()[:16]
+
+
 def check(spec: str | None) -> None:
     """Validate a calibration spec before any expensive step: a local file is read and parsed in full (cheap next
     to a conversion); built-in and ``hf:`` sets are checked when used."""
@@ -320,7 +338,7 @@ def rows_fingerprint(rows: np.ndarray) -> str:
 
 def export_text(rows: np.ndarray, tokenizer: Any, path: Path) -> Path:
     """The rows decoded to one text file (what llama.cpp's ``llama-imatrix -f`` reads)."""
-    from quantkit.workspace import write_text_atomic
+    from quantkit.files import write_text_atomic
 
     write_text_atomic(path, "\n".join(tokenizer.decode(list(map(int, r)), skip_special_tokens=False) for r in rows))
     return path
@@ -333,7 +351,7 @@ def export_parquet(data: CalibrationData, tokenizer: Any, path: Path, *, chat: b
         import pyarrow.parquet as pq
     except ImportError as exc:
         raise MissingDependency("the EXL2 calibration parquet needs pyarrow", "pip install pyarrow") from exc
-    from quantkit.workspace import atomic_path
+    from quantkit.files import atomic_path
 
     docs = list(data.documents)
     random.Random(seed).shuffle(docs)

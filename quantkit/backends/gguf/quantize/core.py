@@ -16,23 +16,49 @@ import gguf
 import numpy as np
 
 from quantkit.backends.gguf.llamacpp import default_threads, lib
-from quantkit.errors import QuantkitError
+from quantkit.errors import MissingDependency, QuantkitError
 from quantkit.workspace import DiskFull, staging_dir
 
-# Every llama.cpp file type a user can ask for (name → LLAMA_FTYPE_MOSTLY_* value).
-FILE_TYPES: dict[str, int] = {
-    "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13,
-    "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "IQ2_XXS": 19, "IQ2_XS": 20,
-    "Q2_K_S": 21, "IQ3_XS": 22, "IQ3_XXS": 23, "IQ1_S": 24, "IQ4_NL": 25, "IQ3_S": 26, "IQ3_M": 27, "IQ2_S": 28,
-    "IQ2_M": 29, "IQ4_XS": 30, "IQ1_M": 31, "BF16": 32, "F16": 1, "TQ1_0": 36, "TQ2_0": 37,
-}
-NEEDS_IMATRIX = {t for t in FILE_TYPES if t.startswith("IQ") and t not in ("IQ4_NL", "IQ4_XS")} | {"Q2_K", "Q2_K_S"}
+
+def _file_types() -> dict[str, int]:
+    """Every llama.cpp file type a user can ask for (name → LLAMA_FTYPE_MOSTLY_* value), read from the llama.cpp that
+    llama-cpp-python binds, in llama.cpp's own order (empty without it: `parse_file_type` then says what to
+    install)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return {}
+    prefix = "LLAMA_FTYPE_MOSTLY_"
+    found = {n[len(prefix):]: int(getattr(llama_cpp, n)) for n in dir(llama_cpp) if n.startswith(prefix)}
+    return dict(sorted(found.items(), key=lambda kv: kv[1]))
+
+
+FILE_TYPES: dict[str, int] = _file_types()
+# llama.cpp's own rule (`tensor_requires_imatrix` in src/llama-quant.cpp): a tensor other than token_embd and
+# output needs an importance matrix when its type is one of these, or Q2_K inside a Q2_K_S file. The file types
+# whose tensor choices (`llama_tensor_get_type`) land on such a type without one: their default type does, or
+# (IQ3_XS) their attention Q/K do. Q2_K, IQ3_S, IQ3_M and IQ4_* files are made without one, as llama-quantize does.
+IMATRIX_TENSOR_TYPES = frozenset({"IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S"})
+NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"})
+
+
+def needs_imatrix(file_type: str, tensor_types: list[tuple[str, int]] | None = None) -> bool:
+    """Whether llama.cpp would refuse to make `file_type` (with these per-tensor overrides) without an importance
+    matrix: its rule, applied to the types it picks and to the overrides."""
+    if file_type in NEEDS_IMATRIX:
+        return True
+    named = {int(gguf.GGMLQuantizationType[t]) for t in IMATRIX_TENSOR_TYPES}
+    q2k = int(gguf.GGMLQuantizationType.Q2_K)
+    return any(t in named or (t == q2k and file_type == "Q2_K_S") for _, t in tensor_types or [])
+
 RECOMMENDS_IMATRIX = {t for t in FILE_TYPES if t.startswith(("IQ", "Q2", "Q3"))}
 
 
 def parse_file_type(name: str) -> str:
     """``q4_k_m`` / ``Q4_K_M`` → ``Q4_K_M``; a clear error naming the valid types otherwise."""
     key = name.strip().upper().replace("-", "_")
+    if not FILE_TYPES:
+        raise MissingDependency("GGUF file types need llama-cpp-python", "pip install 'quantkit-ru[gguf]'")
     if key not in FILE_TYPES:
         raise QuantkitError(f"unknown quant type '{name}'", f"choose from {', '.join(FILE_TYPES)}")
     return key
@@ -83,7 +109,7 @@ def quantize(src: Path, dst: Path, opts: QuantizeOptions, *, on_done: Callable[[
     """
     L = lib()
     ftype = opts.file_type
-    if ftype in NEEDS_IMATRIX and not opts.imatrix:
+    if needs_imatrix(ftype, opts.tensor_types) and not opts.imatrix:
         raise QuantkitError(f"{ftype} needs an importance matrix",
                             "drop --no-imatrix, or pass --imatrix FILE")
     params = L.llama_model_quantize_default_params()
@@ -150,6 +176,7 @@ def _disk_was_full(work: Path, need: int | None) -> bool:
 
 
 def _ggml_type_count() -> int:
-    """GGML_TYPE_COUNT, the terminator of ``tt_overrides``: 43 in the llama.cpp that llama-cpp-python 0.3.36 vendors
-    (gguf 0.19 on PyPI knows fewer types, so it cannot be derived from there)."""
-    return 43
+    """GGML_TYPE_COUNT, the terminator of ``tt_overrides``, from the llama.cpp that llama-cpp-python binds."""
+    import llama_cpp
+
+    return int(llama_cpp.GGML_TYPE_COUNT)

@@ -7,7 +7,7 @@ Three ways, in order, each used only when the one before does not decide:
 2. the structure of ``tokenizer.json``'s pre-tokenizer (Split regex, Digits, ByteLevel, Sequence): a fine-tune or a
    retrained vocabulary keeps the pre-tokenizer of its base, so T-pro 2.x's Cyrillic-dense vocabulary is still
    Qwen2's pre-tokenizer;
-3. a trial (`quantkit.backends.gguf.pretokenizer_trial`): every name llama.cpp's runtime knows, keeping the first
+3. a trial (`quantkit.backends.gguf.tokenizer.trial`): every name llama.cpp's runtime knows, keeping the first
    whose tokenization of Russian text and of the probe text is identical to the Hugging Face tokenizer's.
 
 The hash table and the list of names are facts read from llama.cpp (``pre_tokenizers.json`` beside this file).
@@ -66,7 +66,7 @@ def probe_text() -> str:
 
 def by_hash(folder: Path) -> str | None:
     """llama.cpp's converter's name for this tokenizer, found by the hash of its ids for the probe text."""
-    from quantkit.backends.gguf.tokenizer import fast_tokenizer
+    from quantkit.backends.gguf.tokenizer.files import fast_tokenizer
 
     # the tokenizers library gives the ids transformers' fast tokenizer gives (special tokens added by the file's
     # post-processor), without importing transformers and torch

@@ -1,8 +1,9 @@
-"""The GGUF backend's size-targeted steps: measure once per workspace, allocate and write one file per target.
+"""The work of the GGUF backend's size-targeted steps: measure once per workspace, allocate and write one file per
+target.
 
-See `quantkit.backends.gguf.target` for the method. The measurement (one quantization of the whole model per
-candidate type, and the damage table) is cached in ``gguf/target-measure.json``; every target then costs one
-allocation and one quantization.
+See `quantkit.backends.gguf.target.allocate` for the method. The measurement (one quantization of the whole model per
+candidate type, and the damage table) is the ``gguf/measure`` step's ``gguf/target-measure.json``; every target
+then costs one allocation and one quantization.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from quantkit import console
-from quantkit.backends.gguf import target as tg
-from quantkit.backends.gguf.quantize import QuantizeOptions, quantize
+from quantkit.backends.gguf.quantize.core import QuantizeOptions, quantize
+from quantkit.backends.gguf.target import allocate as tg
 from quantkit.errors import QuantkitError
-from quantkit.workspace import Workspace, fingerprint, write_json_atomic
+from quantkit.workspace import write_json_atomic
 
 METHOD_VERSION = 2  # bump when measurement or allocation change, so finished targets are redone
 
@@ -45,25 +45,19 @@ def _table_from_json(data: dict[str, Any]) -> dict[str, dict[Any, tg.Piece]]:
             for name, opts in data.items()}
 
 
-def measured_table(ws: Workspace, base: Path, fp_base: str, imatrix: dict[str, np.ndarray] | None,
-                   imatrix_fp: str | None, threads: int, bar: Any) -> tuple[dict[str, dict[Any, tg.Piece]], str]:
-    """The damage table of every tensor × candidate type, scaled by each group's end-to-end factor; computed once
-    per (checkpoint, imatrix)."""
-    fp = fingerprint("target-measure", METHOD_VERSION, fp_base, imatrix_fp, [q.name for q in tg.CANDIDATES])
-    path = ws.root / "gguf" / "target-measure.json"
-    if ws.is_done("gguf.target.measure", fp) and path.exists():
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        return tg.scaled(_table_from_json(saved["table"]), saved["factors"]), fp
-    stage = ws.root / "gguf" / ".target-pieces"
+def measure(base: Path, out: Path, imatrix: dict[str, np.ndarray] | None, threads: int, bar: Any) -> dict[str, float]:
+    """Measure the damage table of every tensor × candidate type and each group's end-to-end factor, and write
+    both to `out` (``target-measure.json``); returns the factors."""
+    stage = out.parent / ".target-pieces"
     stage.mkdir(parents=True, exist_ok=True)
     task = bar.add_task("measure tensor sensitivity", total=len(tg.CANDIDATES))
 
-    def quantize_with(overrides: list[tuple[str, int]], out: Path, **kw: Any) -> Path:
+    def quantize_with(overrides: list[tuple[str, int]], path: Path, **kw: Any) -> Path:
         opts = QuantizeOptions(file_type="Q8_0", imatrix=imatrix, tensor_types=overrides, threads=threads, **kw)
-        return quantize(base, out, opts)[0]
+        return quantize(base, path, opts)[0]
 
-    def quantize_all(qtype: Any, out: Path) -> Path:
-        return quantize_with([(".*", int(qtype))], out, output_type=int(qtype), embedding_type=int(qtype))
+    def quantize_all(qtype: Any, path: Path) -> Path:
+        return quantize_with([(".*", int(qtype))], path, output_type=int(qtype), embedding_type=int(qtype))
 
     try:
         table = tg.measure(base, stage, imatrix, quantize_all, on_type=lambda q: bar.advance(task))
@@ -72,9 +66,14 @@ def measured_table(ws: Workspace, base: Path, fp_base: str, imatrix: dict[str, n
         for leftover in stage.glob("*"):
             leftover.unlink()
         stage.rmdir()
-    write_json_atomic(path, {"table": _table_to_json(table), "factors": factors})
-    ws.record_step("gguf.target.measure", fp, [path], candidates=[q.name for q in tg.CANDIDATES], factors=factors)
-    return tg.scaled(table, factors), fp
+    write_json_atomic(out, {"table": _table_to_json(table), "factors": factors})
+    return factors
+
+
+def load_table(path: Path) -> dict[str, dict[Any, tg.Piece]]:
+    """The measured table, scaled by the group factors (as `measure` wrote it)."""
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    return tg.scaled(_table_from_json(saved["table"]), saved["factors"])
 
 
 PROBE_CHUNKS = 2  # 512-token chunks of calibration text per probe (KLD over their second halves)
@@ -99,7 +98,7 @@ def probe_tokens(base: Path) -> np.ndarray:
 
 def _log_probs(path: Path, chunks: np.ndarray) -> list[np.ndarray]:
     from quantkit.backends.gguf.llamacpp import LlamaScorer
-    from quantkit.metrics import log_softmax
+    from quantkit.quality.metrics import log_softmax
 
     scorer = LlamaScorer(path, n_ctx=512)
     try:
@@ -135,30 +134,28 @@ def group_factors(base: Path, table: dict[str, dict[Any, tg.Piece]], stage: Path
     return factors
 
 
-def write_target(ws: Workspace, name: str, base: Path, target: str, table: dict[str, dict[Any, tg.Piece]],
-                 measure_fp: str, imatrix: dict[str, np.ndarray] | None, threads: int,
-                 bar: Any) -> tuple[Path, str, tg.Plan]:
-    """Allocate for one target and write ``<Model>-<bpw>bpw.gguf`` and its ``.tensor-types.txt``."""
+def write_target(run: Any, name: str, base: Path, target: str, table: dict[str, dict[Any, tg.Piece]],
+                 imatrix: dict[str, np.ndarray] | None, threads: int) -> tuple[Path, Path, tg.Plan, int]:
+    """Allocate for one target and write ``<Model>-target-<target>-<bpw>bpw.gguf`` (what was asked, and the bits per
+    weight the file has) and its ``.tensor-types.txt`` into the step's staging folder; returns both, the allocation
+    and the budget. The target is a bound: a file over it is never kept."""
+    from quantkit.backends.gguf.ggufinfo import gguf_stats
+
     budget = budget_for(target, base)
     fixed = tg.fixed_bytes(base, set(table))
     plan = tg.allocate(table, budget, fixed, tg.n_weights(base))
-    step = f"gguf.target.{target}"
-    fp = fingerprint("target", measure_fp, target, METHOD_VERSION)
-    if ws.is_done(step, fp):
-        console.info(f"[dim]skip[/] target {target}: {ws.steps[step]['outputs'][0]} is up to date")
-        return ws.abs(ws.steps[step]["outputs"][0]), fp, plan
-    dst = ws.root / "gguf" / f"{name}-{plan.bpw:.2f}bpw.gguf"
-    task = bar.add_task(f"quantize → {target} ({plan.bpw:.2f} bpw)", total=1)
+    work = run.path(f"gguf/.{name}-target-{target}.gguf")
+    task = run.bar.add_task(f"quantize → best mix under {target}", total=1)
     opts = QuantizeOptions(file_type="Q8_0", imatrix=imatrix, tensor_types=plan.tensor_types(), threads=threads,
                            need=plan.nbytes + (1 << 20))
-    files = quantize(base, dst, opts, on_done=lambda: bar.advance(task))
+    files = quantize(base, work, opts, on_done=lambda: run.bar.advance(task))
     size = sum(f.stat().st_size for f in files)
     if size > budget:
-        for f in files:
-            f.unlink()
         raise QuantkitError(f"the {target} mix came out {size:,} bytes, over its target {budget:,}",
                             "report it with the model id; a slightly smaller target works around it")
+    _, bpw = gguf_stats(files[0])
+    dst = run.path(f"gguf/{name}-target-{target}-{bpw:.2f}bpw.gguf")
+    files[0].rename(dst)
     types_file = dst.with_suffix(".tensor-types.txt")
     types_file.write_text(plan.type_file(), encoding="utf-8")
-    ws.record_step(step, fp, [files[0]], target=target, budget=budget, predicted=plan.nbytes, groups=plan.groups)
-    return files[0], fp, plan
+    return dst, types_file, plan, budget

@@ -89,8 +89,7 @@ def tensor_bound(name: str, shape: tuple[int, ...], src_bytes: int, ftype: str, 
 def quantized_size_bound(src: Path, ftype: str, *, overrides: list[tuple[str, int]] | None = None,
                          output_type: int | None = None, embedding_type: int | None = None) -> int:
     """Upper bound of the bytes llama.cpp writes when quantizing `src` (every split part) to `ftype`."""
-    from quantkit.backends.gguf.convert import iter_parts
-    from quantkit.backends.gguf.ggufinfo import read_info
+    from quantkit.backends.gguf.ggufinfo import iter_parts, read_info
 
     total = 0
     for part in iter_parts(Path(src)):

@@ -1,7 +1,4 @@
-"""Format-neutral pieces of verification: the Russian sample text and where two tokenizations part.
-
-The GGUF checks themselves live in `quantkit.backends.gguf.verify` (`verify_gguf` is re-exported here for older
-importers)."""
+"""The Russian text checks read (held-out, never calibration text), and where two tokenizations of it part."""
 
 from __future__ import annotations
 
@@ -27,11 +24,3 @@ def first_token_difference(model: Any, text: str, hf_ids: list[int]) -> int | No
         return None
     return next((i for i, (a, b) in enumerate(zip(hf_ids, cpp_ids, strict=False)) if a != b),
                 min(len(hf_ids), len(cpp_ids)))
-
-
-def __getattr__(name: str) -> Any:
-    if name == "verify_gguf":  # lazily: the GGUF backend imports this module
-        from quantkit.backends.gguf.verify import verify_gguf
-
-        return verify_gguf
-    raise AttributeError(name)

@@ -15,7 +15,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from quantkit.direct_file import DirectFile
+    from quantkit.backends.gguf.quantize.direct_file import DirectFile
 
 
 class OrderedHash:

@@ -7,7 +7,7 @@ The bf16 reference is computed once through transformers (layer by layer) and ca
 log-probabilities when they fit (``kld_mode: full``), otherwise the top-k log-probabilities and the tail mass
 (``kld_mode: top64``, a lower bound of the true KL-divergence that is tight in practice). The cache grows by
 chunks: GGUF verification computes and keeps the first chunk (`cached_reference`), eval adds the rest. The measures
-themselves are `quantkit.metrics`.
+themselves are `quantkit.quality.metrics`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 
 from quantkit import console
 from quantkit.errors import QuantkitError
-from quantkit.metrics import kld_full, kld_top, log_softmax, top1_agreement, top_k
+from quantkit.quality.metrics import kld_full, kld_top, log_softmax, top1_agreement, top_k
 from quantkit.source import Checkpoint, load_local
 from quantkit.workspace import Workspace, atomic_path, fingerprint
 
@@ -162,18 +162,18 @@ def compute_reference(ckpt: Checkpoint, toks: EvalTokens, on_chunk: Any = None, 
 
 
 def cached_reference(ws: Workspace, ckpt: Checkpoint, toks: EvalTokens, n_chunks: int | None = None,
-                     on_chunk: Any = None, *, step: str = "eval.reference") -> Reference:
+                     on_chunk: Any = None) -> Reference:
     """The reference of the first `n_chunks` chunks (default: all), computed once per checkpoint and token set and
     kept in the workspace; a later call that needs more chunks computes only the missing ones. Verification
-    (one chunk) and `quantkit eval` (all) share it; `step` names the workspace step that records it."""
+    (one chunk) and `quantkit eval` (all) share it."""
     want = len(toks.chunks) if n_chunks is None else min(n_chunks, len(toks.chunks))
-    have = find_reference(ws, ckpt, toks, step=step)
+    have = find_reference(ws, ckpt, toks)
     if have is not None and have.n_chunks >= want:
         return have.head(want)
     start = have.n_chunks if have is not None else 0
     more = compute_reference(ckpt, toks, on_chunk, start=start, stop=want)
     ref = have.extend(more) if have is not None else more
-    store_reference(ws, ckpt, toks, ref, step=step)
+    store_reference(ws, ckpt, toks, ref)
     return ref
 
 
@@ -182,21 +182,19 @@ def _reference_file(ws: Workspace, ckpt: Checkpoint, toks: EvalTokens) -> tuple[
     return ws.root / "eval" / f"reference-{ref_fp}.npz", ref_fp
 
 
-def find_reference(ws: Workspace, ckpt: Checkpoint, toks: EvalTokens, *, step: str = "eval.reference"
-                   ) -> Reference | None:
+def find_reference(ws: Workspace, ckpt: Checkpoint, toks: EvalTokens) -> Reference | None:
     """The workspace's reference for this checkpoint and token set, as far as it goes; None when it has none.
-    Reads only (a verification worker process looks here while the main process holds the workspace)."""
-    path, ref_fp = _reference_file(ws, ckpt, toks)
-    return Reference.load(path) if ws.is_done(step, ref_fp) and path.exists() else None
+    The file's name holds its fingerprint and it is written atomically, so one that exists is whole. Reads only
+    (a verification worker process looks here while the main process holds the workspace)."""
+    path, _ = _reference_file(ws, ckpt, toks)
+    return Reference.load(path) if path.exists() else None
 
 
-def store_reference(ws: Workspace, ckpt: Checkpoint, toks: EvalTokens, ref: Reference, *,
-                    step: str = "eval.reference") -> None:
+def store_reference(ws: Workspace, ckpt: Checkpoint, toks: EvalTokens, ref: Reference) -> None:
     """Keep `ref` in the workspace as the reference of this checkpoint and token set."""
-    path, ref_fp = _reference_file(ws, ckpt, toks)
+    path, _ = _reference_file(ws, ckpt, toks)
+    path.parent.mkdir(parents=True, exist_ok=True)
     ref.save(path)
-    ws.record_step(step, ref_fp, [path], ppl=ref.ppl, mode=ref.mode, eval_set=toks.spec,
-                   tokens_fingerprint=toks.fingerprint, chunks=ref.n_chunks)
 
 
 def score(scorer: Any, toks: EvalTokens, ref: Reference, on_chunk: Any = None) -> dict[str, Any]:
@@ -253,7 +251,7 @@ def gate(result: dict[str, Any], max_ppl_increase: float, max_kld: float, drift:
 
 def _drift_gate(drift: dict[str, Any], max_drift: float, reasons: list[str]) -> dict[str, Any]:
     """`quantkit eval --drift --max-drift`: the share of answers that left Russian (where bf16's did not)."""
-    from quantkit.drift import drift_value
+    from quantkit.quality.drift import drift_value
 
     if drift_value(drift) > max_drift + 1e-9:
         reasons.append(f"left Russian in {drift['left_russian']}/{drift['prompts']} answers "
@@ -282,7 +280,7 @@ def check_tokenizer(scorer: Any, tokenizer: Any, vocab_size: int) -> None:
     """Refuse an artifact whose tokenizer differs from the reference's: its numbers would be meaningless. Every
     scorer with a ``tokenize(text)`` (the optional part of the `Scorer` protocol) is checked on Russian text; a
     leading BOS is ignored (engines add it at different places)."""
-    from quantkit.verify import sample_text
+    from quantkit.quality.texts import sample_text
 
     if getattr(scorer, "n_vocab", vocab_size) != vocab_size:
         raise QuantkitError(f"{scorer.name} has a vocabulary of {scorer.n_vocab}, the original {vocab_size}",
@@ -322,21 +320,30 @@ def evaluate_workspace(
 ) -> dict[str, Any]:
     """Score every artifact of the workspace (or `only` these) against the bf16 reference; record and gate.
     The workspace is locked meanwhile (another run writing it makes this refuse). `drift`
-    (`quantkit.generate.DriftSettings`) adds the language-drift check and its gate."""
+    (`quantkit.quality.generate.DriftSettings`) adds the language-drift check and its gate."""
     from quantkit.lock import holding
 
     with holding(ws.root):
-        return _evaluate(ws, only=only, eval_spec=eval_spec, n_ctx=n_ctx, chunks=chunks,
-                         max_ppl_increase=max_ppl_increase, max_kld=max_kld, model=model, drift=drift)
+        ckpt = workspace_checkpoint(ws, model) if model else None
+        report, updates = evaluate_artifacts(ws, only=only, eval_spec=eval_spec, n_ctx=n_ctx, chunks=chunks,
+                                             max_ppl_increase=max_ppl_increase, max_kld=max_kld, drift=drift,
+                                             checkpoint=ckpt)
+        for key, fields in updates.items():
+            ws.update_artifact(key, **fields)
+        return report
 
 
-def _evaluate(ws: Workspace, *, only: list[Path] | None, eval_spec: str, n_ctx: int, chunks: int | None,
-              max_ppl_increase: float, max_kld: float, model: str | None, drift: Any = None) -> dict[str, Any]:
+def evaluate_artifacts(ws: Workspace, *, only: list[Path] | None, eval_spec: str, n_ctx: int, chunks: int | None,
+                       max_ppl_increase: float, max_kld: float, drift: Any = None, checkpoint: Checkpoint | None = None
+                       ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Score artifacts and gate them; returns the report and, per artifact key, the fields to record on its entry
+    (``eval``, ``gate``, ``drift``). Writes only caches (the reference, generated answers), never the manifest.
+    An artifact whose recorded evaluation has this reference, text and entry fingerprint is not scored again."""
     from transformers import AutoTokenizer
 
     from quantkit.backends.base import backend_for
 
-    ckpt = workspace_checkpoint(ws, model)
+    ckpt = checkpoint or workspace_checkpoint(ws)
     tok = AutoTokenizer.from_pretrained(ckpt.path)
     toks = eval_tokens(ckpt, eval_spec, n_ctx, chunks, tok)
     check = _drift_check(ws, ckpt, tok, drift)
@@ -344,6 +351,7 @@ def _evaluate(ws: Workspace, *, only: list[Path] | None, eval_spec: str, n_ctx: 
     if not keys:
         raise QuantkitError(f"{ws.root} has no artifacts to evaluate", "quantize first (quantkit gguf ...)")
     rows: list[dict[str, Any]] = []
+    updates: dict[str, dict[str, Any]] = {}
     with console.progress() as bar:
         task = None
 
@@ -354,7 +362,7 @@ def _evaluate(ws: Workspace, *, only: list[Path] | None, eval_spec: str, n_ctx: 
             bar.advance(task)
 
         ref = cached_reference(ws, ckpt, toks, on_chunk=on_chunk)
-        ref_fp = ws.steps["eval.reference"]["fingerprint"]
+        _, ref_fp = _reference_file(ws, ckpt, toks)
         for key in keys:
             entry = ws.artifacts.get(key, {})
             path = ws.abs(key)
@@ -367,35 +375,35 @@ def _evaluate(ws: Workspace, *, only: list[Path] | None, eval_spec: str, n_ctx: 
                              "skipped": reason, "passed": True})
                 continue
             efp = fingerprint("eval", ref_fp, entry.get("fingerprint"), entry.get("size"))
-            step = f"eval.{key}"
-            if ws.is_done(step, efp) and "eval" in entry:
-                result = entry["eval"]
+            old = entry.get("eval")
+            if isinstance(old, dict) and old.get("fingerprint") == efp:
+                result = old
             else:
                 scorer = backend.scorer(path, n_ctx=n_ctx)
                 try:
                     check_tokenizer(scorer, tok, ckpt.arch.vocab_size)
                     task = bar.add_task(f"eval {Path(key).name}", total=len(toks.chunks))
-                    result = score(scorer, toks, ref, on_chunk=lambda t=task: bar.advance(t))
+                    result = {**score(scorer, toks, ref, on_chunk=lambda t=task: bar.advance(t)), "fingerprint": efp}
                 finally:
                     scorer.close()
-                ws.record_step(step, efp, [path], **{k: result[k] for k in ("ppl", "kld_mean")})
-            drifted = _drift_one(check, bar, key, ws.artifacts.get(key, entry), backend) if check else None
+            drifted = _drift_one(check, bar, key, entry, backend) if check else None
             verdict = gate(result, max_ppl_increase, max_kld, drifted, drift.max_drift if check else None)
-            ws.update_artifact(key, eval=result, gate=verdict)
+            updates[key] = {"eval": result, "gate": verdict, **({"drift": drifted} if drifted else {})}
             rows.append({"artifact": key, "format": backend.name, "quant": entry.get("quant", "?"),
                          "size": entry.get("size"), "bpw": entry.get("bpw"), **result, "passed": verdict["passed"],
                          "reasons": verdict["reasons"], **({"drift": drifted} if drifted else {})})
-    return {"model": ckpt.name, "workspace": str(ws.root), "eval_set": toks.spec, "ctx": n_ctx,
-            "chunks": int(len(toks.chunks)), "tokens_fingerprint": toks.fingerprint, "reference_ppl": ref.ppl,
-            "kld_mode": ref.mode, "passed": all(r["passed"] for r in rows), "rows": rows,
-            **({"drift": check.summary()} if check else {})}
+    report = {"model": ckpt.name, "workspace": str(ws.root), "eval_set": toks.spec, "ctx": n_ctx,
+              "chunks": int(len(toks.chunks)), "tokens_fingerprint": toks.fingerprint, "reference_ppl": ref.ppl,
+              "kld_mode": ref.mode, "passed": all(r["passed"] for r in rows), "rows": rows,
+              **({"drift": check.summary()} if check else {})}
+    return report, updates
 
 
 def _drift_check(ws: Workspace, ckpt: Checkpoint, tok: Any, drift: Any) -> Any:
-    """The language-drift check (`quantkit.generate`), set up before any expensive step (bad prompts fail here)."""
+    """The language-drift check (`generate`), set up before any expensive step (bad prompts fail here)."""
     if drift is None:
         return None
-    from quantkit.generate import DriftCheck
+    from quantkit.quality.generate import DriftCheck
 
     return DriftCheck(ws, ckpt, tok, drift)
 

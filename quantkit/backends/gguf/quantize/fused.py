@@ -34,10 +34,10 @@ from typing import Any
 import gguf
 import numpy as np
 
-from quantkit.backends.gguf.quantize import FILE_TYPES, QuantizeOptions, quantize
-from quantkit.direct_file import DirectFile, pwrite_all
+from quantkit.backends.gguf.quantize.core import FILE_TYPES, QuantizeOptions, quantize
+from quantkit.backends.gguf.quantize.direct_file import DirectFile, pwrite_all
+from quantkit.backends.gguf.quantize.ordered_hash import OrderedHash
 from quantkit.errors import QuantkitError
-from quantkit.ordered_hash import OrderedHash
 from quantkit.workspace import DiskFull, check_disk, remember_sha256, staging_dir
 
 SLAB_BYTES = 16 << 20  # float32 bytes of rows converted and quantized by one task
@@ -175,7 +175,7 @@ class FusedQuantizer:
 
     Use as a context manager around the conversion: on success each file is moved into place when the block ends;
     on any error or interrupt nothing is left behind. With `direct`, every file (the converted one too, which it
-    then writes itself: `writes_base`) goes around the page cache (`quantkit.direct_file`): for a run that does not
+    then writes itself: `writes_base`) goes around the page cache (`direct_file`): for a run that does not
     read them again."""
 
     def __init__(self, outputs: list[tuple[str, Path, QuantizeOptions]], *, threads: int, base_bytes: int = 0,

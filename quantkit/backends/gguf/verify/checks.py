@@ -5,7 +5,7 @@ The cost is bounded and does not depend on the vocabulary beyond one head: the t
 characters, and the forward check runs one window of the held-out eval text through both models and compares the
 second half of it. When the run goes on to evaluate, the window is evaluation's first chunk and its reference is
 evaluation's own (computed once per checkpoint and text, cached in the workspace, used by both); otherwise it is the
-first `WINDOW` tokens, a quarter of a chunk, with its reference cached under its own step. Only the reference's top-k
+first `WINDOW` tokens, a quarter of a chunk, with its own cached reference. Only the reference's top-k
 log-probabilities and tail mass are compared when the vocabulary is large (the reference's own mode), so nothing
 holds more than one window of logits.
 """
@@ -21,9 +21,9 @@ import numpy as np
 
 from quantkit import console
 from quantkit.errors import QuantkitError
-from quantkit.metrics import kld_full, kld_top_q, log_softmax, logsumexp, top2_gap
+from quantkit.quality.metrics import kld_full, kld_top_q, log_softmax, logsumexp, top2_gap
+from quantkit.quality.texts import first_token_difference, sample_text
 from quantkit.source import Checkpoint
-from quantkit.verify import first_token_difference, sample_text
 from quantkit.workspace import Workspace
 
 MAX_BF16_KLD = 0.01  # bf16 GGUF vs bf16 transformers: only accumulation order differs (measured ~2e-6)
@@ -32,12 +32,12 @@ WINDOW = 128  # tokens of the eval text the forward check runs when the run does
 TIE = 0.01  # positions whose top two reference log-probabilities are this close are ties at any precision
 
 
-def window(evaluation: tuple[str, int] | None, n_ctx: int = WINDOW) -> tuple[str, int, str]:
-    """The forward check's text, window length and reference step: evaluation's first chunk and its reference when
-    the run evaluates, else the eval text's first `n_ctx` tokens under verification's own step."""
+def window(evaluation: tuple[str, int] | None, n_ctx: int = WINDOW) -> tuple[str, int]:
+    """The forward check's text and window length: evaluation's first chunk (whose cached reference evaluation
+    shares) when the run evaluates, else the eval text's first `n_ctx` tokens."""
     if evaluation:
-        return evaluation[0], evaluation[1], "eval.reference"
-    return EVAL_SPEC, n_ctx, "gguf.verify.reference"
+        return evaluation[0], evaluation[1]
+    return EVAL_SPEC, n_ctx
 
 
 class Verifier:
@@ -52,7 +52,7 @@ class Verifier:
         (`Prepared`)."""
         self.ckpt, self.ws = ckpt, workspace
         self.text = sample_text()
-        self.spec, self.n_ctx, self.step = window(evaluation, n_ctx)
+        self.spec, self.n_ctx = window(evaluation, n_ctx)
         self._given = given
         if given is not None:
             self.hf_ids: list[int] = given[0]
@@ -90,12 +90,12 @@ class Verifier:
 
     def _reference(self) -> tuple[Any, Any]:
         """The eval tokens and the bf16 reference of their first chunk (from the workspace when it has it)."""
-        from quantkit.evaluate import cached_reference, compute_reference, eval_tokens
+        from quantkit.quality.evaluate import cached_reference, compute_reference, eval_tokens
 
         if self._given is not None:
             return self._given[1]()
         toks = eval_tokens(self.ckpt, self.spec, self.n_ctx, None, self.tok)
-        ref = (cached_reference(self.ws, self.ckpt, toks, 1, step=self.step) if self.ws is not None
+        ref = (cached_reference(self.ws, self.ckpt, toks, 1) if self.ws is not None
                else compute_reference(self.ckpt, toks, stop=1))
         return toks, ref
 
@@ -158,20 +158,21 @@ class Prepared:
         import subprocess
         import sys
 
+        from quantkit.interrupts import child_env
         from quantkit.workspace import private_temp_name
 
         self.ckpt, self.ws, self.evaluation = ckpt, workspace, evaluation
         self._done: tuple[Any, Any] | None = None
-        spec, n_ctx, self.step = window(evaluation)
+        spec, n_ctx = window(evaluation)
         self.dir = private_temp_name(workspace.root / "verify")  # a dead run's is removed with its other partials
         self.dir.mkdir(parents=True, exist_ok=True)
-        job = {"ckpt": ckpt, "spec": spec, "n_ctx": n_ctx, "step": self.step, "workspace": str(workspace.root),
+        job = {"ckpt": ckpt, "spec": spec, "n_ctx": n_ctx, "workspace": str(workspace.root),
                "threads": threads}
         (self.dir / "job.pkl").write_bytes(pickle.dumps(job))
         with open(self.dir / "log.txt", "w") as log:
             self._proc: Any = subprocess.Popen(
-                [sys.executable, "-m", "quantkit.backends.gguf.verify_worker", str(self.dir / "job.pkl"),
-                 str(self.dir)], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+                [sys.executable, "-m", "quantkit.backends.gguf.verify.worker", str(self.dir / "job.pkl"),
+                 str(self.dir)], stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=child_env())
 
     def get(self) -> Verifier:
         """The `Verifier`, as soon as the worker has tokenized (its reference is waited for when first needed)."""
@@ -186,7 +187,7 @@ class Prepared:
                         given=(np.load(ids).tolist(), self._reference))
 
     def _reference(self) -> tuple[Any, Any]:
-        from quantkit.evaluate import EvalTokens, Reference, store_reference
+        from quantkit.quality.evaluate import EvalTokens, Reference, store_reference
 
         if self._done is None:
             if self._proc.wait() != 0:
@@ -195,7 +196,7 @@ class Prepared:
             toks = EvalTokens(z["chunks"], int(z["first"]), str(z["spec"]), str(z["fingerprint"]))
             ref = Reference.load(self.dir / "reference.npz")
             if bool(z["computed"]):
-                store_reference(self.ws, self.ckpt, toks, ref, step=self.step)
+                store_reference(self.ws, self.ckpt, toks, ref)
             self._done = (toks, ref)
         return self._done
 

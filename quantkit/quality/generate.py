@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from quantkit import drift as measures
 from quantkit.errors import QuantkitError
+from quantkit.quality import drift as measures
 from quantkit.source import Checkpoint
 from quantkit.workspace import Workspace, fingerprint, write_json_atomic
 
@@ -284,7 +284,7 @@ class DriftCheck:
         if self._ref is not None:
             return self._ref
         path = self.ws.root / "eval" / f"drift-reference-{self.fp}.json"
-        if self.ws.is_done("eval.drift-reference", self.fp) and path.exists():
+        if path.exists():  # written atomically under a name that holds its fingerprint
             data = json.loads(path.read_text(encoding="utf-8"))
         else:
             t0 = time.perf_counter()
@@ -301,7 +301,6 @@ class DriftCheck:
                     "new_tokens": self.settings.new_tokens, "answers": _answers(self.tok, outs, self.stop)}
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(path, data)
-            self.ws.record_step("eval.drift-reference", self.fp, [path], dtype=dtype, seconds=data["seconds"])
         self._ref = data["answers"]
         self.ref_info = {k: data.get(k) for k in ("dtype", "seconds")}
         return self._ref
@@ -312,9 +311,8 @@ class DriftCheck:
         in the workspace; the figures are recomputed from them every time (cheap), so they follow the measures."""
         ref = self.reference(on_reference)
         afp = fingerprint("drift", self.fp, entry.get("fingerprint"), entry.get("size"))
-        step = f"drift.{key}"
         out = self.ws.root / "eval" / f"drift-{afp}.json"
-        if self.ws.is_done(step, afp) and out.exists():
+        if out.exists():  # written atomically under a name that holds its fingerprint
             data = json.loads(out.read_text(encoding="utf-8"))
         else:
             t0 = time.perf_counter()
@@ -335,11 +333,9 @@ class DriftCheck:
             data = {"artifact": key, "seconds": round(time.perf_counter() - t0, 2),
                     "answers": _answers(self.tok, outs, self.stop)}
             write_json_atomic(out, data)
-            self.ws.record_step(step, afp, [out])
         answers = data["answers"]
         result = measures.summarize([p.text for p in self.prompts], ref, answers)
         result.update(prompt_set=self.spec, new_tokens=self.settings.new_tokens, seconds=data.get("seconds"),
                       bf16_seconds=self.ref_info.get("seconds"), bf16_dtype=self.ref_info.get("dtype"),
                       generated_tokens=sum(len(a["ids"]) for a in answers))
-        self.ws.update_artifact(key, drift=result)
         return result

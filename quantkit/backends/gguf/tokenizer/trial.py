@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from quantkit import console
-from quantkit.backends.gguf import pretokenizer
+from quantkit.backends.gguf.tokenizer import pretokenizer
 from quantkit.errors import QuantkitError
 
 if TYPE_CHECKING:
@@ -34,8 +34,8 @@ def _write_vocab_file(path: Path, folder: Path, arch: Architecture) -> int:
     """A vocabulary-only GGUF whose last key is ``tokenizer.ggml.pre``; returns the offset where that key starts."""
     import gguf
 
-    from quantkit.backends.gguf.convert import write_common_metadata
-    from quantkit.backends.gguf.tokenizer import bpe_vocab, state_unset_flags
+    from quantkit.backends.gguf.convert.metadata import write_common_metadata
+    from quantkit.backends.gguf.tokenizer.files import bpe_vocab, state_unset_flags
 
     w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch.gguf_model_arch()])
     w.add_type(gguf.GGUFType.MODEL)
@@ -86,7 +86,7 @@ def trial(folder: Path, arch: Architecture) -> str:
     tried when none does."""
     from tokenizers import Tokenizer
 
-    from quantkit.backends.gguf.tokenizer import tokenizer_json
+    from quantkit.backends.gguf.tokenizer.files import tokenizer_json
 
     text = sample()
     # the file as the tokenizers library runs it: transformers 5's AutoTokenizer replaces the pre-tokenizer of a
@@ -116,7 +116,7 @@ def trial(folder: Path, arch: Architecture) -> str:
 
 def _run_child(tmp: Path, offset: int, names: list[str]) -> tuple[str | None, list[str]]:
     """Try `names` in order in a child; returns (the match or None, the names not tried yet)."""
-    cmd = [sys.executable, "-m", "quantkit.backends.gguf.pretokenizer_trial", str(tmp), str(offset), *names]
+    cmd = [sys.executable, "-m", "quantkit.backends.gguf.tokenizer.trial", str(tmp), str(offset), *names]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=False)
     tried = [ln.split(" ", 1)[1] for ln in proc.stdout.splitlines() if ln.startswith("TRY ")]
     match = next((ln.split(" ", 1)[1] for ln in proc.stdout.splitlines() if ln.startswith("MATCH ")), None)
