@@ -1,3 +1,3 @@
-from quantkit.cli.app import main
+from quantkit.cli.entry import main
 
 main()

@@ -59,6 +59,11 @@ def quiet_libraries() -> None:
         return
     for name in ("torchao", "torch.utils._pytree", "transformers", "gguf", "gptqmodel", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # huggingface_hub sets its own level when it is imported (after this runs): its HTTP retries ("HTTP Error 500
+    # thrown while requesting ...") would reach the terminal beside quantkit's own one line per retry
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    if "huggingface_hub" in sys.modules:  # imported already: its level was set from the environment then
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")

@@ -60,7 +60,22 @@ def _in_native_callback(frame: FrameType | None) -> bool:
     return False
 
 
+def _in_finalizer(frame: FrameType | None) -> bool:
+    """True inside an object's ``__del__``: Python prints an exception raised there as "Exception ignored" and goes
+    on, so the interrupt would be lost (and the run end with exit 0)."""
+    depth = 0
+    while frame is not None and depth < 40:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+        depth += 1
+    return False
+
+
 def _handler(signum: int, frame: FrameType | None) -> None:
+    if _in_finalizer(frame):  # deliver it again once the finalizer has returned
+        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+        return
     if _in_native_callback(frame):
         for path in reversed(_work):
             if path.is_dir() and not path.is_symlink():

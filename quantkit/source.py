@@ -225,11 +225,25 @@ def architecture_of(spec: str) -> type[Architecture] | None:
     config = Path(spec).expanduser() / "config.json"
     if config.is_file():
         try:
-            name = (json.loads(config.read_text(encoding="utf-8")).get("architectures") or [""])[0]
-        except (json.JSONDecodeError, OSError):
+            name = (read_config(config).get("architectures") or [""])[0]
+        except (QuantkitError, OSError):
             return None
         return lookup(name)
     return None
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A checkpoint's config.json: a JSON object whose ``architectures`` (when present) is a list of names."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise QuantkitError(f"{path} is not valid JSON", "download the checkpoint again") from exc
+    arches = config.get("architectures") if isinstance(config, dict) else None
+    if not isinstance(config, dict) or not (arches is None or (isinstance(arches, list)
+                                                               and all(isinstance(a, str) for a in arches))):
+        raise QuantkitError(f"{path} is not a Hugging Face model config (a JSON object with an `architectures` list)",
+                            "download the checkpoint again")
+    return config
 
 
 def _require(architecture: str | None, require: Requirement | None) -> None:
@@ -311,10 +325,8 @@ def load_local(folder: Path, *, name: str, source: str, hub_id: str | None = Non
     config_path = folder / "config.json"
     if not config_path.exists():
         raise QuantkitError(f"{folder} has no config.json", "pass a Hugging Face checkpoint folder")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise QuantkitError(f"{config_path} is not valid JSON", "download the checkpoint again") from exc
+    config = read_config(config_path)
+    _check_tokenizer_files(folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         other = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".gguf")]
@@ -343,5 +355,32 @@ def load_local(folder: Path, *, name: str, source: str, hub_id: str | None = Non
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise QuantkitError(f"incomplete checkpoint {folder.name}: {ckpt.architecture} needs {', '.join(missing[:3])}"
                             f"{more}, which its safetensors do not hold",
-                            "download the checkpoint again (all shards), or check config.json's num_hidden_layers")
+                            "download the checkpoint again (all shards), or check config.json's architectures and "
+                            "num_hidden_layers")
+    _check_shapes(ckpt, folder)
     return ckpt
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    """Refuse a tokenizer file that is not JSON (damaged in a download), naming it, before any work."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        path = folder / name
+        if path.is_file():
+            try:
+                json.loads(path.read_bytes())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise QuantkitError(f"{path} is damaged (not valid JSON)", "download the checkpoint again") from exc
+
+
+def _check_shapes(ckpt: Checkpoint, folder: Path) -> None:
+    """Refuse a layer tensor whose shape is not the one config.json implies (caught before any work, not as a
+    loader's error half way)."""
+    shapes = ckpt.arch.layer_shapes()
+    for i in range(ckpt.arch.n_layer):
+        for suffix, want in shapes.items():
+            hf_name = ckpt.canonical_names.get(f"model.layers.{i}.{suffix}")
+            got = tuple(ckpt.tensors.tensors[hf_name].shape) if hf_name else want
+            if got != want:
+                raise QuantkitError(f"{hf_name} in {folder.name} is {list(got)}, but config.json implies {list(want)}",
+                                    "the weights and config.json do not belong together: download the checkpoint "
+                                    "again")

@@ -14,7 +14,7 @@ import pytest
 from quantkit.errors import QuantkitError
 from quantkit.workspace import atomic_path, check_disk
 
-QK = [sys.executable, "-m", "quantkit.cli.app"]
+QK = [sys.executable, "-m", "quantkit"]  # the console script's entry (quantkit.cli.entry)
 
 
 def qk(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -262,6 +263,56 @@ def test_sigint_during_conversion(big_ckpt: Path, tmp_path: Path) -> None:
     assert not (ws / "gguf").exists() or not list((ws / "gguf").iterdir())
     assert not (ws / ".staging").exists()
     assert "gguf/convert/BF16" not in manifest(ws)["steps"]
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """quantkit's entry has run (it catches SIGTERM, which Python itself leaves alone): /proc's caught-signal mask."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next((int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:")), 0)
+    return bool(mask & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3, 0.8])
+def test_sigint_while_starting_is_one_line(llama3_ckpt: Path, tmp_path: Path, delay: float) -> None:
+    """An interrupt while the commands and backends are imported (the first second) is one line and exit 130,
+    never Python's traceback. (Before the interpreter reaches quantkit's first line, about
+    50 ms, an interrupt is Python's own.)"""
+    run = start("gguf", str(llama3_ckpt), "--q4_k_m", "-w", str(tmp_path / "ws"))
+    wait_for(lambda: _catches_sigterm(run.pid), timeout=60, proc=run)
+    time.sleep(delay)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err
+    assert len(last_line(err)) == 1 and "interrupted" in err and "Traceback" not in err, err
+
+
+def test_interrupt_inside_a_finalizer_is_not_lost(tmp_path: Path) -> None:
+    """Python swallows an exception raised in ``__del__`` ("Exception ignored"): an interrupt handled there is
+    delivered again once the finalizer returns, so the run still stops with 130 instead of finishing with 0."""
+    code = (
+        "import gc, time\n"
+        "from quantkit import interrupts\n"
+        "interrupts.install()\n"
+        "class Slow:\n"
+        "    def __del__(self):\n"
+        "        print('in del', flush=True)\n"
+        "        time.sleep(1.0)\n"
+        "try:\n"
+        "    Slow()\n"
+        "    gc.collect()\n"
+        "    time.sleep(2.0)\n"
+        "except interrupts.Interrupted:\n"
+        "    raise SystemExit(130)\n"
+        "raise SystemExit(0)\n"
+    )
+    run = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert run.stdout is not None and run.stdout.readline().strip() == "in del"
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130 and "Exception ignored" not in err, err
 
 
 # -- 3. secrets and machine paths, checked after the card is written ------------------------------------------------
@@ -625,3 +676,329 @@ def test_hub_names_are_ascii() -> None:
     assert hub_safe_name("Щука/ёж") == "Shchuka-ezh"
     with pytest.raises(QuantkitError, match="not a Hub repo id"):
         _repo_id("me/Сайга", "me", None, "gguf")  # type: ignore[arg-type]
+
+
+# == the second hardening round (issue 25) ===========================================================================
+def _one_line(proc: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("warning:")]
+    assert proc.returncode == code and len(lines) == 1, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr and "unexpected failure" not in lines[0], proc.stderr
+    return lines[0]
+
+
+# -- 1. what is published was made and verified, byte for byte ------------------------------------------------------
+def test_push_refuses_unverified_and_changed_files(tmp_path: Path, hub: FakeHub) -> None:  # noqa: F811
+    never = build_workspace(tmp_path / "never", gate_fail=False, verified=False)
+    refused = push(hub, never.root / "gguf", "--repo", "never")
+    line = error_line(refused)
+    assert refused.returncode == 2 and "never verified" in line and "--force" in line, line
+    assert f"{USER}/never" not in hub.repos
+
+    ws = build_workspace(tmp_path / "ws", gate_fail=False)
+    q4 = ws.root / "gguf" / f"{MODEL}-Q4_K_M.gguf"
+    data = bytearray(q4.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # verified, then one byte flipped
+    q4.write_bytes(bytes(data))
+    changed = push(hub, ws.root / "gguf", "--repo", "changed")
+    line = error_line(changed)
+    assert changed.returncode == 2 and f"not publishing gguf/{MODEL}-Q4_K_M.gguf" in line, line
+    assert "changed since it was made" in line and "--force" in line
+    assert f"{USER}/changed" not in hub.repos or f"{MODEL}-Q4_K_M.gguf" not in hub.files(f"{USER}/changed")
+    forced = push(hub, ws.root / "gguf", "--repo", "changed", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert "although it changed since it was made" in forced.stderr and "(--force)" in forced.stderr
+
+
+def test_a_run_never_publishes_an_unverified_file(llama3_ckpt: Path, tmp_path: Path, hub: FakeHub) -> None:  # noqa: F811
+    """`--push` with `--no-verify` (a BF16 with a wrong pre-tokenizer would have been uploaded): nothing goes up."""
+    from test_publish import WRITE_TOKEN
+
+    e = env(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_HUB_OFFLINE="0", HF_TOKEN=WRITE_TOKEN)
+    run = subprocess.run([*QK, "gguf", str(llama3_ckpt), "--q8_0", "--no-imatrix", "--no-verify", "--push",
+                          "--repo", "unverified", "-w", str(tmp_path / "ws")], capture_output=True, text=True, env=e)
+    assert run.returncode == 2 and "never verified" in run.stderr, run.stderr[-3000:]
+    assert f"{USER}/unverified" not in hub.repos
+
+
+# -- 2. a tensor missing inside a checkpoint file ---------------------------------------------------------------------
+def _without(src: Path, dest: Path, drop: str) -> Path:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dest)
+    tensors = load_file(str(dest / "model.safetensors"))
+    assert drop in tensors, sorted(tensors)[:20]
+    del tensors[drop]
+    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    return dest
+
+
+@pytest.mark.parametrize("imatrix", [True, False])
+def test_a_tensor_missing_inside_a_file_is_refused_before_work(llama3_ckpt: Path, tmp_path: Path,
+                                                               imatrix: bool) -> None:
+    bad = _without(llama3_ckpt, tmp_path / "bad", "model.layers.1.self_attn.v_proj.weight")
+    ws = tmp_path / "ws"
+    proc = qk("gguf", str(bad), "--q8_0", *([] if imatrix else ["--no-imatrix"]), "-w", str(ws))
+    line = _one_line(proc)
+    assert "incomplete checkpoint" in line and "model.layers.1.self_attn.v_proj.weight" in line, line
+    assert not ws.exists() or not list(ws.rglob("*.gguf"))
+
+
+def test_an_expert_missing_inside_a_file_is_refused_before_work(gigachat3_ckpt: Path, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(gigachat3_ckpt / "model.safetensors"), "pt") as f:
+        expert = next(k for k in f.keys() if ".mlp.experts.3.down_proj.weight" in k)
+    bad = _without(gigachat3_ckpt, tmp_path / "bad", expert)
+    proc = qk("gguf", str(bad), "--q8_0", "-w", str(tmp_path / "ws"))
+    line = _one_line(proc)
+    assert "incomplete checkpoint" in line and expert in line, line
+
+
+# -- 3. bad --workspace paths ---------------------------------------------------------------------------------------
+def test_bad_workspace_paths_are_one_line(llama3_ckpt: Path, tmp_path: Path) -> None:
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    cases = {afile: "is a file", afile / "below": "is a file", Path("/proc/quantkit-ws"): "cannot be created there"}
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True)
+    if mounted.returncode == 0:
+        cases[ro / "ws"] = "read-only file system"
+    try:
+        for ws, words in cases.items():
+            line = _one_line(qk("gguf", str(llama3_ckpt), "--q8_0", "-w", str(ws)))
+            assert words in line and str(ws) in line, line
+    finally:
+        if mounted.returncode == 0:
+            subprocess.run(["umount", "-l", str(ro)], capture_output=True)
+
+
+# -- 4. user text is never read as console markup -------------------------------------------------------------------
+def test_paths_with_brackets_cyrillic_and_spaces_are_shown_as_they_are(llama3_ckpt: Path, tmp_path: Path) -> None:
+    odd = tmp_path / "in [ray] Модель [bold]"
+    odd.mkdir()
+    cal = odd / "[ray]cal.txt"
+    cal.write_text("", encoding="utf-8")  # empty: refused, and the message names the file exactly
+    line = _one_line(qk("gguf", str(llama3_ckpt), "--calibration", str(cal), "-w", str(tmp_path / "w")))
+    assert str(cal) in line, line
+    missing = odd / "[" / "]model"  # a path that reads "[/]model"
+    line = _one_line(qk("gguf", str(missing), "--q8_0"))
+    assert str(missing) in line, line
+    ws = odd / "ws [" / "x]"  # "ws [/x]"
+    ok = qk("gguf", str(llama3_ckpt), "--q8_0", "--no-imatrix", "--no-verify", "-w", str(ws), "--json")
+    assert ok.returncode == 0 and "Traceback" not in ok.stderr, ok.stderr[-3000:]
+    assert json.loads(ok.stdout)["workspace"] == str(ws)
+
+
+# -- 5. two recipe entries, one workspace ---------------------------------------------------------------------------
+def test_two_recipe_entries_that_share_a_workspace_are_refused(llama3_ckpt: Path, tmp_path: Path) -> None:
+    import shutil
+
+    for name in ("Модель тест", "Модель_тест"):  # two folders whose names make one workspace folder
+        shutil.copytree(llama3_ckpt, tmp_path / "m" / name)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("""models:
+  - source: m/Модель тест
+    gguf: {}
+  - source: m/Модель_тест
+    gguf: {}
+""", encoding="utf-8")
+    for args in (["recipe", "validate", str(recipe)], ["run", str(recipe)]):
+        proc = qk(*args)
+        assert proc.returncode == 2 and "would share the workspace Модель_тест/" in proc.stderr, proc.stderr
+        assert "line 2" in proc.stderr and "line 4" in proc.stderr, proc.stderr
+    assert not (tmp_path / "quants").exists()
+
+
+# -- rough edges ------------------------------------------------------------------------------------------------------
+def test_a_child_process_dies_with_its_parent(llama3_ckpt: Path, tmp_path: Path) -> None:
+    """GPTQModel's worker is killed with the run that started it (SIGKILL of the parent): nothing of a dead run
+    keeps writing into its staging folder."""
+    run = start("gptq", str(llama3_ckpt), "--bits", "4", "--group-size", "64", "--calib-samples", "4",
+                "--calib-seq-len", "64", "-w", str(tmp_path / "ws"))
+
+    def child() -> int | None:
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    cmd = (entry / "cmdline").read_bytes()
+                    ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+                if b"quantkit.backends.gptq" in cmd and ppid == run.pid:
+                    return int(entry.name)
+        return None
+
+    pid = wait_for(child, proc=run)
+    run.kill()
+    run.wait()
+    gone = False
+    for _ in range(200):
+        if not Path(f"/proc/{pid}").exists() or (Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"):
+            gone = True
+            break
+        time.sleep(0.05)
+    assert gone, "GPTQModel's worker outlived the run"
+
+
+def test_card_waits_for_the_lock(tmp_path: Path) -> None:
+    ws = build_workspace(tmp_path / "ws", gate_fail=False)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from quantkit.lock import acquire; "
+                               "acquire(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(ws.root)],
+                              stdout=subprocess.PIPE, text=True, env=env())
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        line = _one_line(qk("card", str(ws.root / "gguf")))
+        assert "another quantkit run" in line, line
+    finally:
+        holder.kill()
+        holder.wait()
+    assert qk("card", str(ws.root / "gguf")).returncode == 0
+
+
+def test_cheap_checks_come_before_any_work(llama3_ckpt: Path, tmp_path: Path) -> None:
+    started = time.monotonic()
+    line = _one_line(qk("gguf", str(llama3_ckpt), "--target-size", "0", "-w", str(tmp_path / "w")))
+    assert "--target-size 0" in line and time.monotonic() - started < 20, line
+    assert not (tmp_path / "w").exists()
+    line = _one_line(qk("gguf", str(llama3_ckpt), "--q2_k_s", "--no-imatrix", "-w", str(tmp_path / "w")))
+    assert "Q2_K_S needs an importance matrix" in line, line
+
+
+def test_q2_k_needs_no_importance_matrix(llama3_ckpt: Path, tmp_path: Path) -> None:
+    """As llama.cpp decides per tensor: Q2_K tensors need a matrix only inside a Q2_K_S file."""
+    proc = qk("gguf", str(llama3_ckpt), "--q2_k", "--no-imatrix", "-w", str(tmp_path / "w"), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {a["quant"] for a in json.loads(proc.stdout)["artifacts"]} == {"BF16", "Q2_K"}
+
+
+def test_a_size_target_is_a_bound_and_the_name_says_what_was_asked_and_got(llama3_ckpt: Path,
+                                                                            tmp_path: Path) -> None:
+    import re
+
+    proc = qk("gguf", str(llama3_ckpt), "--q4_k_m", "--target-bpw", "4.5", "--no-verify", "--calib-samples", "4",
+              "--calib-seq-len", "64", "-w", str(tmp_path / "w"), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (art,) = [a for a in json.loads(proc.stdout)["artifacts"] if a.get("target")]
+    m = re.fullmatch(r"gguf/tiny-llama3-target-4\.5bpw-(\d+\.\d\d)bpw\.gguf", art["path"])
+    assert m and float(m.group(1)) <= 4.5 and art["bpw"] <= 4.5, art["path"]
+
+
+def test_the_card_says_only_what_was_measured(tmp_path: Path) -> None:
+    from quantkit.card import render_card
+
+    ws = build_workspace(tmp_path / "ws", gate_fail=False)
+    assert "Every file was scored against the bf16 original" in render_card(ws, "gguf", repo="me/x")
+    for entry in ws.artifacts.values():
+        entry.pop("eval", None)
+        entry.pop("gate", None)
+    ws.save()
+    text = render_card(Workspace(ws.root), "gguf", repo="me/x")
+    assert "scored against" not in text and "измерено" not in text
+
+
+def test_a_non_ascii_token_is_named(tmp_path: Path, hub: FakeHub) -> None:  # noqa: F811
+    ws = build_workspace(tmp_path / "ws", gate_fail=False)
+    run = push(hub, ws.root / "gguf", token="hf_abcdefghijkl\u043cnop")
+    line = error_line(run)
+    assert run.returncode == 2 and "HF_TOKEN holds characters no Hub token has" in line, line
+    assert "same command again" not in line and "\u043c" not in line
+
+
+def test_a_49152_token_llama_states_it_adds_no_bos(tmp_path: Path) -> None:
+    """llama.cpp's converter writes add_bos_token = false for a Llama with a 49,152-token vocabulary (SmolLM2,
+    Granite); without it llama.cpp falls back to its own default for the vocabulary type."""
+    from quantkit.backends.gguf.convert.converter import Converter
+    from quantkit.demo import build_checkpoint
+    from quantkit.source import load_local
+
+    src = build_checkpoint(tmp_path / "smol", "smollm", vocab_size=49152, hidden=256, layers=1, heads=4, kv_heads=2,
+                           ffn=256)
+    ck = load_local(src, name="smol", source=str(src))
+    (out,) = Converter(ck).write(tmp_path / "smol.gguf")
+    import gguf
+
+    field = gguf.GGUFReader(out).fields.get("tokenizer.ggml.add_bos_token")
+    assert field is not None and bool(field.parts[-1][0]) is False
+
+
+def test_the_pre_tokenizer_and_how_it_was_found_are_recorded(llama3_ckpt: Path, tmp_path: Path) -> None:
+    from quantkit.card import render_card
+
+    ws = tmp_path / "w"
+    proc = qk("gguf", str(llama3_ckpt), "--q8_0", "--no-imatrix", "-w", str(ws), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (bf16,) = [a for a in json.loads(proc.stdout)["artifacts"] if a["quant"] == "BF16"]
+    assert bf16["tokenizer"]["pre"] == "llama-bpe" and bf16["tokenizer"]["found_by"] in ("hash", "structure")
+    assert "llama.cpp pre-tokenizer `llama-bpe`, found " in render_card(Workspace(ws), "gguf", repo="me/x")
+
+
+# -- found by benchmarks/bad_inputs.py ---------------------------------------------------------------------------
+def test_a_dry_run_refuses_what_the_run_would_refuse(llama3_ckpt: Path, tmp_path: Path) -> None:
+    """An unknown alias, a folder that is not there or holds no checkpoint, a file, a malformed Hub id: `--dry-run`
+    printed a plan and exited 0 for each; a Hub id that is merely not downloaded yet is still planned."""
+    (tmp_path / "empty").mkdir()
+    for spec, words in (("T-lite-0.2", "unknown model or alias 'T-lite-0.2'"), ("./models/nope", "no such folder"),
+                        ("org/name/extra/more", "no such folder"), (str(tmp_path / "empty"), "has no config.json"),
+                        (str(llama3_ckpt / "config.json"), "is a file, not a checkpoint folder")):
+        proc = qk("gguf", spec, "--dry-run", "-w", str(tmp_path / "ws"), cwd=tmp_path)
+        assert words in _one_line(proc), (spec, proc.stderr)
+    planned = qk("gguf", "someorg/not-downloaded-yet", "--dry-run", "-w", str(tmp_path / "ws"), cwd=tmp_path)
+    assert planned.returncode == 0 and "downloaded on the first run" in planned.stdout, planned.stderr
+    assert not (tmp_path / "ws").exists()
+
+
+def _copy(src: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dest)
+    return dest
+
+
+def test_configs_tokenizers_and_shapes_that_do_not_fit_are_one_line_before_work(llama3_ckpt: Path,
+                                                                                 tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    cases: list[tuple[Path, str]] = []
+    listed = _copy(llama3_ckpt, tmp_path / "listed")
+    (listed / "config.json").write_text("[1, 2]")
+    cases.append((listed, "is not a Hugging Face model config"))
+    nameless = _copy(llama3_ckpt, tmp_path / "nameless")
+    config = json.loads((nameless / "config.json").read_text())
+    (nameless / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "architectures"}))
+    cases.append((nameless, "names no architecture"))
+    claimed = _copy(llama3_ckpt, tmp_path / "claimed")  # Llama weights under a Qwen2 name: no q/k/v biases
+    (claimed / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen2ForCausalLM"]}))
+    cases.append((claimed, "needs model.layers.0.self_attn.q_proj.bias"))
+    shaped = _copy(llama3_ckpt, tmp_path / "shaped")
+    tensors = load_file(str(shaped / "model.safetensors"))
+    tensors["model.layers.0.self_attn.k_proj.weight"] = tensors["model.layers.0.self_attn.k_proj.weight"][:64].clone()
+    save_file(tensors, str(shaped / "model.safetensors"), metadata={"format": "pt"})
+    cases.append((shaped, "model.layers.0.self_attn.k_proj.weight in shaped is [64, 256], but config.json implies "
+                          "[128, 256]"))
+    damaged = _copy(llama3_ckpt, tmp_path / "damaged")
+    (damaged / "tokenizer.json").write_bytes((llama3_ckpt / "tokenizer.json").read_bytes()[:5000])
+    cases.append((damaged, "tokenizer.json is damaged"))
+    for folder, words in cases:
+        ws = tmp_path / f"ws-{folder.name}"
+        line = _one_line(qk("gguf", str(folder), "--q4_k_m", "-w", str(ws), cwd=tmp_path))
+        assert words in line, (folder.name, line)
+        assert not ws.exists(), folder.name
+
+
+def test_a_bad_repo_name_is_refused_before_any_work(llama3_ckpt: Path, tmp_path: Path) -> None:
+    proc = qk("gguf", str(llama3_ckpt), "--push", "--repo", "bad repo name!", "--dry-run", cwd=tmp_path)
+    assert "--repo 'bad repo name!' is not a Hub repo id" in _one_line(proc)
+
+
+def test_the_hub_clients_own_retry_chatter_stays_quiet(tmp_path: Path, hub: FakeHub) -> None:  # noqa: F811
+    """Each failed attempt is quantkit's one warning line, not huggingface_hub's 'HTTP Error 500 thrown while
+    requesting ...' per internal retry."""
+    ws = build_workspace(tmp_path / "ws", gate_fail=False)
+    hub.fail("POST", r"/preupload/", 500, times=1000)
+    proc = push(hub, ws.root / "gguf", "--repo", "down")
+    assert proc.returncode == 2 and "thrown while requesting" not in proc.stderr, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert all(ln.startswith(("warning:", "error:")) for ln in lines), lines

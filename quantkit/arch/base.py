@@ -28,6 +28,12 @@ if TYPE_CHECKING:
     import gguf
 
 
+# what every decoder layer of a Llama-style model holds
+DENSE_LAYER = ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
+               "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+               "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+
+
 class Architecture:
     """One HF architecture family. Subclasses override class attributes first, methods where a table is not enough."""
 
@@ -44,10 +50,14 @@ class Architecture:
     routed_experts: ClassVar[bool] = False  # a mixture of experts (transformers 5 fuses the experts' weights)
     exl2: ClassVar[bool] = True  # exllamav2 0.3.2 loads it
     exl2_note: ClassVar[str] = ""
+    mlx: ClassVar[bool] = True  # mlx-lm 0.32 runs it (a checkpoint's layout may still be refused: Gemma 3's layers)
+    mlx_note: ClassVar[str] = ""
     # Linear layers GPTQ quantizes, as canonical tensor names (``model.layers.N.…``)
     gptq_layers: ClassVar[re.Pattern[str]] = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.weight$")
     # tensors that are not part of the text model (a vision tower, an audio encoder): left out, with one note
     skip_tensors: ClassVar[re.Pattern[str] | None] = None
+    # the tensors every decoder layer must hold (``self_attn.q_proj.weight``); empty: checked against peers only
+    layer_tensors: ClassVar[tuple[str, ...]] = ()
     skip_note: ClassVar[str] = ""
 
     def __init__(self, folder: Path, config: dict[str, Any]) -> None:
@@ -177,7 +187,21 @@ class Architecture:
         missing = [n for n in needed if n not in names]
         layers = {int(n.split(".")[2]) for n in names if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
         missing += [f"model.layers.{i}.*" for i in range(self.n_layer) if i not in layers]
+        missing += [f"model.layers.{i}.{t}" for i in sorted(layers) for t in self.layer_tensors
+                    if f"model.layers.{i}.{t}" not in names]
         return missing + _missing_in_peers(names)
+
+    def layer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shapes config.json implies for a Llama-style layer's projections (``self_attn.q_proj.weight`` →
+        ``(heads × head_dim, hidden)``); empty for a family without `DENSE_LAYER`."""
+        if not set(DENSE_LAYER) <= set(self.layer_tensors):
+            return {}
+        hidden, ffn = int(self.hparams["hidden_size"]), int(self.hparams["intermediate_size"])
+        q, kv = self.n_head * self.head_dim, self.n_kv * self.head_dim
+        return {"self_attn.q_proj.weight": (q, hidden), "self_attn.k_proj.weight": (kv, hidden),
+                "self_attn.v_proj.weight": (kv, hidden), "self_attn.o_proj.weight": (hidden, q),
+                "mlp.gate_proj.weight": (ffn, hidden), "mlp.up_proj.weight": (ffn, hidden),
+                "mlp.down_proj.weight": (hidden, ffn)}
 
 
     def check_gguf(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from quantkit.arch.base import Architecture, overwrite
+from quantkit.arch.base import DENSE_LAYER, Architecture, overwrite
 from quantkit.arch.registry import register
 
 if TYPE_CHECKING:
@@ -24,6 +24,8 @@ class Gemma3(Architecture):
     family = "gemma3"
     gguf_arch = "GEMMA3"
     norm_shift = 1.0
+    layer_tensors = (*DENSE_LAYER, "pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight",
+                     "self_attn.q_norm.weight", "self_attn.k_norm.weight")
     space_prefix = "spm_false"
     config_defaults: ClassVar[dict[str, Any]] = {
         "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,

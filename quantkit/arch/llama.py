@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from quantkit.arch.base import Architecture
+from quantkit.arch.base import DENSE_LAYER, Architecture
 from quantkit.arch.registry import register
 
 if TYPE_CHECKING:
@@ -18,6 +18,7 @@ class Llama(Architecture):
     gguf_arch = "LLAMA"
     permute_qk = True
     rope_freqs_tensor = True
+    layer_tensors = DENSE_LAYER
     config_defaults: ClassVar[dict[str, Any]] = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0,
                                                  "max_position_embeddings": 2048, "tie_word_embeddings": False}
 

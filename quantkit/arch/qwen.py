@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from quantkit.arch.base import Architecture
+from quantkit.arch.base import DENSE_LAYER, Architecture
 from quantkit.arch.registry import register
 
 
@@ -14,6 +14,7 @@ class Qwen2(Architecture):
     family = "qwen2"
     gguf_arch = "QWEN2"
     space_prefix = "never"
+    layer_tensors = (*DENSE_LAYER, "self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
     config_defaults: ClassVar[dict[str, Any]] = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0,
                                                  "max_position_embeddings": 32768, "tie_word_embeddings": False}
 
@@ -35,6 +36,7 @@ class Qwen3(Qwen2):
     family = "qwen3"
     gguf_arch = "QWEN3"
     config_defaults: ClassVar[dict[str, Any]] = {**Qwen2.config_defaults, "head_dim": 128}
+    layer_tensors = (*DENSE_LAYER, "self_attn.q_norm.weight", "self_attn.k_norm.weight")
 
     @classmethod
     def fixture_config(cls, common: dict[str, Any], **extra: Any) -> Any:

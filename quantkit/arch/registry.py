@@ -49,7 +49,10 @@ def unsupported(hf_name: str) -> QuantkitError:
 
 def for_checkpoint(folder: Path, config: dict[str, Any]) -> Architecture:
     """The architecture of a checkpoint folder; a one-line refusal when quantkit does not know it."""
-    name = (config.get("architectures") or ["?"])[0]
+    if not config.get("architectures"):
+        raise QuantkitError(f"{folder / 'config.json'} names no architecture (no `architectures` list)",
+                            "download the checkpoint's config.json again")
+    name = config["architectures"][0]
     cls = lookup(name)
     if cls is None:
         raise unsupported(name)

@@ -20,8 +20,12 @@ def format_job(backend_name: str, model: str, options: BaseModel, *, calibration
                repo: str | None = None, private: bool = False, force: bool = False, threads: int = 0) -> Job:
     """A format command's flags as a one-model job."""
     from quantkit.calibration import DEFAULT_EVAL
+    from quantkit.hubname import HUB_ID, REPO_NAME
     from quantkit.scan import public_command
 
+    if repo is not None and not (HUB_ID.match(repo) or REPO_NAME.match(repo)):  # refused before any work
+        raise QuantkitError(f"--repo '{repo}' is not a Hub repo id",
+                            "use NAMESPACE/NAME or NAME (letters, digits, '.', '-', '_'), e.g. me/T-lite-0.1-GGUF")
     shown = {}
     if Path(model).expanduser().exists():  # a local path is not shown in the card; its folder name is
         shown = {model: Path(model).expanduser().resolve().name}

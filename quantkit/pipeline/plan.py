@@ -25,7 +25,9 @@ EVAL_VERSION = 1  # bump when evaluation changes what it records
 
 
 def resolve_for_plan(spec: str) -> tuple[Any, str | None]:
-    """The checkpoint when it is here (local folder, Hub cache, a built model), else None and why not."""
+    """The checkpoint when it is here (local folder, Hub cache, a built model), else None and why not: a Hub model
+    not downloaded yet, or a built-in one not built yet. What the run would refuse (an unknown alias, a folder that
+    is not there or is no checkpoint) is refused by the plan too, with the run's own error."""
     from quantkit.source import resolve
 
     known = find_known(spec)
@@ -36,7 +38,7 @@ def resolve_for_plan(spec: str) -> tuple[Any, str | None]:
     except QuantkitError as exc:
         if "not in the cache" in exc.message or "unreachable" in exc.message:
             return None, "not in the local Hub cache: downloaded on the first run"
-        return None, exc.message
+        raise
 
 
 def refusal(fmt: str, arch: Any = None) -> tuple[Any, str | None, str]:
