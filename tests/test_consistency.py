@@ -210,7 +210,7 @@ def test_demo_recipe_dry_run(tmp_path: Path) -> None:
     plan = json.loads(proc.stdout)
     (model,) = plan["models"]
     assert model["model"] == "quantkit-demo-ru" and "built on the first run" in model["note"]
-    assert {s["format"] for s in model["steps"]} >= {"gguf", "gptq", "exl2"}
+    assert {s["format"] for s in model["steps"]} >= {"gguf", "gptq", "exl2", "awq", "fp8", "mlx"}
     assert not cache.exists() and not (tmp_path / "quants").exists()  # planning did not build the demo
 
 

@@ -52,13 +52,14 @@ def log_probs(scorer: Scorer, tokens: np.ndarray, chunks: int) -> list[np.ndarra
     return out
 
 
-def compare(ref_dir: Path, quant_dir: Path, chunks: int = 8) -> dict[str, float]:
-    """PPL of bf16 and of the GPTQ model on the same Russian tokens, mean KL(bf16 ‖ GPTQ) and top-1 agreement."""
+def compare(ref_dir: Path, quant_dir: Path, chunks: int = 8, backend: str = "gptq") -> dict[str, float]:
+    """PPL of bf16 and of the quantized model (GPTQ, AWQ) on the same Russian tokens, mean KL(bf16 ‖ it) and top-1
+    agreement."""
     tokens = eval_tokens(ref_dir)
     ref_scorer = TransformersScorer(ref_dir, n_ctx=N_CTX)
     ref = log_probs(ref_scorer, tokens, chunks)
     ref_scorer.close()
-    scorer = GPTQBackend().scorer(quant_dir, n_ctx=N_CTX)
+    scorer = get_backend(backend).scorer(quant_dir, n_ctx=N_CTX)
     assert isinstance(scorer, Scorer)
     got = log_probs(scorer, tokens, chunks)
     scorer.close()

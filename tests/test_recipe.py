@@ -87,11 +87,11 @@ def can_run(fmt: str) -> str | None:
 
 
 # -- validation -------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["t-lite.yaml", "vikhr.yaml", "demo.yaml"])
+@pytest.mark.parametrize("name", ["t-lite.yaml", "vikhr.yaml", "demo.yaml", "t-bank-2.yaml"])
 def test_shipped_recipes_validate(name: str) -> None:
     result = cli("recipe", "validate", str(RECIPES / name))
     assert result.exit_code == 0, result.output
-    n = {"t-lite.yaml": 3, "vikhr.yaml": 2, "demo.yaml": 1}[name]
+    n = {"t-lite.yaml": 3, "vikhr.yaml": 2, "demo.yaml": 1, "t-bank-2.yaml": 2}[name]
     assert result.output.startswith(f"ok: {n} models, "), result.output
     assert int(result.output.split(", ")[1].split()[0]) > 3 * n
 
@@ -123,7 +123,7 @@ def test_unknown_key_points_to_its_line(tmp_path: Path) -> None:
 def test_wrong_types_point_to_their_lines(tmp_path: Path) -> None:
     path = tmp_path / "r.yaml"
     path.write_text(BAD.replace("calib_samples: 8", "calib_samples: many").replace("tyeps", "types")
-                    .replace("max_kld: 0.1", "max_kld: [0.1]") + "    gptq: {bits: 5}\n    awq: {bits: 4}\n",
+                    .replace("max_kld: 0.1", "max_kld: [0.1]") + "    gptq: {bits: 5}\n    onnx: {bits: 4}\n",
                     encoding="utf-8")
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
@@ -133,7 +133,7 @@ def test_wrong_types_point_to_their_lines(tmp_path: Path) -> None:
     assert "valid number, got a list" in found[(4, "defaults.gates.max_kld")].message
     assert "--bits must be one of 2, 3, 4, 8, not 5" in found[(9, "models[0].gptq.bits")].message
     unknown = found[(10, "models[0]")]
-    assert unknown.message == "unknown key 'awq'" and "gguf" in (unknown.hint or "")
+    assert unknown.message == "unknown key 'onnx'" and "gguf" in (unknown.hint or "")
     assert [p.line for p in info.value.problems] == [2, 4, 9, 10]
 
 

@@ -147,9 +147,13 @@ class Backend(Protocol):
     def planned_quant(self, name: str, model: str) -> str | None: ...
 
 
+
 Entries = list[tuple[str, dict[str, Any]]]  # (artifact key, manifest entry), best quality first
 HUB = "https://huggingface.co"
 RECOMMENDED = "✓ рекомендуется"
+# what the cards' usage snippets ask an instruct model, and the text a base model continues
+PROMPT = "Расскажи в двух предложениях, чем знаменит Байкал."
+COMPLETION = "Байкал — самое глубокое озеро на планете. Его вода"
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,7 @@ class FormatInfo:
     repo_suffix: str  # <Model>-<suffix>, the default repo name
     runtimes: str = "its runtimes"
     calibrated: str = "Calibration used Russian text"
+    uses_calibration: bool = True  # False: the card claims no Russian calibration (FP8, MLX round-to-nearest)
     choose_hint: str = ""  # after "Start with **X**."
     item_column: str = "Branch"  # first column of the files table
     too_big_hint: str = "save the model in smaller shards"
@@ -198,6 +203,14 @@ def calibration_summary(settings: Any) -> str:
         return settings[key] if isinstance(settings, Mapping) else getattr(settings, key)
 
     return f"{get('calibration')} ({get('calib_samples')}×{get('calib_seq_len')} tokens)"
+
+
+def arch_support(arch: Any, flag: str, engine: str) -> str | None:
+    """None when the architecture class says it works with this format (its `flag`, e.g. ``gptq``); else its
+    `<flag>_note`, or that `engine` does not support it."""
+    if getattr(arch, flag, True):
+        return None
+    return getattr(arch, f"{flag}_note", "") or f"{engine} does not support {'/'.join(arch.hf_names)}"
 
 
 def relative_path(file: Path, base: Path) -> str:
@@ -330,6 +343,9 @@ BUILTIN: dict[str, str] = {
     "gguf": "quantkit.backends.gguf.backend:GGUFBackend",
     "gptq": "quantkit.backends.gptq:GPTQBackend",
     "exl2": "quantkit.backends.exl2:EXL2Backend",
+    "awq": "quantkit.backends.awq:AWQBackend",
+    "fp8": "quantkit.backends.fp8.backend:FP8Backend",
+    "mlx": "quantkit.backends.mlx.backend:MLXBackend",
 }
 REQUIRED = ("name", "description", "options_model", "check", "steps", "owns", "scorer")
 
@@ -420,5 +436,5 @@ def backend_for(path: Path) -> Backend:
                 return backend
         except Exception:  # noqa: BLE001 - a broken plugin must not keep the others from recognising their files
             continue
-    raise QuantkitError(f"{path} is not an artifact quantkit knows (GGUF file, GPTQ or EXL2 folder)",
+    raise QuantkitError(f"{path} is not an artifact quantkit knows (a file or folder of: {', '.join(list_backends())})",
                         "pass a workspace, a .gguf file, or a quantized model folder")

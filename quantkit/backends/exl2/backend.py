@@ -26,7 +26,7 @@ from pydantic import BaseModel
 
 from quantkit import __version__, console
 from quantkit.arch import Architecture
-from quantkit.backends.base import JobContext, calibration_summary, tool_version
+from quantkit.backends.base import JobContext, arch_support, calibration_summary, tool_version
 from quantkit.backends.exl2.calib import (
     CalibrationFile,
     count_tokens,
@@ -96,9 +96,7 @@ class EXL2Backend(EXL2Sections):
 
     def supports(self, arch: type[Architecture]) -> str | None:
         """None when exllamav2 0.3.2 loads this architecture; else why not (said before any download)."""
-        if arch.exl2:
-            return None
-        return arch.exl2_note or f"exllamav2 0.3.2 does not support {'/'.join(arch.hf_names)}"
+        return arch_support(arch, "exl2", "exllamav2 0.3.2")
 
     def steps(self, ctx: JobContext, options: BaseModel) -> list[Step]:
         """The calibration parquet, one measurement reused by every bitrate, one conversion per bitrate; the

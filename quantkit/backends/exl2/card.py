@@ -3,23 +3,28 @@ card on ``main``, ExLlamaV2 / TabbyAPI usage, and offline size estimates."""
 
 from __future__ import annotations
 
-from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
-from quantkit.backends.base import BackendBase, CardContext, Entries, FormatInfo, calibration_summary, relative_path
+from quantkit.backends.base import (
+    COMPLETION,
+    PROMPT,
+    CardContext,
+    Entries,
+    FormatInfo,
+    calibration_summary,
+)
+from quantkit.backends.branches import FolderPerBranch
 from quantkit.backends.exl2.options import bits_name
 from quantkit.workspace import Workspace
 
-PROMPT = "Расскажи в двух предложениях, чем знаменит Байкал."
-COMPLETION = "Байкал — самое глубокое озеро на планете. Его вода"
 
-
-class EXL2Sections(BackendBase):
+class EXL2Sections(FolderPerBranch):
     """EXL2's format knowledge (`EXL2Backend` subclasses it); advice is the generic bits-per-weight one."""
 
     name = "exl2"
+    main_branch_variant = False  # every bitrate on its branch; main keeps the card and measurement.json
     publish_skip: ClassVar[frozenset[str]] = frozenset({"job_new.json", "job.json", "out_tensor"})  # converter progress
 
     def format_info(self) -> FormatInfo:
@@ -27,14 +32,6 @@ class EXL2Sections(BackendBase):
                           runtimes="ExLlamaV2 and TabbyAPI (NVIDIA GPUs)",
                           calibrated="The EXL2 measurement and quantization were calibrated on Russian text",
                           choose_hint=" Higher bitrates need more VRAM and lose less.")
-
-    def branches(self, arts: Entries) -> dict[str, str]:
-        """Each bitrate on its own branch (``4.0bpw``); ``main`` keeps the card and ``measurement.json``."""
-        return {k: PurePosixPath(k).name for k, _ in arts}
-
-    def repo_path(self, ws: Workspace, key: str, file: Path | None) -> str:
-        """Inside the artifact's folder: each variant is a whole model on its own branch."""
-        return super().repo_path(ws, key, file) if file is None else relative_path(file, ws.abs(key))
 
     def card_usage(self, ctx: CardContext) -> str:
         return usage(ctx.model_name, ctx.repo, ctx.branch, ctx.instruct)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+from quantkit.child import link
 from quantkit.source import TOKENIZER_FILES, Checkpoint
 from quantkit.workspace import temp_name, write_json_atomic
 
@@ -48,16 +48,6 @@ def fix_config_file(path: Path) -> None:
         write_json_atomic(path, fixed)
 
 
-def _link(src: Path, dst: Path) -> None:
-    try:
-        dst.symlink_to(src.resolve())
-    except OSError:  # no symlinks (Windows without developer mode): a hard link, else a copy
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-
 def prepare_source(ckpt: Checkpoint, dest: Path) -> Path:
     """`dest` as the converter's input: links to the weights and tokenizer files and a fixed config.json.
 
@@ -67,10 +57,10 @@ def prepare_source(ckpt: Checkpoint, dest: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for file in sorted(ckpt.path.glob("*.safetensors")):
-        _link(file, tmp / file.name)
+        link(file, tmp / file.name)
     for name in (*TOKENIZER_FILES, *SOURCE_EXTRA_FILES):
         if (ckpt.path / name).exists():
-            _link(ckpt.path / name, tmp / name)
+            link(ckpt.path / name, tmp / name)
     config = json.loads((ckpt.path / "config.json").read_text(encoding="utf-8"))
     (tmp / "config.json").write_text(json.dumps(fix_config(config), indent=2, ensure_ascii=False) + "\n",
                                      encoding="utf-8")

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from pydantic import BaseModel
 
 from quantkit import __version__, console
 from quantkit.arch import Architecture
-from quantkit.backends.base import JobContext, tool_versions
+from quantkit.backends.base import JobContext, arch_support, tool_versions
 from quantkit.backends.gptq.card import GPTQSections
 from quantkit.backends.gptq.options import (
     COPIED_FILES,
@@ -42,6 +41,7 @@ from quantkit.backends.gptq.options import (
     estimate_size,
     is_gptq_folder,
 )
+from quantkit.child import run_logged, why_failed
 from quantkit.errors import MissingDependency, QuantkitError
 from quantkit.interrupts import child_env
 from quantkit.quality.scorers import TransformersScorer
@@ -80,15 +80,6 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _last_error(log: Path) -> str:
-    """The most telling line of a failed child's log: the last exception line, else the last line."""
-    lines = [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b.*", ln):
-            return ln[:300]
-    return lines[-1][:300] if lines else "no output"
-
-
 # -- the backend ----------------------------------------------------------------------------------------
 
 class GPTQBackend(GPTQSections):
@@ -99,6 +90,8 @@ class GPTQBackend(GPTQSections):
     command_help = ("Quantize a model to GPTQ (GPTQModel), calibrated on Russian text; loads in transformers, vLLM "
                     "and TGI.")
     options_model = GPTQOptions
+    quant_method = "gptq"  # what GPTQModel writes into quantization_config (AWQ subclasses with "awq")
+    version = 2  # bump when the bytes written for the same inputs change
     # GPTQModel uses a GPU where there is one (a cluster without GPUs runs it on CPUs, as on this machine)
     resources = {"*": {"gpus": 1.0}}
 
@@ -109,9 +102,7 @@ class GPTQBackend(GPTQSections):
 
     def supports(self, arch: type[Architecture]) -> str | None:
         """None when GPTQModel quantizes this architecture; else why not (said before any download)."""
-        if arch.gptq:
-            return None
-        return arch.gptq_note or f"GPTQModel does not support {'/'.join(arch.hf_names)}"
+        return arch_support(arch, "gptq", "GPTQModel")
 
     @staticmethod
     def _options(options: BaseModel) -> GPTQOptions:
@@ -126,41 +117,59 @@ class GPTQBackend(GPTQSections):
         fp = ""
         if ckpt is not None:
             check_group_size(ckpt, opts.group_size)  # before any work
-            fp = fingerprint("gptq", 2, ckpt.fingerprint, step_fingerprint(ctx), opts.model_dump(),
+            fp = fingerprint(self.name, self.version, ckpt.fingerprint, step_fingerprint(ctx), opts.model_dump(),
                              _compute_threads(ctx))
-        size = estimate_size(ckpt, opts) if ckpt is not None else _approx_size(ctx.n_params, opts)
-        extra = {"bits": opts.bits, "group_size": opts.group_size, "desc_act": opts.desc_act, "sym": opts.sym,
-                 "calibration": {"spec": str(ctx.calibration), "samples": ctx.calib_samples,
-                                 "seq_len": ctx.calib_seq_len}}
-        return [Step(step_key("gptq", "quantize", opts.quant), "quantize", f"GPTQ {opts.quant} (GPTQModel)",
-                     inputs=(CALIBRATE,), outputs=(f"gptq/{opts.quant}/",), fingerprint=fp, estimated_size=size,
+        size = self.estimate_size(ckpt, opts) if ckpt is not None else _approx_size(ctx.n_params, opts)
+        calib = {"spec": str(ctx.calibration), "samples": ctx.calib_samples, "seq_len": ctx.calib_seq_len}
+        extra = {**self.artifact_fields(opts), "calibration": calib}
+        title = self.format_info().title
+        return [Step(step_key(self.name, "quantize", opts.quant), "quantize", f"{title} {opts.quant} (GPTQModel)",
+                     inputs=(CALIBRATE,), outputs=(f"{self.name}/{opts.quant}/",), fingerprint=fp, estimated_size=size,
                      artifact=opts.quant, extra=tuple(sorted(extra.items())),
                      action=lambda run, opts=opts: self._run(run, opts))]
 
-    def _run(self, run: StepRun, opts: GPTQOptions) -> StepResult:
+    @staticmethod
+    def estimate_size(ckpt: Checkpoint, opts: Any) -> int:
+        return estimate_size(ckpt, opts)
+
+    def _run(self, run: StepRun, opts: Any) -> StepResult:
         from quantkit.calibration.rows import rows_of
 
         ctx = run.ctx
         cal = rows_of(run)
         calib = {k: cal.info[k] for k in ("spec", "samples", "seq_len", "tokens", "fingerprint", "chat_template")
                  if k in cal.info}  # chat_template: the card says the dialogues used the model's template
-        out = run.path(f"gptq/{opts.quant}")
+        out = run.path(f"{self.name}/{opts.quant}")
         info = self._quantize(ctx, opts, cal.rows, out)
-        art = run.artifact(opts.quant, out, bpw=bits_per_weight(out),
-                           bits=opts.bits, group_size=opts.group_size, desc_act=opts.desc_act, sym=opts.sym,
-                           damp_percent=opts.damp, calibration=calib,
-                           tools=tool_versions("gptqmodel", "transformers", "torch", "optimum"))
+        art = run.artifact(opts.quant, out, bpw=self.bits_per_weight(out), **self.artifact_fields(opts),
+                           calibration=calib, tools=tool_versions("gptqmodel", "transformers", "torch", "optimum"))
         return StepResult(info={"calibration": calib, **info}, artifacts=art)
 
-    def _quantize(self, ctx: JobContext, opts: GPTQOptions, rows: np.ndarray, out: Path) -> dict[str, Any]:
+    @staticmethod
+    def artifact_fields(opts: Any) -> dict[str, Any]:
+        """What the manifest records about a variant's settings."""
+        return {"bits": opts.bits, "group_size": opts.group_size, "desc_act": opts.desc_act, "sym": opts.sym,
+                "damp_percent": opts.damp}
+
+    @staticmethod
+    def bits_per_weight(folder: Path) -> float | None:
+        return bits_per_weight(folder)
+
+    def worker_job(self, opts: Any) -> dict[str, Any]:
+        """The settings the child's QuantizeConfig is made from."""
+        return {"method": self.quant_method, **opts.model_dump()}
+
+    def _quantize(self, ctx: JobContext, opts: Any, rows: np.ndarray, out: Path) -> dict[str, Any]:
         """Run GPTQModel in a child process into `out` (in the step's staging folder) and clean the folder up."""
         ckpt, ws = ctx.checkpoint, ctx.workspace
         src = Path(ckpt.path).resolve()
         source_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
         # the offload folder holds about one more copy of the weights while the output is written
-        check_disk(out.parent, source_bytes + 2 * estimate_size(ckpt, opts), f"GPTQ {opts.quant}")
+        label = f"{self.format_info().title} {opts.quant}"
+        check_disk(out.parent, source_bytes + 2 * self.estimate_size(ckpt, opts), label)
         work = out.parent / f".{out.name}.work"
-        logs = ws.dir("gptq", "logs")
+        logs = ws.root / self.name / "logs"  # made here: a Ray worker's workspace is read-only for records, not logs
+        logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"{opts.quant}.log"
         for stale in (out, work):
             shutil.rmtree(stale, ignore_errors=True)
@@ -168,24 +177,24 @@ class GPTQBackend(GPTQSections):
         rows_path = work / "rows.npy"
         np.save(rows_path, rows)
         job = {"source": str(src), "output": str(out), "rows": str(rows_path), "offload": str(work / "offload"),
-               "threads": _compute_threads(ctx)["threads"], **opts.model_dump()}
+               "threads": _compute_threads(ctx)["threads"], **self.worker_job(opts)}
         write_json_atomic(work / "job.json", job)
         env = child_env()
         workers = min(ctx.threads or _cpu_count(), _cpu_count(), _MAX_CPU_WORKERS)
         # at least 2: GPTQModel carves a 2-worker model-loader pool out of its CPU pool (1 fails: --threads 1)
         env.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, workers)))
         env.update(TMPDIR=str(work / "tmp"), PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
-        console.info(f"gptq {opts.quant}: quantizing {ckpt.name} with GPTQModel on {rows.shape[0]} × "
+        console.info(f"{self.name} {opts.quant}: quantizing {ckpt.name} with GPTQModel on {rows.shape[0]} × "
                      f"{rows.shape[1]} calibration tokens (log: {log_path})")
         start = time.monotonic()
         try:
-            rc = self._run_child(work / "job.json", work, env, log_path)
+            rc = run_logged([sys.executable, "-m", "quantkit.backends.gptq", str(work / "job.json")], cwd=work,
+                            env=env, log_path=log_path)
             if rc != 0:
-                why = f"killed by signal {-rc}" + (" (out of memory?)" if rc == -9 else "") if rc < 0 else \
-                    _last_error(log_path)
-                raise QuantkitError(f"GPTQModel failed on {ckpt.name} ({opts.quant}): {why}", f"full log: {log_path}")
+                why = why_failed(rc, log_path)
+                raise QuantkitError(f"GPTQModel failed on {ckpt.name} ({label}): {why}", f"full log: {log_path}")
             if not (out / "config.json").exists():
-                raise QuantkitError(f"GPTQModel wrote no model for {ckpt.name} ({opts.quant})", f"full log: {log_path}")
+                raise QuantkitError(f"GPTQModel wrote no model for {ckpt.name} ({label})", f"full log: {log_path}")
             self._finish_folder(out, src, ckpt, roots=[str(ws.root), str(work), str(src)])
             quant_log = out / "quant_log.csv"
             if quant_log.exists():
@@ -196,39 +205,16 @@ class GPTQBackend(GPTQSections):
         finally:
             shutil.rmtree(work, ignore_errors=True)
         seconds = round(time.monotonic() - start, 1)
-        console.info(f"gptq {opts.quant}: done in {seconds:.0f} s")
+        console.info(f"{self.name} {opts.quant}: done in {seconds:.0f} s")
         return {"seconds": seconds, "log": ws.rel(log_path), **self._losses(logs / f"{opts.quant}.quant_log.csv")}
 
-    @staticmethod
-    def _run_child(job: Path, work: Path, env: dict[str, str], log_path: Path) -> int:
-        """Run the worker; its output goes to the log, and to stderr unless quiet. Ctrl-C stops it."""
-        cmd = [sys.executable, "-m", "quantkit.backends.gptq", str(job)]
-        show = not console.is_quiet()
-        with open(log_path, "w", encoding="utf-8") as log:
-            proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
-            try:
-                assert proc.stdout is not None
-                for line in proc.stdout:
-                    log.write(line)
-                    if show:
-                        sys.stderr.write(line)
-                return proc.wait()
-            except BaseException:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                raise
-
-    @staticmethod
-    def _finish_folder(folder: Path, src: Path, ckpt: Checkpoint, roots: list[str]) -> None:
+    def _finish_folder(self, folder: Path, src: Path, ckpt: Checkpoint, roots: list[str]) -> None:
         """Source config + sanitized quantization_config; source tokenizer and generation config as they are."""
         saved = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         qcfg = _sanitize(saved.get("quantization_config") or {}, roots)
-        if qcfg.get("quant_method") != "gptq":
-            raise QuantkitError(f"GPTQModel wrote quant_method={qcfg.get('quant_method')!r}, expected 'gptq'",
+        if qcfg.get("quant_method") != self.quant_method:
+            raise QuantkitError(f"GPTQModel wrote quant_method={qcfg.get('quant_method')!r}, expected "
+                                f"{self.quant_method!r}",
                                 "report this: the GPTQModel version may not be the tested one (7.6.0)")
         meta = qcfg.setdefault("meta", {})
         meta["quantizer"] = [*meta.get("quantizer", []), f"quantkit:{__version__}"]
@@ -254,7 +240,7 @@ class GPTQBackend(GPTQSections):
 
         restored = restore(ckpt, folder)
         if restored:
-            console.info(f"gptq: put back {len(restored)} unquantized tensor(s) GPTQModel left out "
+            console.info(f"{self.name}: put back {len(restored)} unquantized tensor(s) GPTQModel left out "
                          f"(e.g. {restored[0]})")
 
     @staticmethod

@@ -4,16 +4,13 @@ usage (GPTQModel for a mixture of experts), advice by bits, and offline size est
 
 from __future__ import annotations
 
-from pathlib import Path, PurePosixPath
-
-from quantkit.backends.base import RECOMMENDED, BackendBase, CardContext, Entries, FormatInfo, bits_of, relative_path
+from quantkit.backends.base import RECOMMENDED, CardContext, FormatInfo, bits_of
+from quantkit.backends.branches import FolderPerBranch
+from quantkit.backends.snippets import transformers_generate, vllm_generate
 from quantkit.workspace import Workspace
 
-PROMPT = "Расскажи в двух предложениях, чем знаменит Байкал."
-COMPLETION = "Байкал — самое глубокое озеро на планете. Его вода"
 
-
-class GPTQSections(BackendBase):
+class GPTQSections(FolderPerBranch):
     """GPTQ's format knowledge (`GPTQBackend` subclasses it)."""
 
     name = "gptq"
@@ -32,20 +29,9 @@ class GPTQSections(BackendBase):
             return f"{RECOMMENDED}: best balance, fast kernels in vLLM and transformers"
         return "smallest, noticeable quality loss"
 
-    def branches(self, arts: Entries) -> dict[str, str]:
-        """The recommended variant on ``main``, any other on a branch named after its folder (``8bit-g128``)."""
-        if not arts:
-            return {}
-        main = self.recommended(arts)[0]
-        return {k: "main" if k == main else PurePosixPath(k).name for k, _ in arts}
-
-    def repo_path(self, ws: Workspace, key: str, file: Path | None) -> str:
-        """Inside the artifact's folder: each variant is a whole model on its own branch."""
-        return super().repo_path(ws, key, file) if file is None else relative_path(file, ws.abs(key))
-
     def card_usage(self, ctx: CardContext) -> str:
         others = sorted(b for b in ctx.branches.values() if b != ctx.branch)
-        text = usage(ctx.repo, ctx.branch, ctx.instruct, others)
+        text = usage(ctx.repo, ctx.branch, ctx.instruct, others, fmt=self.format_info().title)
         return moe_note(ctx.repo, ctx.branch) + text if routed_experts(ctx.ws) else text
 
 
@@ -72,36 +58,11 @@ model = GPTQModel.load("{repo}"{rev})
 """
 
 
-def usage(repo: str, branch: str, instruct: bool, others: list[str]) -> str:
+def usage(repo: str, branch: str, instruct: bool, others: list[str], fmt: str = "GPTQ") -> str:
     rev = f', revision="{branch}"' if branch != "main" else ""
     rev_cli = f" --revision {branch}" if branch != "main" else ""
-    if instruct:
-        gen = (
-            f'messages = [{{"role": "user", "content": "{PROMPT}"}}]\n'
-            "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",\n"
-            "                                       return_dict=True).to(model.device)\n"
-            "out = model.generate(**inputs, max_new_tokens=256)\n"
-            "print(tokenizer.decode(out[0][inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))"
-        )
-        vllm = (
-            "from vllm import LLM, SamplingParams\n\n"
-            f'llm = LLM(model="{repo}"{rev})\n'
-            f'out = llm.chat([{{"role": "user", "content": "{PROMPT}"}}], SamplingParams(max_tokens=256))\n'
-            "print(out[0].outputs[0].text)"
-        )
-    else:
-        gen = (
-            f'inputs = tokenizer("{COMPLETION}", return_tensors="pt").to(model.device)\n'
-            "out = model.generate(**inputs, max_new_tokens=128)\n"
-            "print(tokenizer.decode(out[0], skip_special_tokens=True))"
-        )
-        vllm = (
-            "from vllm import LLM, SamplingParams\n\n"
-            f'llm = LLM(model="{repo}"{rev})\n'
-            f'out = llm.generate(["{COMPLETION}"], SamplingParams(max_tokens=128))\n'
-            "print(out[0].outputs[0].text)"
-        )
-    return f"""**transformers** (needs `pip install gptqmodel` for the GPTQ kernels):
+    gen, vllm = transformers_generate(instruct), vllm_generate(repo, instruct, rev)
+    return f"""**transformers** (needs `pip install gptqmodel` for the {fmt} kernels):
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -111,7 +72,7 @@ model = AutoModelForCausalLM.from_pretrained("{repo}"{rev}, device_map="auto")
 {gen}
 ```
 
-**vLLM** (reads the GPTQ settings from `config.json`):
+**vLLM** (reads the {fmt} settings from `config.json`):
 
 ```bash
 vllm serve {repo}{rev_cli}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,21 +97,24 @@ def check_group_size(ckpt: Checkpoint, group_size: int) -> None:
     )
 
 
-def estimate_size(ckpt: Checkpoint, opts: GPTQOptions) -> int:
-    """Bytes of the saved model: packed weights, fp16 scales, packed zeros and g_idx of quantized layers,
-    the rest (embeddings, norms, output head) as in the source."""
+def estimate_with(ckpt: Checkpoint, layer_bytes: Callable[[int, int], float]) -> int:
+    """Bytes of a saved model whose quantized layers (out × in) take `layer_bytes(out, in)` each and whose other
+    tensors (embeddings, norms, output head) stay as in the source."""
     layers = quantized_layers(ckpt)
-    total = 0
-    for name, info in ckpt.tensors.tensors.items():
-        if name not in layers:
-            total += info.nbytes
-            continue
-        out_f, in_f = layers[name]
+    return int(sum(layer_bytes(*layers[name]) if name in layers else info.nbytes
+                   for name, info in ckpt.tensors.tensors.items()))
+
+
+def estimate_size(ckpt: Checkpoint, opts: GPTQOptions) -> int:
+    """Bytes of the saved model: packed weights, fp16 scales, packed zeros and g_idx of quantized layers, the rest
+    as in the source."""
+
+    def layer(out_f: int, in_f: int) -> float:
         groups = 1 if opts.group_size == -1 else in_f // opts.group_size
-        total += out_f * in_f * opts.bits // 8  # qweight
-        total += groups * out_f * (2 + opts.bits / 8)  # scales (fp16) + qzeros
-        total += in_f * 4  # g_idx
-    return int(total)
+        # qweight, scales (fp16) + qzeros, g_idx
+        return out_f * in_f * opts.bits // 8 + groups * out_f * (2 + opts.bits / 8) + in_f * 4
+
+    return estimate_with(ckpt, layer)
 
 
 def bits_per_weight(folder: Path) -> float | None:
@@ -132,13 +136,18 @@ def bits_per_weight(folder: Path) -> float | None:
     return round(stored / weights, 4) if weights else None
 
 
-def is_gptq_folder(path: Path) -> bool:
-    """A model folder whose config.json says ``quant_method: gptq``."""
+def quant_method_of(path: Path) -> str | None:
+    """The ``quant_method`` a model folder's config.json names, or None (no config, none named, unreadable)."""
     config = Path(path) / "config.json"
     if not config.is_file():
-        return False
+        return None
     try:
         qcfg = json.loads(config.read_text(encoding="utf-8")).get("quantization_config") or {}
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
-    return isinstance(qcfg, dict) and qcfg.get("quant_method") == "gptq"
+        return None
+    return qcfg.get("quant_method") if isinstance(qcfg, dict) else None
+
+
+def is_gptq_folder(path: Path) -> bool:
+    """A model folder whose config.json says ``quant_method: gptq``."""
+    return quant_method_of(path) == "gptq"
