@@ -96,11 +96,23 @@ def test_publish_creates_the_repo_and_every_file_arrives(tmp_path: Path, hub: Fa
     assert GGUF_REPO in hub.repos and not hub.repos[GGUF_REPO].private
 
     expected = local_files(ws, "gguf") | {"imatrix.gguf": ws.root / "gguf" / "imatrix.gguf",
-                                          "README.md": ws.root / "gguf" / "README.md"}
+                                          "README.md": ws.root / "gguf" / "README.md",
+                                          "quality.csv": ws.root / "gguf" / "quality.csv"}
     assert set(hub.files(GGUF_REPO)) == {*expected, ".gitattributes"}
     assert {f["path"] for f in result["files"]} == set(expected)
     for name, local in expected.items():
         assert download(GGUF_REPO, name) == local.read_bytes(), name
+
+    # the measurements as CSV: one row per published file, as the manifest has them
+    import csv
+
+    table = list(csv.DictReader(download(GGUF_REPO, "quality.csv").decode().splitlines()))
+    published = {Path(k).name: e for k, e in ws.artifacts.items() if e["format"] == "gguf"
+                 and e.get("gate", {}).get("passed") is not False}
+    assert {r["file"] for r in table} == set(published) and all(r["gate"] == "passed" for r in table)
+    for r in table:
+        entry = published[r["file"]]
+        assert int(r["size_bytes"]) == entry["size"] and float(r["kld_mean"]) == entry["eval"]["kld_mean"]
 
     # the gate-failed Q2_K stayed home, and is said so
     assert [r["quant"] for r in result["refused"]] == ["Q2_K"]
@@ -150,7 +162,8 @@ def test_rerun_after_5xx_sends_only_what_is_missing(tmp_path: Path, hub: FakeHub
     assert not recommitted & committed
     result = json.loads(second.stdout)
     assert {f["path"] for f in result["skipped"]} >= committed
-    assert set(hub.files(GGUF_REPO)) == {*local_files(ws, "gguf"), "imatrix.gguf", "README.md", ".gitattributes"}
+    assert set(hub.files(GGUF_REPO)) == {*local_files(ws, "gguf"), "imatrix.gguf", "README.md", "quality.csv",
+                                       ".gitattributes"}
     for name, local in local_files(ws, "gguf").items():
         assert hub.files(GGUF_REPO)[name] == local.read_bytes()
 
@@ -174,7 +187,8 @@ def test_429_and_5xx_are_retried(tmp_path: Path, hub: FakeHub) -> None:
     statuses = [r.status for r in hub.calls("POST", "/commit/")]
     assert statuses[:3] == [429, 429, 200]
     assert "retrying" in run.stderr
-    assert set(hub.files(repo)) == {*local_files(ws, "gguf"), "imatrix.gguf", "README.md", ".gitattributes"}
+    assert set(hub.files(repo)) == {*local_files(ws, "gguf"), "imatrix.gguf", "README.md", "quality.csv",
+                                       ".gitattributes"}
 
 
 # -- EXL2 and GPTQ -----------------------------------------------------------------------------------------------------
@@ -188,7 +202,7 @@ def test_exl2_bitrates_become_branches(tmp_path: Path, hub: FakeHub, download: C
     assert hub.repos[repo].private
     assert set(hub.repos[repo].branches) == {"main", "4.0bpw", "5.0bpw", "6.5bpw"}
     main = hub.files(repo, "main")
-    assert set(main) == {".gitattributes", "README.md", "measurement.json"}
+    assert set(main) == {".gitattributes", "README.md", "quality.csv", "measurement.json"}
     assert main["measurement.json"] == (ws.root / "exl2" / "measurement.json").read_bytes()
     for bits in ("4.0bpw", "5.0bpw", "6.5bpw"):
         branch = hub.files(repo, bits)

@@ -300,3 +300,39 @@ def test_gate_keeps_failing_artifacts_off_the_hub(tmp_path: Path, llama3_ckpt: P
     published = hub.files(f"{USER}/tiny-GGUF") if f"{USER}/tiny-GGUF" in hub.repos else {}
     assert "tiny-Q4_K_M.gguf" not in published
     assert "failed the quality gate" in run.stderr
+
+
+@pytest.mark.slow
+def test_recipe_with_every_new_format_publishes_and_resumes(tmp_path: Path, llama3_ckpt: Path,
+                                                            hub: FakeHub) -> None:
+    """AWQ, FP8 and MLX beside GGUF in one recipe: each made, scored against bf16, gated and published to its own
+    repo; a second run has nothing to do and changes no step; a lost AWQ file is the only thing made again."""
+    link_checkpoint(tmp_path, llama3_ckpt)
+    recipe = write_recipe(tmp_path, types=["Q8_0"], publish=True)
+    data = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+    model = data["models"][0]
+    del model["exl2"]
+    model |= {"awq": {"group_size": 64}, "fp8": {}, "mlx": {"bits": [4]}}
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    ws_root = tmp_path / "ws" / "tiny"
+    first = quantkit("run", str(recipe), "--json", cwd=tmp_path, hub=hub)
+    assert first.returncode == 0, first.stderr[-3000:]
+    got = rows(first.stdout)
+    runnable = [f for f in ("awq", "fp8", "mlx") if can_run(f) is None]
+    assert runnable, "none of AWQ, FP8, MLX can run here"
+    for fmt in runnable:
+        (row,) = [r for (f, _), r in got.items() if f == fmt]
+        assert row["status"] == "ok" and row["kld"] is not None and row["kld"] < 0.5, row
+        assert row["url"] and "README.md" in hub.files(row["url"].removeprefix(f"{hub.url}/")), row
+    before = steps(ws_root)
+    again = quantkit("run", str(recipe), cwd=tmp_path, hub=hub)
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr[-3000:]
+    assert steps(ws_root) == before
+    if "awq" in runnable:
+        (weights,) = ws_root.joinpath("awq").glob("*/model.safetensors")
+        weights.unlink()
+        rebuilt = quantkit("run", str(recipe), cwd=tmp_path, hub=hub)
+        assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+        changed = {k for k, v in steps(ws_root).items() if before.get(k) != v}
+        assert changed and all(k.startswith("awq/") for k in changed), changed
+        assert weights.is_file()

@@ -28,6 +28,15 @@ def test_sizes_parse() -> None:
         tg.parse_size("four gigs")
     with pytest.raises(ValueError, match="between 1.5 and 16"):
         GGUFOptions(target_bpw=[0.5])
+    # a stock type as a target: at most that file's bytes, so the run makes that file too; --ladder: every stock type
+    assert GGUFOptions(target_sizes=["q5_k_s"]).types == ["Q4_K_M", "Q5_K_S"]
+    ladder = GGUFOptions(ladder=True)
+    assert ladder.types == ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K"] and ladder.targets == ladder.types
+    assert GGUFOptions(ladder=True, types=["bf16", "q4_k_m", "q8_0"]).targets == ["Q4_K_M", "Q8_0"]
+    with pytest.raises(ValueError, match="neither a size"):
+        GGUFOptions(target_sizes=["q9"])
+    with pytest.raises(ValueError, match="must be a quantized type"):
+        GGUFOptions(target_sizes=["bf16"])
 
 
 def _table() -> dict[str, dict[Q, tg.Piece]]:
@@ -94,3 +103,59 @@ def test_targeted_file_beats_stock_types(llama3_ckpt: Path, tmp_path: Path) -> N
     assert ours == {t.name: np.asarray(t.data).tobytes() for t in gguf.GGUFReader(again).tensors}
     missing = qk("gguf", str(llama3_ckpt), "-w", str(tmp_path / "w2"), "--tensor-type-file", str(tmp_path / "none"))
     assert missing.returncode != 0 and "cannot read --tensor-type-file" in missing.stderr
+
+
+def test_fallback_follows_llama_cpp_for_rows_a_type_cannot_take() -> None:
+    from quantkit.backends.gguf.quantize.fallback import fit_type
+
+    assert fit_type(int(Q.Q2_K), 640) == Q.IQ4_NL and fit_type(int(Q.Q4_K), 576) == Q.Q5_0  # Gemma 3 270M, SmolLM2
+    assert fit_type(int(Q.Q5_K), 896) == Q.Q5_1 and fit_type(int(Q.Q6_K), 640) == Q.Q8_0
+    assert fit_type(int(Q.Q4_K), 512) == Q.Q4_K and fit_type(int(Q.Q3_K), 80) == Q.F16  # 80: no 32-block either
+
+
+@pytest.mark.slow
+def test_target_and_overrides_on_rows_k_quants_cannot_take(tmp_path: Path) -> None:
+    """Hidden size 320 and FFN 640 (like Gemma 3 270M's 640, SmolLM2's 576): the candidate pass forces every type on
+    every tensor, and a --tensor-type override asks for a K-quant; llama.cpp applies its row-width fallback to neither,
+    so both failed with 'invalid size ... for type q2_K'. Now each such tensor gets llama.cpp's fallback type, the
+    targeted file is under its bound and loads."""
+    from quantkit.backends.gguf.ggufinfo import read_info
+    from quantkit.demo import build_checkpoint
+
+    ckpt_dir = build_checkpoint(tmp_path / "narrow", "llama3", vocab_size=2048, hidden=320, layers=2, heads=4,
+                                kv_heads=2, ffn=640)
+    ck = load_local(ckpt_dir, name="narrow", source=str(ckpt_dir))
+    ws = Workspace(tmp_path / "ws")
+    ctx = JobContext.of(ck, ws, calib_samples=8, calib_seq_len=128)
+    (stock,) = [a for a in make(ctx, "gguf", GGUFOptions(types=["Q3_K_M"], verify=False)) if a.quant == "Q3_K_M"]
+    arts = make(ctx, "gguf", GGUFOptions(types=["Q3_K_M"], target_sizes=[str(stock.size)],
+                                         tensor_types=["ffn_down=q2_k"]))
+    target = next(a for a in arts if a.info.get("target"))
+    assert target.size <= stock.size and ws.artifacts[ws.rel(target.path)]["verify"]["passed"]
+    types = {t.name: t.tensor_type for t in read_info(target.path).tensors}
+    assert all(types[n] in (Q.IQ4_NL, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.F16) for n in types if n.endswith("ffn_down.weight"))
+
+
+@pytest.mark.slow
+def test_ladder_rungs_are_under_their_stock_file_and_held_to_beating_it(llama3_ckpt: Path, tmp_path: Path) -> None:
+    """`--ladder --q3_k_m --q5_k_m --eval`: one targeted file at each stock file's size, named by the type it
+    replaces and never over it; its gate passes only if it beats that stock file on mean and 99.9% KLD."""
+    import json
+
+    from test_cli import qk
+
+    proc = qk("gguf", str(llama3_ckpt), "-w", str(tmp_path / "ws"), "--ladder", "--q3_k_m", "--q5_k_m", "--eval",
+              "--calib-samples", "16", "--calib-seq-len", "256", "--json")
+    assert proc.returncode in (0, 3), proc.stderr[-2000:]
+    entries = Workspace(tmp_path / "ws").artifacts
+    stock = {e["quant"]: e for e in entries.values()}
+    rungs = {e["replaces"]: (k, e) for k, e in entries.items() if e.get("replaces")}
+    assert set(rungs) == {"Q3_K_M", "Q5_K_M"}
+    for quant, (key, entry) in rungs.items():
+        assert f"-target-{quant}-" in Path(key).name and entry["size"] <= stock[quant]["size"]
+        ours, theirs = entry["eval"], stock[quant]["eval"]
+        beats = ours["kld_mean"] < theirs["kld_mean"] and ours["kld_p999"] < theirs["kld_p999"]
+        held = [r for r in entry["gate"]["reasons"] if r.startswith(f"no better than stock {quant}")]
+        assert bool(held) != beats, (ours, theirs, entry["gate"])
+    passed = all(e["gate"]["passed"] for e in entries.values())
+    assert proc.returncode == (0 if passed else 3) and json.loads(proc.stdout)

@@ -67,9 +67,13 @@ def table_notes(arts: Entries) -> str:
     ref = f" The bf16 original scores {ev['ppl_ref']:.3f}." if isinstance(ev.get("ppl_ref"), int | float) else ""
     lines = [
         f"**PPL** is perplexity on {measured}.{ref} **ΔPPL** is the change against bf16. **KLD** is the mean "
-        "KL-divergence of each file's next-token distribution from bf16's, and **Top-1** how often both pick the "
+        "KL-divergence of each file's next-token distribution from bf16's"
+        + (", **KLD 99.9%** its 99.9th percentile over the tokens (the worst tokens, where a damaged file shows "
+           "first)," if any("kld_p999" in e for e in evals) else ",")
+        + " and **Top-1** how often both pick the "
         "same most likely next token. For PPL, ΔPPL and KLD lower is better; they say how close a file stays to "
         "the original, not how good the original is.",
+        *(["`quality.csv` in this repo lists the same measurements per file."] if evals else []),
     ]
     note = _drift_note(arts)
     if note:

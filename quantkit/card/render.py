@@ -18,6 +18,7 @@ import yaml
 from quantkit.backends.base import BackendBase, CardContext, Entries, gate_failed, sections_for
 from quantkit.card.notes import has_drift, kept_cell, provenance, table_notes
 from quantkit.card.original import base_link, front_matter, model_name, original, read_source_card, split_front_matter
+from quantkit.card.quality_csv import QUALITY_CSV, quality_csv
 from quantkit.errors import QuantkitError
 from quantkit.hubname import hub_safe_name
 from quantkit.workspace import Workspace, human_size, write_text_atomic
@@ -101,6 +102,13 @@ def write_card(ws: Workspace, fmt: str, *, repo: str | None = None, include: lis
     if path.is_dir():  # `--output some/folder`: the card goes into it
         path = path / CARD_NAME
     write_text_atomic(path, text)
+    arts = [(k, e) for k, e in artifacts_for(ws, fmt) if include is None or k in include]
+    table = quality_csv(arts)
+    csv_path = path.parent / QUALITY_CSV
+    if table is not None:
+        write_text_atomic(csv_path, table)
+    elif output is None:
+        csv_path.unlink(missing_ok=True)  # a stale table of files no longer published
     return path
 
 
@@ -183,17 +191,22 @@ def _intro(ws: Workspace, backend: BackendBase, arts: Entries | None = None) -> 
     human = info.title
     kind = "instruct (chat)" if ws.model.get("instruct") else "base"
     scored = bool(arts) and all(isinstance(e.get("eval"), dict) for _, e in arts or [])
+    why = (", so the smaller files keep more of the model's Russian than a generic, mostly English calibration set "
+           "would.") if info.uses_calibration else "."
     en = (
         f"{human} quantizations of {base_link(ws)}, a Russian-language {kind} model, for {info.runtimes}. "
-        f"{info.calibrated}, so the smaller files keep more of the model's Russian than a generic, mostly English "
-        "calibration set would."
+        f"{info.calibrated}{why}"
         + (" Every file was scored against the bf16 original on held-out Russian text." if scored else "")
     )
-    measured = ("; качество каждого файла измерено на отдельной русской выборке (перплексия и KL-дивергенция "
+    measured = ("качество каждого файла измерено на отдельной русской выборке (перплексия и KL-дивергенция "
                 "относительно bf16)") if scored else ""
+    if info.uses_calibration:
+        how = "Калибровка выполнена на русских текстах" + (f"; {measured}" if measured else "")
+    else:
+        how = "Калибровочные тексты этому формату не нужны" + (f"; {measured}" if measured else "")
     ru = (
-        f"> **По-русски.** Квантованные версии модели {model_name(ws)} в формате {human}. Калибровка выполнена на "
-        f"русских текстах{measured}. Если не знаете, что выбрать, берите файл с пометкой «рекомендуется»."
+        f"> **По-русски.** Квантованные версии модели {model_name(ws)} в формате {human}. {how}. "
+        "Если не знаете, что выбрать, берите файл с пометкой «рекомендуется»."
     )
     return f"{en}\n\n{ru}"
 
@@ -205,9 +218,11 @@ def _cell(value: Any, fmt: str) -> str:
 def _table(backend: BackendBase, repo: str, arts: Entries, where: dict[str, str]) -> str:
     first = backend.format_info().item_column
     kept = has_drift(arts)
-    head = f"| {first} | Type | Size | Bits/weight | PPL | ΔPPL | KLD | Top-1 |{' Russian kept |' if kept else ''}" \
-        " Recommendation |"
-    rows = [head, "|---|---|--:|--:|--:|--:|--:|--:|" + ("--:|" if kept else "") + "---|"]
+    tail = any("kld_p999" in (e.get("eval") or {}) for _, e in arts)  # the 99.9th percentile, where it was measured
+    head = f"| {first} | Type | Size | Bits/weight | PPL | ΔPPL | KLD |{' KLD 99.9% |' if tail else ''} Top-1 |" \
+        f"{' Russian kept |' if kept else ''} Recommendation |"
+    rows = [head, "|---|---|--:|--:|--:|--:|--:|" + ("--:|" if tail else "") + "--:|" + ("--:|" if kept else "")
+            + "---|"]
     for key, entry in arts:
         ev = entry.get("eval") or {}
         delta = ev.get("delta_ppl")
@@ -224,6 +239,7 @@ def _table(backend: BackendBase, repo: str, arts: Entries, where: dict[str, str]
             _cell(ev.get("ppl"), "{:.3f}"),
             _cell(delta * 100 if isinstance(delta, int | float) else None, "{:+.2f}%"),
             _cell(ev.get("kld_mean"), "{:.4f}"),
+            *([_cell(ev.get("kld_p999"), "{:.3f}")] if tail else []),
             _cell(ev.get("top1") * 100 if isinstance(ev.get("top1"), int | float) else None, "{:.1f}%"),
             *([kept_cell(entry)] if kept else []),
             rec,

@@ -20,6 +20,7 @@ from typing import Any
 
 from quantkit import console
 from quantkit.card import CARD_NAME, default_repo_name, render_card, write_card
+from quantkit.card.quality_csv import QUALITY_CSV
 from quantkit.errors import GateFailed, QuantkitError
 from quantkit.hubname import HUB_ID, REPO_NAME
 from quantkit.publish.layout import Item, Layout, layout
@@ -85,8 +86,8 @@ def publish_folder(ws: Workspace, lay: Layout, *, api: Any, repo: str, private: 
     """Render the card, create the repo and branches, and commit every group that is not on the Hub yet."""
     fmt = lay.fmt
     write_card(ws, fmt, repo=repo, include=lay.included)
-    for _, it in lay.items():  # the card was just (re)written
-        if it.path_in_repo == CARD_NAME:
+    for _, it in lay.items():  # the card and its quality table were just (re)written
+        if it.path_in_repo in (CARD_NAME, QUALITY_CSV):
             it.size = it.local.stat().st_size
     check_files(ws, lay, token)  # after the card is written: it carries the original model card
     check_bytes(ws, lay, force=force)  # exactly what was made and verified, or nothing

@@ -14,11 +14,12 @@ from typing import Any
 
 from quantkit.backends.base import BackendBase, gate_failed, sections_for
 from quantkit.card import CARD_NAME, artifacts_for, formats_in
+from quantkit.card.quality_csv import QUALITY_CSV, evaluated
 from quantkit.errors import GateFailed, QuantkitError
 from quantkit.workspace import MANIFEST, TMP_MARK, Workspace, human_size
 
 MAX_FILE_SIZE = 50 * 1000**3  # the Hub refuses single files over 50 GB
-SKIP = frozenset({CARD_NAME, "__pycache__"})  # our card replaces any README; never published from artifact folders
+SKIP = frozenset({CARD_NAME, QUALITY_CSV, "__pycache__"})  # ours replace any README or table in artifact folders
 
 
 @dataclass
@@ -154,6 +155,9 @@ def layout(ws: Workspace, fmt: str, *, force: bool = False, planned: list[dict[s
         p = ws.root / fmt / name
         if p.is_file():
             extras.append(Item(name, p, p.stat().st_size))
+    if any(evaluated(e) for _, e in kept):  # written with the card, from the same entries
+        p = ws.root / fmt / QUALITY_CSV
+        extras.append(Item(QUALITY_CSV, p, p.stat().st_size if p.is_file() else 0))
     groups: list[tuple[str, str, list[Item]]] = list(per_branch.pop("main", []))
     groups.append(("main", "Add the model card" + (" and " + ", ".join(i.path_in_repo for i in extras)
                                                    if extras else ""),

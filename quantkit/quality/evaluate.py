@@ -198,7 +198,8 @@ def store_reference(ws: Workspace, ckpt: Checkpoint, toks: EvalTokens, ref: Refe
 
 
 def score(scorer: Any, toks: EvalTokens, ref: Reference, on_chunk: Any = None) -> dict[str, Any]:
-    """PPL, ΔPPL, KLD (mean, p99) and top-1 agreement of one artifact, in one pass over the chunks `ref` holds."""
+    """PPL, ΔPPL, KLD (mean, p99, p99.9) and top-1 agreement of one artifact, in one pass over the chunks `ref`
+    holds."""
     n_chunks, n_ctx = ref.n_chunks, toks.chunks.shape[1]
     n_pos = n_ctx - 1 - toks.first
     nll = np.empty((n_chunks, n_pos), np.float64)
@@ -226,6 +227,7 @@ def score(scorer: Any, toks: EvalTokens, ref: Reference, on_chunk: Any = None) -
         "delta_ppl": round(ppl / ref.ppl - 1.0, 5),
         "kld_mean": round(float(kld.mean()), 6),
         "kld_p99": round(float(np.percentile(kld, 99)), 6),
+        "kld_p999": round(float(np.percentile(kld, 99.9)), 6),  # the tail publishers chart against size
         "top1": round(float(agree.mean()), 5),
         "tokens": int(n_chunks * n_pos),
         "chunks": int(n_chunks),
@@ -392,11 +394,35 @@ def evaluate_artifacts(ws: Workspace, *, only: list[Path] | None, eval_spec: str
             rows.append({"artifact": key, "format": backend.name, "quant": entry.get("quant", "?"),
                          "size": entry.get("size"), "bpw": entry.get("bpw"), **result, "passed": verdict["passed"],
                          "reasons": verdict["reasons"], **({"drift": drifted} if drifted else {})})
+    _hold_to_stock(ws, rows, updates)
     report = {"model": ckpt.name, "workspace": str(ws.root), "eval_set": toks.spec, "ctx": n_ctx,
               "chunks": int(len(toks.chunks)), "tokens_fingerprint": toks.fingerprint, "reference_ppl": ref.ppl,
               "kld_mode": ref.mode, "passed": all(r["passed"] for r in rows), "rows": rows,
               **({"drift": check.summary()} if check else {})}
     return report, updates
+
+
+def _hold_to_stock(ws: Workspace, rows: list[dict[str, Any]], updates: dict[str, dict[str, Any]]) -> None:
+    """A file made at a stock type's size (``--ladder``, ``--target-size Q4_K_M``) passes only if it beats that
+    stock file on mean and 99.9% KLD, scored on the same tokens; otherwise its gate fails and it is not published."""
+    for row in rows:
+        entry = ws.artifacts.get(row["artifact"], {})
+        stock_key = next((k for k, e in ws.artifacts.items() if entry.get("replaces")
+                          and (e.get("format"), e.get("quant")) == (entry.get("format"), entry["replaces"])), None)
+        if stock_key is None or "kld_mean" not in row:
+            continue
+        stock = updates.get(stock_key, {}).get("eval") or ws.artifacts[stock_key].get("eval")
+        if not isinstance(stock, dict) or stock.get("tokens_fingerprint") != row.get("tokens_fingerprint"):
+            continue
+        mean, tail = row["kld_mean"], row.get("kld_p999", 0.0)
+        if mean < stock["kld_mean"] and tail < stock.get("kld_p999", float("inf")):
+            continue
+        why = (f"no better than stock {entry['replaces']} (mean KLD {mean:.5f} vs {stock['kld_mean']:.5f}, 99.9% "
+               f"{tail:.4f} vs {stock.get('kld_p999', float('nan')):.4f})")
+        row["passed"] = False
+        row["reasons"] = [*row.get("reasons", []), why]
+        verdict = updates[row["artifact"]]["gate"]
+        verdict["passed"], verdict["reasons"] = False, [*verdict["reasons"], why]
 
 
 def _drift_check(ws: Workspace, ckpt: Checkpoint, tok: Any, drift: Any) -> Any:

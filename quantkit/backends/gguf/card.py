@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from quantkit.backends.base import HUB, RECOMMENDED, BackendBase, CardContext, Entries, FormatInfo
+from quantkit.backends.base import COMPLETION, HUB, PROMPT, RECOMMENDED, BackendBase, CardContext, Entries, FormatInfo
 from quantkit.workspace import Workspace
 
 # GGUF type → plain advice, most specific prefix first
@@ -32,9 +32,6 @@ ADVICE: tuple[tuple[str, str], ...] = (
     ("IQ2", "smallest, noticeable quality loss"),
     ("IQ1", "tiny, heavy quality loss: for experiments"),
 )
-
-PROMPT = "Расскажи в двух предложениях, чем знаменит Байкал."
-COMPLETION = "Байкал — самое глубокое озеро на планете. Его вода"
 
 
 class GGUFSections(BackendBase):
@@ -79,7 +76,7 @@ class GGUFSections(BackendBase):
                          f"every quantized type.{extra}")
             cals = [e["calibration"] for _, e in arts if isinstance(e.get("calibration"), dict)]
             lines += expert_coverage_lines(cals)
-        return lines + mix_lines(arts)
+        return lines + tokenizer_lines(arts) + mix_lines(arts)
 
     def shared_files(self, ws: Workspace) -> list[str]:
         return ["imatrix.gguf"]
@@ -116,17 +113,40 @@ def uses_imatrix(ws: Workspace, arts: Entries) -> bool:
     return (ws.root / "gguf" / "imatrix.gguf").is_file() and any(e.get("calibration") for _, e in arts)
 
 
+FOUND_BY = {"hash": "by the hash of its token ids for llama.cpp's probe text, as llama.cpp's converter does",
+            "structure": "from the structure of its tokenizer.json (split pattern, digits, byte level)",
+            "trial": "by trying every pre-tokenizer llama.cpp knows and keeping the one that splits the text exactly "
+                     "like the original",
+            "override": "as given with --pre-tokenizer"}
+
+
+def tokenizer_lines(arts: Entries) -> list[str]:
+    """How the files' byte-level BPE pre-tokenizer was chosen (llama.cpp needs its name), when it was."""
+    tok = next((e["tokenizer"] for _, e in arts if isinstance(e.get("tokenizer"), dict) and e["tokenizer"].get("pre")),
+               None)
+    if tok is None:
+        return []
+    how = FOUND_BY.get(str(tok.get("found_by")), str(tok.get("found_by")))
+    tried = f" (tried on {tok['tried_on']})" if tok.get("tried_on") else ""
+    return [f"- **Tokenizer:** llama.cpp pre-tokenizer `{tok['pre']}`, found {how}{tried}; every file tokenizes "
+            "Russian text exactly like the original (checked when the file was verified)."]
+
+
 def mix_lines(arts: Entries) -> list[str]:
     """Size-targeted files: which type each group of tensors got (the full list ships as .tensor-types.txt)."""
     out: list[str] = []
+    by_quant = {e.get("quant"): e for _, e in arts}
     for key, e in arts:
         mix = e.get("mix")
         if not isinstance(mix, dict) or not mix:
             continue
         name = Path(key).name
-        out.append(f"- **`{name}`** was built for a target of {e.get('target')}: one type per tensor, chosen to "
+        what = (f"at the size of llama.cpp's stock {e['replaces']} file" if e.get("replaces")
+                else f"for a target of {e.get('target')}")
+        out.append(f"- **`{name}`** was built {what}: one type per tensor, chosen to "
                    "minimise the importance-weighted error on the Russian calibration text under that size "
-                   f"(`{Path(key).stem}.tensor-types.txt` holds it for `llama-quantize --tensor-type-file`).")
+                   f"(`{Path(key).stem}.tensor-types.txt` holds it for `llama-quantize --tensor-type-file`)."
+                   + _against_stock(e, by_quant.get(e.get("replaces"))))
         out.append("")
         out.append("  | tensors | types |")
         out.append("  |---|---|")
@@ -135,6 +155,18 @@ def mix_lines(arts: Entries) -> list[str]:
             out.append(f"  | `{group}` | {types} |")
         out.append("")
     return out
+
+
+def _against_stock(entry: dict[str, Any], stock: dict[str, Any] | None) -> str:
+    """How a file made at a stock type's size measured against that stock file, on the same held-out tokens."""
+    ours, theirs = entry.get("eval") or {}, (stock or {}).get("eval") or {}
+    if "kld_mean" not in ours or "kld_mean" not in theirs or ours.get("tokens_fingerprint") != theirs.get(
+            "tokens_fingerprint"):
+        return ""
+    tail = (f", 99.9th percentile {ours['kld_p999']:.3f} vs {theirs['kld_p999']:.3f}"
+            if "kld_p999" in ours and "kld_p999" in theirs else "")
+    return (f" Measured against the stock {entry['replaces']} on the same Russian text: mean KLD "
+            f"{ours['kld_mean']:.4f} vs {theirs['kld_mean']:.4f}{tail}.")
 
 
 def expert_coverage_lines(cals: list[dict[str, Any]]) -> list[str]:

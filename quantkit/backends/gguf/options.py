@@ -24,6 +24,15 @@ def parse_size(text: str | int | None) -> int:
     return int(float(m.group(1)) * 1000 ** " KMGT".index(m.group(2) or " "))
 
 
+FULL_PRECISION = ("BF16", "F16", "F32")
+LADDER_TYPES = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K")  # the sizes people download
+
+
+def is_stock_target(target: str) -> bool:
+    """A size target written as a stock type (``Q4_K_M``): at most the bytes of that type's file."""
+    return bool(target) and not target[0].isdigit()
+
+
 class GGUFOptions(BaseModel):
     """What `quantkit gguf` and a recipe's ``gguf:`` section accept."""
 
@@ -48,9 +57,12 @@ class GGUFOptions(BaseModel):
     pre_tokenizer: str | None = Field(None, description="llama.cpp pre-tokenizer name for a BPE vocabulary "
                                       "(default: detected)")
     target_sizes: list[str] = Field(default_factory=list, description="also write the best per-tensor mix under "
-                                    "this size, e.g. 4.5G", json_schema_extra={"cli": ["--target-size"]})
+                                    "this size: 4.5G, or a stock type (Q4_K_M: at most that file's bytes)",
+                                    json_schema_extra={"cli": ["--target-size"]})
     target_bpw: list[float] = Field(default_factory=list, description="also write the best per-tensor mix at this "
                                     "many bits per weight")
+    ladder: bool = Field(False, description="at each stock type's file size (the types asked, else Q2_K, Q3_K_M, "
+                         "Q4_K_M, Q5_K_M, Q6_K) also write the best per-tensor mix")
 
     @model_validator(mode="after")
     def _imatrix_choice(self) -> GGUFOptions:
@@ -65,18 +77,37 @@ class GGUFOptions(BaseModel):
 
             _as_value_error(parse_tensor_types, self.tensor_types)
             self.tensor_type_file = None  # its lines are in tensor_types now (they, not the path, decide the files)
+        if self.ladder:
+            if "types" not in self.model_fields_set:
+                self.types = list(LADDER_TYPES)
+            self.target_sizes = [*self.target_sizes, *(t for t in self.types if t not in FULL_PRECISION
+                                                       and t not in self.target_sizes)]
+        # a stock type as a target is bounded by that type's file, which the run therefore makes too
+        self.types = [*self.types, *(t for t in self.target_sizes if is_stock_target(t) and t not in self.types)]
         return self
 
     @field_validator("target_sizes")
     @classmethod
     def _target_sizes(cls, value: list[str]) -> list[str]:
+        from quantkit.backends.gguf.quantize.core import parse_file_type
         from quantkit.backends.gguf.target.allocate import parse_size
 
+        out: list[str] = []
         for v in value:
+            if not re.match(r"\s*\d", str(v)):  # a stock type: at most the bytes of that type's file
+                try:
+                    key = parse_file_type(str(v))
+                except QuantkitError:
+                    raise ValueError(f"--target-size {v} is neither a size (4.5G) nor a quant type (Q4_K_M)") from None
+                if key in FULL_PRECISION:
+                    raise ValueError(f"--target-size {v}: a target must be a quantized type, e.g. Q4_K_M")
+                out.append(key)
+                continue
             size = _as_value_error(parse_size, str(v))
             if size < 1 << 16:  # said now, not after the conversion and the measurement
                 raise ValueError(f"--target-size {v} is {size:,} bytes: no model fits under it (e.g. 4.5G)")
-        return [str(v) for v in value]
+            out.append(str(v))
+        return out
 
     @field_validator("target_bpw")
     @classmethod
@@ -182,7 +213,7 @@ _QUANT_FLAG = re.compile(r"^--(i?q\d|tq\d|bf16|f16|f32)", re.IGNORECASE)
 
 def cli_extra(extra: list[str], values: dict[str, Any], options: list[str], given: dict[str, Any]) -> dict[str, Any]:
     """`quantkit gguf`'s ``--q4_k_m --iq3_xxs`` style flags (what its generated command did not know) → file types,
-    added to ``--types`` (Q4_K_M when neither is given); a mistyped option is named as one."""
+    added to ``--types`` (the model's default when neither is given); a mistyped option is named as one."""
     from quantkit.backends.gguf.quantize.core import FILE_TYPES, parse_file_type
 
     chosen = []
@@ -204,4 +235,5 @@ def cli_extra(extra: list[str], values: dict[str, Any], options: list[str], give
         raw = ",".join(given["types"])
         raise QuantkitError(f"--types '{raw}' names no quant type", "e.g. --types q4_k_m,q8_0")
     types = [*chosen, *(listed or [])]
-    return {**values, "types": types or ["Q4_K_M"]}
+    rest = {k: v for k, v in values.items() if k != "types"}
+    return {**rest, "types": types} if types else rest  # none: the default (Q4_K_M, or --ladder's types)

@@ -21,7 +21,7 @@ from quantkit import __version__, console
 from quantkit.backends.base import JobContext
 from quantkit.backends.base import tool_versions as versions_of
 from quantkit.backends.gguf.ggufinfo import gguf_stats
-from quantkit.backends.gguf.options import APPROX_BPW, GGUFOptions, parse_size
+from quantkit.backends.gguf.options import APPROX_BPW, FULL_PRECISION, GGUFOptions, is_stock_target, parse_size
 from quantkit.errors import QuantkitError
 from quantkit.steps import CALIBRATE, RESOLVE, Step, StepResult, StepRun
 from quantkit.workspace import check_disk, disk_guard, file_sha256, fingerprint
@@ -29,7 +29,6 @@ from quantkit.workspace import check_disk, disk_guard, file_sha256, fingerprint
 CONVERTER_VERSION = 2  # bump when the converter's output changes, so finished conversions are redone
 IMATRIX_VERSION = 1
 VERIFY_VERSION = 3
-FULL_PRECISION = ("BF16", "F16", "F32")  # files whose next-token distribution is checked against transformers'
 
 
 def tool_versions() -> dict[str, str | None]:
@@ -120,9 +119,12 @@ class GGUFSteps:
             from quantkit.backends.gguf.target.measure import METHOD_VERSION
 
             for t in o.targets:
-                fp = fingerprint("target", self.fp_measure(), t, METHOD_VERSION) if self.fp_measure() else ""
-                out.append(Step(f"gguf/target/{t}", "target", f"quantize → best mix under {t}",
-                                inputs=("gguf/measure", self.convert_key, *self._imatrix_inputs()),
+                stock = (f"gguf/quantize/{t}",) if is_stock_target(t) else ()  # its file's size is the bound
+                fp = fingerprint("target", self.fp_measure(), t, METHOD_VERSION,
+                                 self.fp_quantize(t) if stock else None) if self.fp_measure() else ""
+                out.append(Step(f"gguf/target/{t}", "target", f"quantize → best mix under {t}'s size" if stock
+                                else f"quantize → best mix under {t}",
+                                inputs=("gguf/measure", self.convert_key, *self._imatrix_inputs(), *stock),
                                 outputs=(f"gguf/{ctx.name}-target-{t}-<bpw>bpw.gguf",), fingerprint=fp,
                                 estimated_size=self._target_size(t), action=self._target, artifact=t))
         if o.verify:
@@ -166,6 +168,8 @@ class GGUFSteps:
         return self._approx(APPROX_BPW.get(quant, 8.5))
 
     def _target_size(self, target: str) -> int | None:
+        if is_stock_target(target):
+            return self._quantized_size(target)
         if target.endswith("bpw"):
             return self._approx(float(target[:-3]))
         from quantkit.backends.gguf.target.allocate import parse_size as parse_target
@@ -350,11 +354,16 @@ class GGUFSteps:
         self._prepare_verify(run)
         base = run.input(self.convert_key).path
         table = targeted.load_table(run.input("gguf/measure").path)
+        bound = None
+        if is_stock_target(target):
+            bound = sum(f.stat().st_size for f in run.input(f"gguf/quantize/{target}").outputs)
         path, types_file, plan, budget = targeted.write_target(run, self.ctx.name, base, target, table, imatrix,
-                                                               self.ctx.threads)
+                                                               self.ctx.threads, budget=bound)
         quant = path.stem.removeprefix(f"{self.ctx.name}-")  # target-4.5G-4.48bpw
         vocab = run.input(self.convert_key).info.get("tokenizer")
+        # `replaces`: the stock type whose size it was made at (the evaluation holds it to beating that file)
         art = self.artifact(run, path, quant, imatrix_info, target=target, mix=plan.groups,
+                            **({"replaces": target} if bound is not None else {}),
                             **({"tokenizer": vocab} if vocab else {}))
         for entry in art.values():
             entry["files"] = [*entry["files"], run.rel(types_file)]  # published beside the file

@@ -9,13 +9,14 @@ import ctypes
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import gguf
 import numpy as np
 
 from quantkit.backends.gguf.llamacpp import default_threads, lib
+from quantkit.backends.gguf.quantize.fallback import fit_rows
 from quantkit.errors import MissingDependency, QuantkitError
 from quantkit.workspace import DiskFull, staging_dir
 
@@ -109,6 +110,8 @@ def quantize(src: Path, dst: Path, opts: QuantizeOptions, *, on_done: Callable[[
     """
     L = lib()
     ftype = opts.file_type
+    types, output_type, embedding_type = fit_rows(src, opts.tensor_types, opts.output_type, opts.embedding_type)
+    opts = replace(opts, tensor_types=types, output_type=output_type, embedding_type=embedding_type)
     if needs_imatrix(ftype, opts.tensor_types) and not opts.imatrix:
         raise QuantkitError(f"{ftype} needs an importance matrix",
                             "drop --no-imatrix, or pass --imatrix FILE")

@@ -135,13 +135,14 @@ def group_factors(base: Path, table: dict[str, dict[Any, tg.Piece]], stage: Path
 
 
 def write_target(run: Any, name: str, base: Path, target: str, table: dict[str, dict[Any, tg.Piece]],
-                 imatrix: dict[str, np.ndarray] | None, threads: int) -> tuple[Path, Path, tg.Plan, int]:
+                 imatrix: dict[str, np.ndarray] | None, threads: int, budget: int | None = None
+                 ) -> tuple[Path, Path, tg.Plan, int]:
     """Allocate for one target and write ``<Model>-target-<target>-<bpw>bpw.gguf`` (what was asked, and the bits per
     weight the file has) and its ``.tensor-types.txt`` into the step's staging folder; returns both, the allocation
-    and the budget. The target is a bound: a file over it is never kept."""
+    and the budget (`budget` when given: a stock file's size). The target is a bound: a file over it is never kept."""
     from quantkit.backends.gguf.ggufinfo import gguf_stats
 
-    budget = budget_for(target, base)
+    budget = budget if budget is not None else budget_for(target, base)
     fixed = tg.fixed_bytes(base, set(table))
     plan = tg.allocate(table, budget, fixed, tg.n_weights(base))
     work = run.path(f"gguf/.{name}-target-{target}.gguf")
