@@ -3,7 +3,8 @@
 # - torch: the CPU build 2.13.0 (a GPU user installs the CUDA torch they want into .venv first; pip keeps it);
 # - llama-cpp-python 0.3.36 built from source together with llama.cpp's tools (llama-quantize, llama-perplexity,
 #   llama-imatrix: the tests and benchmarks compare against them); the multimodal part is left out;
-# - quantkit itself, editable, with the gguf, gptq (GPTQModel 7.6.0), data, dev and ray (Ray 2.60.0: the Ray executor and its tests) extras.
+# - quantkit itself, editable, with the gguf, gptq (GPTQModel 7.6.0; also AWQ), fp8 (compressed-tensors 0.20.0), mlx
+#   (mlx[cpu] 0.32.4, mlx-lm 0.32.2), data, dev and ray (Ray 2.60.0: the Ray executor and its tests) extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"

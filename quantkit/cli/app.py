@@ -92,6 +92,10 @@ def main() -> None:
     except typer.Abort:
         print("aborted", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt as exc:  # before a command's own handling began (typer building the command line)
+        code = interrupts.exit_code(exc)
+        print(interrupts.message(code - 128), file=sys.stderr)
+        sys.exit(code)
     except Exception as exc:
         if not (hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)):
             raise
