@@ -95,7 +95,7 @@ def test_publish_creates_the_repo_and_every_file_arrives(tmp_path: Path, hub: Fa
     assert result["repo"] == GGUF_REPO and result["branches"] == ["main"]
     assert GGUF_REPO in hub.repos and not hub.repos[GGUF_REPO].private
 
-    expected = local_files(ws, "gguf") | {"imatrix.gguf": ws.root / "gguf" / "imatrix.gguf",
+    expected = local_files(ws, "gguf") | {f"{MODEL}-imatrix.gguf": ws.root / "gguf" / "imatrix.gguf",
                                           "README.md": ws.root / "gguf" / "README.md",
                                           "quality.csv": ws.root / "gguf" / "quality.csv"}
     assert set(hub.files(GGUF_REPO)) == {*expected, ".gitattributes"}
@@ -162,7 +162,7 @@ def test_rerun_after_5xx_sends_only_what_is_missing(tmp_path: Path, hub: FakeHub
     assert not recommitted & committed
     result = json.loads(second.stdout)
     assert {f["path"] for f in result["skipped"]} >= committed
-    assert set(hub.files(GGUF_REPO)) == {*local_files(ws, "gguf"), "imatrix.gguf", "README.md", "quality.csv",
+    assert set(hub.files(GGUF_REPO)) == {*local_files(ws, "gguf"), f"{MODEL}-imatrix.gguf", "README.md", "quality.csv",
                                        ".gitattributes"}
     for name, local in local_files(ws, "gguf").items():
         assert hub.files(GGUF_REPO)[name] == local.read_bytes()
@@ -187,7 +187,7 @@ def test_429_and_5xx_are_retried(tmp_path: Path, hub: FakeHub) -> None:
     statuses = [r.status for r in hub.calls("POST", "/commit/")]
     assert statuses[:3] == [429, 429, 200]
     assert "retrying" in run.stderr
-    assert set(hub.files(repo)) == {*local_files(ws, "gguf"), "imatrix.gguf", "README.md", "quality.csv",
+    assert set(hub.files(repo)) == {*local_files(ws, "gguf"), f"{MODEL}-imatrix.gguf", "README.md", "quality.csv",
                                        ".gitattributes"}
 
 

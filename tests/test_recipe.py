@@ -248,7 +248,7 @@ def test_recipe_runs_offline_resumes_and_publishes(tmp_path: Path, llama3_ckpt: 
         assert g["status"] == "ok" and g["kld"] < 0.5 and g["url"] == f"{hub.url}/{USER}/tiny-GPTQ"
     else:
         assert got[("gptq", "-")]["status"] == "skipped"
-    assert {"tiny-Q8_0.gguf", "imatrix.gguf", "README.md"} <= set(hub.files(f"{USER}/tiny-GGUF"))
+    assert {"tiny-Q8_0.gguf", "tiny-imatrix.gguf", "README.md"} <= set(hub.files(f"{USER}/tiny-GGUF"))
     assert ws_root.joinpath("gguf", "tiny-Q8_0.gguf").is_file() and not (cwd / "quants").exists()
 
     # the plan now knows what is done

@@ -142,7 +142,7 @@ class Backend(Protocol):
         whether a path there matters); None to read it the generic way (text whole, safetensors metadata)."""
         return None
 
-    def shared_files(self, ws: Workspace) -> list[str]: ...
+    def shared_files(self, ws: Workspace) -> dict[str, str]: ...
     def repo_path(self, ws: Workspace, key: str, file: Path | None) -> str: ...
     def planned_quant(self, name: str, model: str) -> str | None: ...
 
@@ -291,9 +291,9 @@ class BackendBase:
         whether a path there matters); None to read it the generic way (text whole, safetensors metadata)."""
         return None
 
-    def shared_files(self, ws: Workspace) -> list[str]:
-        """Files of the format folder published on ``main`` beside the card (an importance matrix)."""
-        return []
+    def shared_files(self, ws: Workspace) -> dict[str, str]:
+        """Files of the format folder published on ``main`` beside the card: name → path in the repo."""
+        return {}
 
     def repo_path(self, ws: Workspace, key: str, file: Path | None) -> str:
         """Where one file of artifact `key` goes in the repo (`file` None: the placeholder of a planned one).

@@ -151,10 +151,10 @@ def layout(ws: Workspace, fmt: str, *, force: bool = False, planned: list[dict[s
     # shared files and the card: last on main (and the card on every branch), so the card lands with the files
     card = ws.root / fmt / CARD_NAME
     extras: list[Item] = []
-    for name in backend.shared_files(ws):
+    for name, in_repo in backend.shared_files(ws).items():
         p = ws.root / fmt / name
         if p.is_file():
-            extras.append(Item(name, p, p.stat().st_size))
+            extras.append(Item(in_repo, p, p.stat().st_size))
     if any(evaluated(e) for _, e in kept):  # written with the card, from the same entries
         p = ws.root / fmt / QUALITY_CSV
         extras.append(Item(QUALITY_CSV, p, p.stat().st_size if p.is_file() else 0))

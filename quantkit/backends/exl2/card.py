@@ -42,8 +42,8 @@ class EXL2Sections(FolderPerBranch):
         return ["- **Measurement:** `measurement.json` on `main`; pass it to ExLlamaV2's `convert.py -m` to "
                 "make other bitrates without measuring again."]
 
-    def shared_files(self, ws: Workspace) -> list[str]:
-        return ["measurement.json"]
+    def shared_files(self, ws: Workspace) -> dict[str, str]:
+        return {"measurement.json": "measurement.json"}
 
     def estimate_steps(self, options: BaseModel, n_params: int | None, settings: Any,
                        model: str) -> list[dict[str, Any]]:

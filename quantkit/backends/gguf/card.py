@@ -70,7 +70,7 @@ class GGUFSections(BackendBase):
     def card_provenance(self, ws: Workspace, arts: Entries) -> list[str]:
         lines: list[str] = []
         if uses_imatrix(ws, arts):
-            extra = " It is published here as `imatrix.gguf`, to reuse for other types." if (
+            extra = f" It is published here as `{imatrix_repo_name(ws)}`, to reuse for other types." if (
                 ws.root / "gguf" / "imatrix.gguf").is_file() else ""
             lines.append("- **Importance matrix:** computed by quantkit on the calibration text above and applied to "
                          f"every quantized type.{extra}")
@@ -78,8 +78,9 @@ class GGUFSections(BackendBase):
             lines += expert_coverage_lines(cals)
         return lines + tokenizer_lines(arts) + mix_lines(arts)
 
-    def shared_files(self, ws: Workspace) -> list[str]:
-        return ["imatrix.gguf"]
+    def shared_files(self, ws: Workspace) -> dict[str, str]:
+        """The importance matrix, named after the model as publishers name theirs (``<Model>-imatrix.gguf``)."""
+        return {"imatrix.gguf": imatrix_repo_name(ws)}
 
     def file_texts(self, path: Path) -> list[tuple[str, str, bool]] | None:
         """A GGUF's metadata strings; the vocabulary's are searched for the token only (a piece like "/tmp" is
@@ -102,6 +103,10 @@ class GGUFSections(BackendBase):
         if not name.endswith(".gguf") or name == "imatrix.gguf":
             return None
         return name.removesuffix(".gguf").removeprefix(f"{model}-")
+
+
+def imatrix_repo_name(ws: Workspace) -> str:
+    return f"{ws.model.get('name') or ws.root.name}-imatrix.gguf"
 
 
 def uses_imatrix(ws: Workspace, arts: Entries) -> bool:
