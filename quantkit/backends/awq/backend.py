@@ -18,8 +18,6 @@ from quantkit.arch import Architecture
 from quantkit.backends.awq.card import AWQSections
 from quantkit.backends.awq.options import AWQ_EXTRA_HINT, AWQOptions, bits_per_weight, estimate_size, is_awq_folder
 from quantkit.backends.gptq.backend import GPTQBackend
-from quantkit.errors import MissingDependency, QuantkitError
-from quantkit.quality.scorers import TransformersScorer
 from quantkit.source import Checkpoint
 
 # checked on each family's fixture: GPTQModel quantizes it and transformers loads the result with every weight
@@ -36,6 +34,7 @@ class AWQBackend(AWQSections, GPTQBackend):
     options_model = AWQOptions
     quant_method = "awq"
     version = 1
+    article, install_hint = "an", AWQ_EXTRA_HINT
 
     def check(self) -> str | None:
         return None if super().check() is None else f"AWQ needs the gptq extra: {AWQ_EXTRA_HINT}"
@@ -65,12 +64,3 @@ class AWQBackend(AWQSections, GPTQBackend):
 
     def owns(self, path: Path) -> bool:
         return is_awq_folder(path)
-
-    def scorer(self, path: Path, *, n_ctx: int) -> TransformersScorer:
-        if not self.owns(path):
-            raise QuantkitError(f"{path} is not an AWQ folder", "pass a folder written by `quantkit awq`")
-        if self.check() is not None:
-            raise MissingDependency("scoring an AWQ model needs gptqmodel", AWQ_EXTRA_HINT)
-        from quantkit.backends.gptq.load import load_gptq
-
-        return TransformersScorer(Path(path), n_ctx=n_ctx, name=f"awq:{Path(path).name}", load=load_gptq)

@@ -92,6 +92,7 @@ class GPTQBackend(GPTQSections):
     options_model = GPTQOptions
     quant_method = "gptq"  # what GPTQModel writes into quantization_config (AWQ subclasses with "awq")
     version = 2  # bump when the bytes written for the same inputs change
+    article, install_hint = "a", GPTQ_EXTRA_HINT  # for messages (AWQ: "an AWQ folder", its own hint)
     # GPTQModel uses a GPU where there is one (a cluster without GPUs runs it on CPUs, as on this machine)
     resources = {"*": {"gpus": 1.0}}
 
@@ -269,13 +270,15 @@ class GPTQBackend(GPTQSections):
         return is_gptq_folder(path)
 
     def scorer(self, path: Path, *, n_ctx: int) -> TransformersScorer:
+        """Both GPTQ and AWQ folders load through GPTQModel's kernels in transformers."""
+        what = f"{self.article} {self.format_info().title}"
         if not self.owns(path):
-            raise QuantkitError(f"{path} is not a GPTQ folder", "pass a folder written by `quantkit gptq`")
+            raise QuantkitError(f"{path} is not {what} folder", f"pass a folder written by `quantkit {self.name}`")
         if self.check() is not None:
-            raise MissingDependency("scoring a GPTQ model needs gptqmodel", GPTQ_EXTRA_HINT)
+            raise MissingDependency(f"scoring {what} model needs gptqmodel", self.install_hint)
         from quantkit.backends.gptq.load import load_gptq
 
-        return TransformersScorer(Path(path), n_ctx=n_ctx, name=f"gptq:{Path(path).name}", load=load_gptq)
+        return TransformersScorer(Path(path), n_ctx=n_ctx, name=f"{self.name}:{Path(path).name}", load=load_gptq)
 
 
 
